@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUNS   ?= runs
+DEMO   := $(RUNS)/demo
+
+.PHONY: demo test install train-demo dashboard clean-demo
+
+install: $(VENV)/.installed
+
+# torch 2.13.0 goes in first, so that nothing in requirements.txt can pull a newer (CUDA) build.
+$(VENV)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+# Train the demo run (resuming an unfinished one, skipping a finished one), then open the dashboard.
+train-demo: install
+	@if grep -qs '"status": "completed"' $(DEMO)/run.json; then \
+		echo "$(DEMO) is already trained (make clean-demo to train it again)"; \
+	elif [ -f $(DEMO)/checkpoints/last/state.json ]; then \
+		$(BIN)/python -m train fit --run-dir $(DEMO) --resume; \
+	else \
+		$(BIN)/python -m train fit --preset demo --run-dir $(DEMO) --overwrite; \
+	fi
+
+dashboard: install
+	@if [ -f dashboard/app.py ]; then \
+		$(BIN)/python -m streamlit run dashboard/app.py -- --runs-dir $(RUNS); \
+	else \
+		echo "The dashboard is not built yet (issue: the dashboard). Inspect the run with:"; \
+		echo "  $(BIN)/python -m train info $(DEMO)"; \
+		echo "  $(BIN)/python -m train eval --run-dir $(DEMO)"; \
+	fi
+
+demo: train-demo dashboard
+
+test: install
+	$(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,274 @@
+"""Configuration: dataclasses for the model, the data and the training loop, presets, JSON round-trip.
+
+A `BlipConfig` is the whole description of a run. It is written into `run.json` and into every
+checkpoint sidecar, so a checkpoint can always be rebuilt into the model that produced it.
+Presets are Python (`BlipConfig.preset("seed")`); train/configs/*.toml name a preset as `base` and
+override fields, and `--set section.field=value` overrides from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# bert-base-uncased has 30,522 word pieces; BLIP adds [DEC] (decoder begin) and [ENC] (multimodal encoder).
+BERT_VOCAB_SIZE = 30522
+VOCAB_SIZE = BERT_VOCAB_SIZE + 2
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and loss terms. Widths must be divisible by their head counts."""
+
+    # Vision transformer
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 512
+    vision_depth: int = 6
+    vision_heads: int = 8
+    # Text encoder (bidirectional; cross-attends to the image only for ITM) and decoder (causal + cross)
+    vocab_size: int = VOCAB_SIZE
+    text_width: int = 512
+    text_encoder_depth: int = 4
+    text_decoder_depth: int = 4
+    text_heads: int = 8
+    max_text_len: int = 40
+    tie_lm_head: bool = True  # LM head shares the decoder's word-embedding matrix
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    # Shared image-text space for ITC
+    embed_dim: int = 256
+    temperature_init: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    # Loss weights: L = itc_weight*ITC + lm_weight*LM + itm_weight*ITM; a weight of 0 switches the term
+    # off and its modules (ITM head, text-encoder cross-attention) are not built.
+    itc_weight: float = 1.0
+    lm_weight: float = 1.0
+    itm_weight: float = 0.0
+    label_smoothing: float = 0.0  # LM label smoothing; BLIP uses 0.1
+    # BLIP's momentum encoder + queue of negatives for ITC (batch 8 gives only 7 in-batch negatives)
+    momentum_encoder: bool = False
+    momentum: float = 0.995
+    queue_size: int = 4096
+    distill_alpha: float = 0.4  # weight of the momentum model's soft targets
+    # Decoder prompt (BLIP: 'a picture of '), prepended to every caption, excluded from loss and output
+    prompt: str = "a picture of "
+
+    def __post_init__(self) -> None:
+        for width, heads, name in [
+            (self.vision_width, self.vision_heads, "vision"),
+            (self.text_width, self.text_heads, "text"),
+        ]:
+            if width % heads:
+                raise ValueError(f"model.{name}_width={width} is not divisible by model.{name}_heads={heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if not (self.itc_weight or self.lm_weight or self.itm_weight):
+            raise ValueError("every loss weight is 0: enable at least one of itc, lm, itm")
+        if self.itm_weight and not self.itc_weight:
+            raise ValueError("ITM draws its hard negatives from ITC similarities: itm_weight needs itc_weight > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the captioned images come from. One on-disk format: COCO caption JSON + image folder."""
+
+    kind: str = "shapes"  # "shapes" (generated synthetic scenes) or "coco" (any COCO-caption-format folder)
+    root: str = "data/shapes"
+    train_annotations: str = "annotations/captions_train.json"
+    val_annotations: str = "annotations/captions_val.json"
+    train_images: str = "images"
+    val_images: str = "images"
+    subset: int = 0  # use only the first N training images (0 = all); the seed used 10,000 of train2017
+    val_subset: int = 0
+    caption_mode: str = "random"  # "random": one caption per image per epoch; "all": every caption a sample
+    num_workers: int = 0
+    # Synthetic scenes (kind == "shapes"): generated into `root` if it is not there yet
+    shapes_n_train: int = 3000
+    shapes_n_val: int = 300
+    shapes_n_heldout: int = 300
+    shapes_image_size: int = 64
+    shapes_seed: int = 0
+    # Fixed evaluation set for embeddings dumps and per-epoch evaluation (first N val images)
+    eval_images: int = 200
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 3
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit)
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    eval_every_steps: int = 0  # extra fast evaluations inside an epoch (0 = only at epoch ends)
+    eval_strategies: tuple[str, ...] = ("greedy", "beam")
+    eval_caption_images: int = 100  # images captioned in each epoch-end evaluation
+    keep_checkpoints: int = 0  # keep only the newest N epoch checkpoints (0 = keep all)
+    save_state_every: int = 500  # also refresh checkpoints/last/ every N steps (0 = only at epoch ends)
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {where} field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    defaults = cls()
+    converted = {
+        name: tuple(value) if isinstance(getattr(defaults, name), tuple) else value for name, value in values.items()
+    }
+    return cls(**converted)
+
+
+@dataclass
+class BlipConfig:
+    """Model + data + training: everything needed to reproduce a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "custom"
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BlipConfig":
+        values = dict(values)
+        unknown = sorted(set(values) - {"model", "data", "train", "name"})
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
+        return cls(
+            model=_section_from_dict(ModelConfig, values.get("model", {}), "model"),
+            data=_section_from_dict(DataConfig, values.get("data", {}), "data"),
+            train=_section_from_dict(TrainConfig, values.get("train", {}), "train"),
+            name=values.get("name", "custom"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "BlipConfig":
+        return cls.from_dict(json.loads(text))
+
+    # --- overrides -----------------------------------------------------------------------------
+    def override(self, dotted: dict[str, Any]) -> "BlipConfig":
+        """A copy with `{"train.batch_size": 16, ...}` applied; values keep the field's type."""
+        values = self.to_dict()
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            if section not in ("model", "data", "train") or not name:
+                raise ValueError(f"override {key!r} must look like model.X, data.X or train.X")
+            if name not in values[section]:
+                raise ValueError(f"unknown field {key!r} (known: {', '.join(sorted(values[section]))})")
+            values[section][name] = value
+        return BlipConfig.from_dict(values)
+
+    def override_strings(self, assignments: list[str]) -> "BlipConfig":
+        """Apply `section.field=value` strings from the command line, parsing value by the field's type."""
+        current = self.to_dict()
+        parsed: dict[str, Any] = {}
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep:
+                raise ValueError(f"--set {assignment!r}: expected section.field=value")
+            key = key.strip()
+            section, _, name = key.partition(".")
+            if section not in current or name not in current[section]:
+                raise ValueError(f"--set {assignment!r}: unknown field {key!r}")
+            parsed[key] = _parse_like(raw.strip(), current[section][name], key)
+        return self.override(parsed)
+
+    # --- presets -------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "BlipConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return cls.from_dict({**PRESETS[name], "name": name})
+
+
+def _parse_like(raw: str, example: Any, key: str) -> Any:
+    try:
+        if isinstance(example, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(example, int):
+            return int(raw)
+        if isinstance(example, float):
+            return float(raw)
+        if isinstance(example, list):
+            items = [item.strip() for item in raw.split(",") if item.strip()]
+            return [_parse_like(item, example[0], key) for item in items] if example else items
+        return raw
+    except ValueError:
+        raise ValueError(f"--set {key}={raw!r}: expected a value like {example!r}") from None
+
+
+# The seed write-up: ViT 224/16, width 512, bert-base-uncased vocabulary, ITC + LM only, captions of at
+# most 40 tokens, COCO 2017 (first 10,000 train images), batch 8, AdamW lr 5e-5, 3 epochs.
+SEED = {
+    "model": {},  # the ModelConfig defaults are the seed model
+    "data": {
+        "kind": "coco",
+        "root": "data/coco2017",
+        "train_annotations": "annotations/captions_train2017.json",
+        "val_annotations": "annotations/captions_val2017.json",
+        "train_images": "train2017",
+        "val_images": "val2017",
+        "subset": 10000,
+        "val_subset": 1000,
+        "caption_mode": "all",
+        "num_workers": 4,
+    },
+    "train": {"epochs": 3, "batch_size": 8, "lr": 5e-5, "warmup_steps": 500, "seed": 0},
+}
+
+# Small enough to train on 2 CPU cores in a few minutes on the generated scenes, and still learn
+# captions: 64x64 images, 8x8 patches, width 192.
+DEMO = {
+    "model": {
+        "image_size": 64,
+        "patch_size": 8,
+        "vision_width": 192,
+        "vision_depth": 4,
+        "vision_heads": 4,
+        "text_width": 192,
+        "text_encoder_depth": 2,
+        "text_decoder_depth": 3,
+        "text_heads": 4,
+        "max_text_len": 32,
+        "embed_dim": 128,
+        "itm_weight": 0.0,
+        "prompt": "a picture of ",
+    },
+    "data": {"kind": "shapes", "root": "data/shapes", "eval_images": 200},
+    "train": {
+        "epochs": 6,
+        "batch_size": 48,
+        "lr": 1e-3,
+        "warmup_steps": 40,
+        "min_lr_ratio": 0.05,
+        "log_every": 5,
+        "eval_caption_images": 60,
+    },
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO}

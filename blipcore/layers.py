@@ -1,0 +1,184 @@
+"""Transformer building blocks shared by the vision and text towers.
+
+`Attention` runs through `F.scaled_dot_product_attention` (the fused path) unless attention weights
+are asked for, in which case it computes softmax(QK^T / sqrt(d)) explicitly and returns the weights:
+the dashboard's attention maps and Grad-CAM need them, training does not. Both paths take the same
+masks and give the same output (tests/test_layers.py checks that, and checks against
+torch.nn.MultiheadAttention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# A per-layer cache is a plain dict: {"k": (B, H, T, head_dim), "v": ...}. Self-attention appends the
+# new step's keys/values to it; cross-attention fills it once with the image tokens' keys/values.
+LayerCache = dict[str, Tensor]
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention, or cross-attention when `context` is given."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape  # (B, N, H*hd) -> (B, H, N, hd)
+        return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def _keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self._split_heads(k), self._split_heads(v)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        cache: LayerCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, Lq, dim); context: (B, Lk, context_dim) for cross-attention.
+
+        attn_mask: bool, broadcastable to (B, H, Lq, Lk), True where a query may attend.
+        is_causal: each query attends to keys at its own position or earlier; with a cache holding T
+        past steps, query i sits at position T + i.
+        Returns the output (B, Lq, dim) and, when need_weights, the weights (B, H, Lq, Lk).
+        """
+        q = self._split_heads(self.q(x))
+        if context is None:
+            k, v = self._keys_values(x)
+            if cache is not None:
+                if "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        elif cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = self._keys_values(context)
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+
+        q_len, k_len = q.shape[2], k.shape[2]
+        if is_causal and (q_len != k_len or attn_mask is not None or need_weights):
+            # Bottom-right aligned causal mask: query i (of q_len) sees keys up to k_len - q_len + i.
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).tril(k_len - q_len)
+            attn_mask = causal if attn_mask is None else attn_mask & causal
+            is_causal = False
+
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(x.shape[0], q_len, -1)
+        return self.proj(out), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+@dataclass
+class BlockAttention:
+    """Attention weights of one block, each (B, H, Lq, Lk); None unless asked for."""
+
+    self_attn: Tensor | None = None
+    cross_attn: Tensor | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.has_cross = context_dim is not None
+        if self.has_cross:
+            self.norm_cross = nn.LayerNorm(dim)
+            self.cross_attn = Attention(dim, heads, context_dim=context_dim, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: dict[str, LayerCache] | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, BlockAttention]:
+        """cache: {"self": LayerCache, "cross": LayerCache} for incremental decoding."""
+        h, self_w = self.attn(
+            self.norm1(x),
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            cache=None if cache is None else cache["self"],
+            need_weights=need_weights,
+        )
+        x = x + self.drop(h)
+        cross_w = None
+        if context is not None:
+            if not self.has_cross:
+                raise ValueError("this block was built without cross-attention")
+            h, cross_w = self.cross_attn(
+                self.norm_cross(x),
+                context=context,
+                attn_mask=context_mask,
+                cache=None if cache is None else cache["cross"],
+                need_weights=need_weights,
+            )
+            x = x + self.drop(h)
+        x = x + self.mlp(self.norm2(x))
+        return x, BlockAttention(self_w, cross_w)
+
+
+def init_weights(module: nn.Module) -> None:
+    """BERT/ViT-style initialisation: N(0, 0.02) truncated for linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,133 @@
+"""BLIP's losses as small functions, testable in isolation (tests/test_losses.py).
+
+ITC negatives come from every rank when training is distributed: features are gathered with
+`torch.distributed.nn.functional.all_gather`, which carries gradients back to the rank that made
+them, as open_clip does. Each rank scores its own rows against every rank's columns; DDP's gradient
+averaging then gives exactly the gradient of the loss over the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank along dim 0, keeping gradients (identity on one process)."""
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank along dim 0, without gradients (momentum features, ids)."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def positive_targets(row_ids: Tensor, column_ids: Tensor) -> Tensor:
+    """Soft targets (R, C): each row spreads its mass over the columns showing the same image.
+
+    Two captions of one image in a batch are both positives, not a positive and a false negative.
+    """
+    same = (row_ids[:, None] == column_ids[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of -sum(targets * log_softmax(logits))."""
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def contrastive_loss(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    temperature: Tensor | float,
+    image_ids: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Symmetric image-text contrastive loss (ITC) over in-batch negatives, gathered across ranks.
+
+    image_feat, text_feat: (B, D), L2-normalised; image_ids: (B,) identifies the image of each pair.
+    Returns the loss, (image-to-text CE + text-to-image CE) / 2, and the local image-to-text
+    similarity (B, B) before temperature (ITM draws its hard negatives from it).
+    """
+    all_image = gather_with_grad(image_feat)
+    all_text = gather_with_grad(text_feat)
+    all_ids = gather_no_grad(image_ids)
+    sim_i2t = image_feat @ all_text.t() / temperature  # (B, world*B)
+    sim_t2i = text_feat @ all_image.t() / temperature
+    targets = positive_targets(image_ids, all_ids)
+    loss = (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets)) / 2
+    return loss, image_feat @ text_feat.t()
+
+
+def momentum_contrastive_loss(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    image_feat_keys: Tensor,
+    text_feat_keys: Tensor,
+    key_ids: Tensor,
+    image_ids: Tensor,
+    temperature: Tensor | float,
+    alpha: float,
+) -> Tensor:
+    """BLIP's ITC with a momentum encoder and a queue.
+
+    Keys (D, K) are the momentum encoder's features of this batch followed by the queue; targets mix
+    the momentum model's own similarity distribution (weight alpha, distillation) with the
+    same-image positives.
+    """
+    with torch.no_grad():
+        targets = positive_targets(image_ids, key_ids)
+        # The batch's own momentum features are the first B key columns; their rows score the keys.
+        batch = image_feat.shape[0]
+        sim_i2t_m = image_feat_keys[:, :batch].t() @ text_feat_keys / temperature
+        sim_t2i_m = text_feat_keys[:, :batch].t() @ image_feat_keys / temperature
+        i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets
+        t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets
+    sim_i2t = image_feat @ text_feat_keys / temperature
+    sim_t2i = text_feat @ image_feat_keys / temperature
+    return (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
+
+
+def lm_loss(hidden: Tensor, labels: Tensor, lm_head: nn.Module, label_smoothing: float = 0.0) -> Tensor:
+    """Next-token cross-entropy: the decoder state at position t predicts labels[:, t+1]; -100 is ignored.
+
+    hidden: (B, L, width) final decoder states. The vocabulary head runs only at positions with a
+    target (not on [DEC], the prompt or padding), which is most of the cost of a small model's step.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = lm_head(hidden[:, :-1][keep])  # (number of targets, vocab)
+    return F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t: Tensor, image_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """For each image a negative text, for each text a negative image, drawn with probability
+    softmax(similarity) over the batch, pairs showing the same image excluded (BLIP's ITM mining).
+
+    Returns (negative text index per image, negative image index per text). A row with no other
+    image to pick (all the batch shows one image) falls back to a uniformly drawn different index.
+    """
+    same = image_ids[:, None] == image_ids[None, :]
+    picks = []
+    for sim in (sim_i2t, sim_i2t.t()):
+        weights = F.softmax(sim.float(), dim=1).masked_fill(same, 0.0) + 1e-12 * (~same)
+        empty = weights.sum(dim=1) <= 0
+        if empty.any():  # every item is the same image: any other index will do as a negative
+            weights[empty] = (~torch.eye(len(sim), dtype=torch.bool, device=sim.device))[empty].float()
+        picks.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
+    return picks[0], picks[1]

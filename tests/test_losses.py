@@ -1,0 +1,70 @@
+"""The losses in isolation, against hand computations."""
+
+import math
+
+import torch
+
+from blipcore import losses
+
+
+def test_itc_hand_computed_3x3():
+    # Unit vectors at angles 0, 90 and 180 degrees make the cosine similarities easy to write down.
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    temperature = 0.5
+    loss, sim = losses.contrastive_loss(image, text, temperature, torch.tensor([0, 1, 2]))
+    expected_sim = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, -1.0], [-1.0, 0.0, 0.0]])
+    torch.testing.assert_close(sim, expected_sim)
+
+    def ce(row, target):
+        logits = [v / temperature for v in row]
+        return -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
+
+    rows = expected_sim.tolist()
+    cols = expected_sim.t().tolist()
+    i2t = sum(ce(rows[i], i) for i in range(3)) / 3
+    t2i = sum(ce(cols[i], i) for i in range(3)) / 3
+    assert abs(loss.item() - (i2t + t2i) / 2) < 1e-5
+
+
+def test_itc_two_captions_of_one_image_are_both_positives():
+    targets = losses.positive_targets(torch.tensor([7, 7, 3]), torch.tensor([7, 7, 3]))
+    torch.testing.assert_close(targets, torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_itc_perfect_alignment_has_low_loss_and_gradients_flow():
+    feats = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1).requires_grad_()
+    aligned, _ = losses.contrastive_loss(feats, feats, 0.01, torch.arange(8))
+    shuffled, _ = losses.contrastive_loss(feats, feats.roll(1, 0), 0.01, torch.arange(8))
+    assert aligned.item() < 0.05 < shuffled.item()
+    shuffled.backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+
+
+def test_lm_loss_ignores_prompt_and_padding():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 10)
+    hidden = torch.randn(1, 5, 4)
+    labels = torch.tensor([[-100, -100, 3, 4, -100]])
+    loss = losses.lm_loss(hidden, labels, head)
+    logits = head(hidden)
+    expected = torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 4]))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_hard_negatives_never_pick_the_same_image():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    sim = torch.randn(5, 5) + 10 * torch.eye(5)
+    for _ in range(20):
+        neg_text, neg_image = losses.sample_hard_negatives(sim, ids)
+        assert torch.all(ids[neg_text] != ids) and torch.all(ids[neg_image] != ids)
+
+
+def test_momentum_itc_reduces_to_plain_targets_with_alpha_zero():
+    image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    ids = torch.arange(4)
+    loss = losses.momentum_contrastive_loss(image, text, image.t(), text.t(), ids, ids, 0.1, alpha=0.0)
+    plain, _ = losses.contrastive_loss(image, text, 0.1, ids)
+    torch.testing.assert_close(loss, plain)

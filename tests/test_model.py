@@ -1,0 +1,134 @@
+"""BLIP model: shapes, the public API, causality, the KV cache, presets and config round-trip."""
+
+import pytest
+import torch
+
+from blipcore import BLIP, BlipConfig, load_tokenizer
+from blipcore.tokenizer import tokenize_captions
+from tests.conftest import tiny_config
+
+
+def _batch(cfg, captions=("a red circle", "two blue squares on the left")):
+    tokens = tokenize_captions(list(captions), cfg.model.max_text_len)
+    images = torch.randn(len(captions), 3, cfg.model.image_size, cfg.model.image_size)
+    return images, tokens["input_ids"], tokens["attention_mask"]
+
+
+def test_module_shapes(tiny_cfg):
+    model = BLIP(tiny_cfg).eval()
+    images, ids, mask = _batch(tiny_cfg)
+    image_embeds, image_feat = model.encode_image(images)
+    assert image_embeds.shape == (2, 1 + (32 // 8) ** 2, 64)
+    assert image_feat.shape == (2, 32) and torch.allclose(image_feat.norm(dim=-1), torch.ones(2))
+    hidden, text_feat = model.encode_text(ids, mask)
+    assert hidden.shape == (*ids.shape, 64) and text_feat.shape == (2, 32)
+    dec = model.decoder_batch(ids, mask)
+    logits, cross = model.decode_step(dec.input_ids, image_embeds, need_weights=True)
+    assert logits.shape == (*dec.input_ids.shape, 30524)
+    assert len(cross) == 2 and cross[0].shape == (2, 2, dec.input_ids.shape[1], image_embeds.shape[1])
+    _, vit_attn = model.visual_encoder(images, need_weights=True)
+    assert len(vit_attn) == 2 and vit_attn[0].shape == (2, 2, 17, 17)
+
+
+def test_forward_returns_finite_loss_terms_and_trains(tiny_cfg):
+    model = BLIP(tiny_cfg)
+    out = model(*_batch(tiny_cfg))
+    assert set(out) == {"loss", "itc", "lm"}
+    assert all(torch.isfinite(v) for v in out.values())
+    torch.testing.assert_close(out["loss"], out["itc"] + out["lm"])
+    out["loss"].backward()
+    assert model.visual_encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert model.temp.grad is not None
+
+
+def test_itm_and_momentum_terms():
+    cfg = tiny_config(itm_weight=0.5, momentum_encoder=True, queue_size=16)
+    model = BLIP(cfg)
+    images, ids, mask = _batch(cfg, ["a", "b c", "d e f", "g"])
+    out = model(images, ids, mask, image_ids=torch.tensor([0, 0, 1, 2]))
+    assert set(out) == {"loss", "itc", "lm", "itm"}
+    torch.testing.assert_close(out["loss"], out["itc"] + out["lm"] + 0.5 * out["itm"])
+    assert model.queue_ptr.item() == 4 and model.idx_queue[:4].tolist() == [0, 0, 1, 2]
+    out["loss"].backward()
+    assert model.itm_head.weight.grad is not None
+    assert not any(p.requires_grad for p in model.visual_encoder_m.parameters())
+
+
+def test_loss_switches_build_only_what_is_used():
+    cfg = tiny_config(itc_weight=0.0)
+    lm_only = BLIP(cfg)
+    assert not hasattr(lm_only, "text_encoder") and not hasattr(lm_only, "vision_proj")
+    out = lm_only(*_batch(cfg))
+    assert set(out) == {"loss", "lm"}
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        tiny_config(itc_weight=0.0, lm_weight=0.0)
+
+
+def test_decoder_is_causal(tiny_cfg):
+    model = BLIP(tiny_cfg).eval()
+    images, ids, mask = _batch(tiny_cfg)
+    image_embeds, _ = model.encode_image(images)
+    dec_ids = model.decoder_batch(ids, mask).input_ids
+    changed = dec_ids.clone()
+    changed[:, -1] = 2158
+    a, _ = model.decode_step(dec_ids, image_embeds)
+    b, _ = model.decode_step(changed, image_embeds)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_kv_cached_decoding_equals_full_forward(tiny_cfg):
+    model = BLIP(tiny_cfg).eval()
+    images, ids, mask = _batch(tiny_cfg, ["a small red circle above a blue square", "two green stars"])
+    image_embeds, _ = model.encode_image(images)
+    seq = model.decoder_batch(ids, mask).input_ids[:, :9]
+    full, _ = model.decode_step(seq, image_embeds)
+    cache = model.new_cache()
+    first, _ = model.decode_step(seq[:, :4], image_embeds, cache)
+    steps = [first] + [model.decode_step(seq[:, i : i + 1], image_embeds, cache)[0] for i in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+    assert cache.length == 9
+    cache.reorder(torch.tensor([1, 1]))
+    assert cache.layers[0]["self"]["k"].shape[0] == 2
+    torch.testing.assert_close(cache.layers[0]["self"]["k"][0], cache.layers[0]["self"]["k"][1])
+
+
+def test_decoder_input_has_dec_prompt_and_masked_labels(tiny_cfg):
+    model = BLIP(tiny_cfg)
+    _, ids, mask = _batch(tiny_cfg, ["a man riding a horse"])
+    dec = model.decoder_batch(ids, mask)
+    prompt = load_tokenizer()("a picture of ", add_special_tokens=False).input_ids
+    assert dec.input_ids[0].tolist() == [30522, *prompt, 1037, 2158, 5559, 1037, 3586, 102]
+    assert dec.labels[0].tolist() == [-100] * (1 + len(prompt)) + [1037, 2158, 5559, 1037, 3586, 102]
+
+
+def test_seed_preset_is_the_seed_write_up():
+    cfg = BlipConfig.preset("seed")
+    m = cfg.model
+    assert (m.image_size, m.patch_size, m.vision_width, m.max_text_len, m.vocab_size) == (224, 16, 512, 40, 30524)
+    assert m.itc_weight > 0 and m.lm_weight > 0 and m.itm_weight == 0
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs, cfg.data.subset) == (8, 5e-5, 3, 10000)
+
+
+def test_config_json_round_trip_and_overrides():
+    cfg = BlipConfig.preset("demo")
+    assert BlipConfig.from_json(cfg.to_json()) == cfg
+    changed = cfg.override_strings(["train.batch_size=16", "model.tie_lm_head=false", "train.eval_strategies=greedy,beam"])
+    assert changed.train.batch_size == 16 and changed.model.tie_lm_head is False
+    assert changed.train.eval_strategies == ("greedy", "beam")
+    with pytest.raises(ValueError, match="unknown field"):
+        cfg.override_strings(["train.batchsize=16"])
+    with pytest.raises(ValueError, match="expected a value like"):
+        cfg.override_strings(["train.batch_size=big"])
+    with pytest.raises(ValueError, match="not divisible"):
+        cfg.override({"model.vision_heads": 5})
+
+
+def test_readme_snippet_seed_model():
+    cfg = BlipConfig.preset("seed")
+    model = BLIP(cfg)
+    tok = load_tokenizer()
+    enc = tok(["a man riding a horse", "a dog"], padding=True, return_tensors="pt")
+    out = model(torch.randn(2, 3, 224, 224), enc.input_ids, enc.attention_mask)
+    assert 50_000_000 < model.num_parameters() < 100_000_000
+    assert set(out) == {"loss", "itc", "lm"} and all(torch.isfinite(v) for v in out.values())
