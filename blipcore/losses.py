@@ -18,9 +18,9 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
+def gather_with_grad(x: Tensor, distributed: bool = True) -> Tensor:
     """Concatenate `x` from every rank along dim 0, keeping gradients (identity on one process)."""
-    if not is_distributed():
+    if not (distributed and is_distributed()):
         return x
     from torch.distributed.nn.functional import all_gather
 
@@ -28,9 +28,9 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def gather_no_grad(x: Tensor) -> Tensor:
+def gather_no_grad(x: Tensor, distributed: bool = True) -> Tensor:
     """Concatenate `x` from every rank along dim 0, without gradients (momentum features, ids)."""
-    if not is_distributed():
+    if not (distributed and is_distributed()):
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -56,16 +56,18 @@ def contrastive_loss(
     text_feat: Tensor,
     temperature: Tensor | float,
     image_ids: Tensor,
+    distributed: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Symmetric image-text contrastive loss (ITC) over in-batch negatives, gathered across ranks.
 
     image_feat, text_feat: (B, D), L2-normalised; image_ids: (B,) identifies the image of each pair.
+    `distributed=False` keeps negatives local (evaluation runs on one rank and must not gather).
     Returns the loss, (image-to-text CE + text-to-image CE) / 2, and the local image-to-text
     similarity (B, B) before temperature (ITM draws its hard negatives from it).
     """
-    all_image = gather_with_grad(image_feat)
-    all_text = gather_with_grad(text_feat)
-    all_ids = gather_no_grad(image_ids)
+    all_image = gather_with_grad(image_feat, distributed)
+    all_text = gather_with_grad(text_feat, distributed)
+    all_ids = gather_no_grad(image_ids, distributed)
     sim_i2t = image_feat @ all_text.t() / temperature  # (B, world*B)
     sim_t2i = text_feat @ all_image.t() / temperature
     targets = positive_targets(image_ids, all_ids)
@@ -102,16 +104,26 @@ def momentum_contrastive_loss(
     return (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
 
 
-def lm_loss(hidden: Tensor, labels: Tensor, lm_head: nn.Module, label_smoothing: float = 0.0) -> Tensor:
+def lm_loss(
+    hidden: Tensor, labels: Tensor, lm_head: nn.Module, label_smoothing: float = 0.0, distributed: bool = True
+) -> Tensor:
     """Next-token cross-entropy: the decoder state at position t predicts labels[:, t+1]; -100 is ignored.
 
     hidden: (B, L, width) final decoder states. The vocabulary head runs only at positions with a
     target (not on [DEC], the prompt or padding), which is most of the cost of a small model's step.
+    The mean is over the global batch's tokens: each rank divides its sum by the mean token count per
+    rank, so DDP's gradient averaging gives exactly the single-process loss on the same global batch.
     """
     targets = labels[:, 1:]
     keep = targets != -100
     logits = lm_head(hidden[:, :-1][keep])  # (number of targets, vocab)
-    return F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing, reduction="sum")
+    count = keep.sum().float()
+    if distributed and is_distributed():
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return total / count.clamp_min(1.0)
 
 
 @torch.no_grad()

@@ -128,8 +128,8 @@ class BLIP(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        """The ITC temperature, clamped to [temperature_min, temperature_max] as BLIP does."""
-        return self.temp.clamp(self.cfg.temperature_min, self.cfg.temperature_max)
+        """The ITC temperature for reporting (detached), clamped to [temperature_min, temperature_max]."""
+        return self.temp.detach().clamp(self.cfg.temperature_min, self.cfg.temperature_max)
 
     # --- decoder ---------------------------------------------------------------------------------
     def decoder_batch(self, input_ids: Tensor, attention_mask: Tensor) -> DecoderBatch:
@@ -173,9 +173,11 @@ class BLIP(nn.Module):
         other). Returns {'loss': weighted sum, and each active term: 'itc', 'lm', 'itm'}.
         """
         if image_ids is None:
-            rank = torch.distributed.get_rank() if losses.is_distributed() else 0
+            rank = torch.distributed.get_rank() if self.training and losses.is_distributed() else 0
             image_ids = torch.arange(len(images), device=images.device) + rank * len(images)
         cfg = self.cfg
+        # Gather negatives / token counts across ranks only when training: evaluation runs on one rank.
+        distributed = self.training and losses.is_distributed()
         out: dict[str, Tensor] = {}
         image_embeds, image_feat = self.encode_image(images)
 
@@ -183,11 +185,11 @@ class BLIP(nn.Module):
             with torch.no_grad():
                 self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
             _, text_feat = self.encode_text(input_ids, attention_mask)
-            if cfg.momentum_encoder:
+            if cfg.momentum_encoder and self.training:
                 out["itc"] = self._momentum_itc(images, input_ids, attention_mask, image_feat, text_feat, image_ids)
                 sim_i2t = image_feat.detach() @ text_feat.detach().t()
-            else:
-                out["itc"], sim_i2t = losses.contrastive_loss(image_feat, text_feat, self.temp, image_ids)
+            else:  # evaluation scores in-batch negatives and leaves the momentum encoder and queue untouched
+                out["itc"], sim_i2t = losses.contrastive_loss(image_feat, text_feat, self.temp, image_ids, distributed)
 
         if self.use_itm:
             out["itm"] = self._itm_loss(image_embeds, input_ids, attention_mask, sim_i2t / self.temp.detach(), image_ids)
@@ -195,7 +197,7 @@ class BLIP(nn.Module):
         if self.use_lm:
             dec = self.decoder_batch(input_ids, attention_mask)
             hidden, _ = self.text_decoder(dec.input_ids, image_embeds, return_hidden=True)
-            out["lm"] = losses.lm_loss(hidden, dec.labels, self.text_decoder.lm_head, cfg.label_smoothing)
+            out["lm"] = losses.lm_loss(hidden, dec.labels, self.text_decoder.lm_head, cfg.label_smoothing, distributed)
 
         weights = {"itc": cfg.itc_weight, "lm": cfg.lm_weight, "itm": cfg.itm_weight}
         out["loss"] = sum(weights[name] * value for name, value in out.items())

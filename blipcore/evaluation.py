@@ -1,0 +1,211 @@
+"""Evaluation of a model on the fixed evaluation set: validation losses, ITC retrieval, captioning
+and collapse metrics per decoding strategy, the "learned nothing" reference row, and the
+embeddings dump the dashboard's Alignment and Embeddings pages read.
+
+The fixed evaluation set is the first `data.eval_images` validation images, so every epoch of every
+run with the same data is measured on the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .config import BlipConfig
+from .data import CaptionCollator, CaptionDataset
+from .runs import RunDir
+from .tokenizer import tokenize_captions
+
+SAMPLES_PER_STRATEGY = 24
+
+
+@dataclass
+class EvalImages:
+    """The first N readable images of a split, with their record indices."""
+
+    images: torch.Tensor  # (N, 3, S, S)
+    records: list  # ImageRecord of each image, same order
+
+
+def eval_images(dataset: CaptionDataset, limit: int) -> EvalImages:
+    """Decoded images of the first `limit` records (unreadable ones skipped)."""
+    images, records = [], []
+    for index in range(min(limit, len(dataset.records))):
+        item = dataset[index] if dataset.caption_mode == "random" else None
+        if item is not None:
+            images.append(item["image"])
+            records.append(dataset.records[index])
+    if not images:
+        raise ValueError("no readable image in the evaluation set")
+    return EvalImages(torch.stack(images), records)
+
+
+def _batches(tensor: torch.Tensor, size: int):
+    for start in range(0, len(tensor), size):
+        yield tensor[start : start + size]
+
+
+@torch.no_grad()
+def validation_losses(model, dataset: CaptionDataset, cfg: BlipConfig, device: torch.device, limit: int) -> dict[str, float]:
+    """Mean of each loss term over (at most `limit` items of) the validation split."""
+    subset = Subset(dataset, range(min(limit, len(dataset))))
+    loader = DataLoader(subset, batch_size=cfg.train.batch_size, collate_fn=CaptionCollator(cfg.model.max_text_len))
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        if batch is None or len(batch["images"]) < 2:
+            continue
+        out = model(
+            batch["images"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            batch["image_ids"].to(device),
+        )
+        n = len(batch["images"])
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+        count += n
+    return {f"val_{k}": v / count for k, v in sums.items()} if count else {}
+
+
+@torch.no_grad()
+def embed_eval_set(model, data: EvalImages, cfg: BlipConfig, device: torch.device, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """ITC embeddings of the evaluation images and of every reference caption."""
+    image_feats = [model.encode_image(chunk.to(device))[1].float().cpu() for chunk in _batches(data.images, batch_size)]
+    captions = [caption for record in data.records for caption in record.captions]
+    text_to_image = np.array([i for i, record in enumerate(data.records) for _ in record.captions])
+    text_feats = []
+    for start in range(0, len(captions), batch_size):
+        tokens = tokenize_captions(captions[start : start + batch_size], cfg.model.max_text_len)
+        text_feats.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))[1].float().cpu())
+    return {
+        "image_embeds": torch.cat(image_feats).numpy(),
+        "all_text_embeds": torch.cat(text_feats).numpy(),
+        "text_to_image": text_to_image,
+        "all_captions": np.array(captions),
+    }
+
+
+def embeddings_dump(embedded: dict[str, np.ndarray], data: EvalImages, temperature: float | None) -> dict[str, np.ndarray]:
+    """The npz the dashboard reads: one (image, first caption) pair per row, plus every caption."""
+    first_caption_row = np.array([int(np.argmax(embedded["text_to_image"] == i)) for i in range(len(data.records))])
+    return {
+        "image_embeds": embedded["image_embeds"],
+        "text_embeds": embedded["all_text_embeds"][first_caption_row],
+        "image_ids": np.array([r.image_id for r in data.records], dtype=np.int64),
+        "file_paths": np.array([r.file_path for r in data.records]),
+        "captions": np.array([r.captions[0] for r in data.records]),
+        "all_text_embeds": embedded["all_text_embeds"],
+        "all_captions": embedded["all_captions"],
+        "text_to_image": embedded["text_to_image"],
+        "temperature": np.array(np.nan if temperature is None else temperature, dtype=np.float32),
+    }
+
+
+def caption_strategies(
+    model, data: EvalImages, strategies: list[str], device: torch.device, meteor: bool, progress: bool
+) -> dict[str, Any]:
+    """Captions of the evaluation images by each strategy, scored for quality and collapse."""
+    from .decoding import decoding_config, generate
+
+    references = {i: record.captions for i, record in enumerate(data.records)}
+    results = {}
+    for name in tqdm(strategies, desc="decode", disable=not progress, leave=False):
+        dcfg = decoding_config(name)
+        captions = []
+        for chunk in _batches(data.images, 32):
+            captions += generate(model, chunk.to(device), dcfg)
+        predictions = {i: c.text for i, c in enumerate(captions)}
+        scores = M.caption_metrics(predictions, references, meteor=meteor)
+        collapse = M.collapse_metrics([c.text for c in captions], [c.entropies for c in captions])
+        results[name] = {
+            "params": dcfg.to_dict(),
+            "metrics": {**{k: v for k, v in scores.items() if k != "notes"}, **collapse},
+            "notes": scores.get("notes", []),
+            "samples": [
+                {"image_id": r.image_id, "file_path": r.file_path, "caption": c.text, "references": r.captions[:5],
+                 "mean_entropy": float(np.mean(c.entropies)) if c.entropies else None}
+                for r, c in list(zip(data.records, captions))[:SAMPLES_PER_STRATEGY]
+            ],
+        }
+    return results
+
+
+def reference_row(train_set: CaptionDataset, data: EvalImages, meteor: bool) -> dict[str, Any]:
+    """Scores of the most frequent training caption given to every image: what 'learned nothing' scores."""
+    train_captions = [c for record in train_set.records for c in record.captions]
+    references = {i: record.captions for i, record in enumerate(data.records)}
+    return M.most_frequent_caption_baseline(train_captions, references, meteor=meteor)
+
+
+def evaluate_model(
+    model,
+    cfg: BlipConfig,
+    datasets: dict[str, CaptionDataset],
+    device: torch.device,
+    strategies: list[str] | None = None,
+    caption_images: int | None = None,
+    meteor: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Full evaluation. Returns (the eval/epoch_NNN.json content, the embeddings dump or None)."""
+    strategies = list(cfg.train.eval_strategies if strategies is None else strategies)
+    if strategies:
+        from .decoding import STRATEGY_PRESETS
+
+        unknown = [s for s in strategies if s not in STRATEGY_PRESETS]
+        if unknown:
+            raise ValueError(f"unknown decoding strategies {unknown}; known: {', '.join(STRATEGY_PRESETS)}")
+    model.eval()
+    val = datasets["val"]
+    data = eval_images(val, cfg.data.eval_images)
+    result: dict[str, Any] = {"num_images": len(data.records), "spice": M.SPICE_NOTE}
+    result["losses"] = validation_losses(model, val, cfg, device, limit=max(cfg.data.eval_images, 2 * cfg.train.batch_size))
+    dump = None
+    if model.use_itc:
+        embedded = embed_eval_set(model, data, cfg, device)
+        sim = embedded["image_embeds"] @ embedded["all_text_embeds"].T
+        result["retrieval"] = M.retrieval_metrics(sim, embedded["text_to_image"])
+        dump = embeddings_dump(embedded, data, float(model.temperature))
+    if model.use_lm and strategies:
+        n = caption_images if caption_images is not None else cfg.train.eval_caption_images
+        subset = EvalImages(data.images[:n], data.records[:n])
+        result["strategies"] = caption_strategies(model, subset, strategies, device, meteor, progress)
+        if "train" in datasets:
+            result["reference_row"] = reference_row(datasets["train"], subset, meteor)
+    return result, dump
+
+
+def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Flat numbers for metrics.jsonl, checkpoint sidecars and 'best' tracking: val_*, retrieval, strategy_metric."""
+    flat: dict[str, float] = dict(result.get("losses", {}))
+    flat.update(result.get("retrieval", {}))
+    for name, entry in result.get("strategies", {}).items():
+        for key in ("bleu4", "cider", "meteor", "repetition_rate", "distinct_1", "top_caption_share", "mean_length"):
+            value = entry["metrics"].get(key)
+            if isinstance(value, (int, float)):
+                flat[f"{name}_{key}"] = value
+    return flat
+
+
+def evaluate_run_epoch(
+    model, cfg: BlipConfig, datasets: dict[str, CaptionDataset], run: RunDir, epoch: int | None, step: int,
+    label: str, device: torch.device, progress: bool = True,
+) -> dict[str, float]:
+    """The trainer's evaluation: writes eval/<label>.json, the embeddings (at epoch ends) and a
+    split="val" line in metrics.jsonl. Returns the flat summary."""
+    result, dump = evaluate_model(model, cfg, datasets, device, meteor=False, progress=progress)
+    result.update(step=step, label=label)
+    if epoch is not None:
+        run.save_eval(epoch, result)
+        if dump is not None:
+            run.save_embeddings(epoch, dump)
+    else:
+        run.save_step_eval(step, result)
+    flat = summary_metrics(result)
+    run.append_metrics({"step": step, "epoch": epoch if epoch is not None else None, "split": "val", **flat})
+    return flat

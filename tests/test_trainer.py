@@ -1,0 +1,169 @@
+"""The trainer and the run directory it writes: completeness, exact resume, DDP equivalence, NaN
+handling and overwrite protection, on a tiny model and a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from blipcore import losses
+from blipcore.config import BlipConfig
+from blipcore.data import generate_shapes
+from blipcore.runs import RunDir, RunError
+from blipcore.trainer import NonFiniteLossError, Trainer
+from tests.conftest import tiny_config
+
+SHAPES_PARAMS = {"n_train": 64, "n_val": 16, "n_heldout": 8, "image_size": 32, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, **SHAPES_PARAMS, progress=False)
+    return root
+
+
+def small_cfg(shapes_root: Path, **train) -> BlipConfig:
+    cfg = tiny_config()
+    data = {f"data.shapes_{k}": v for k, v in SHAPES_PARAMS.items()}
+    settings = {
+        "train.epochs": 2, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 2, "train.log_every": 2,
+        "train.eval_strategies": [], "train.eval_caption_images": 4, "train.device": "cpu", "train.save_state_every": 0,
+        **{f"train.{k}": v for k, v in train.items()},
+    }
+    return cfg.override({"data.root": str(shapes_root), "data.eval_images": 8, **data, **settings})
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    model, _, _ = RunDir(run_dir).load_model()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=name)
+
+
+def test_fit_writes_a_complete_run_directory(shapes_root, tmp_path):
+    cfg = small_cfg(shapes_root, eval_strategies=["greedy"])
+    summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    run = RunDir(tmp_path / "run")
+    info = run.read_info()
+    assert summary["status"] == "completed" and info["status"] == "completed" and info["error"] is None
+    assert info["config"] == cfg.to_dict() and info["versions"]["torch"] == torch.__version__
+    assert {"git_revision", "device", "created_at", "updated_at", "best", "train_seconds"} <= set(info)
+    assert run.epochs() == [1, 2]
+    meta = json.loads((run.checkpoints_dir / "epoch_002.json").read_text())
+    assert meta["step"] == 16 and meta["epoch"] == 2 and len(meta["sha256"]) == 64 and "val_loss" in meta["metrics"]
+    lines = run.read_metrics()
+    train_lines = [r for r in lines if r["split"] == "train"]
+    assert [r["step"] for r in train_lines] == list(range(2, 17, 2))
+    for key in ("loss", "itc", "lm", "lr", "temperature", "grad_norm", "samples_per_s", "epoch"):
+        assert all(np.isfinite(r[key]) for r in train_lines), key
+    val_lines = [r for r in lines if r["split"] == "val"]
+    assert [r["epoch"] for r in val_lines] == [1, 2] and "i2t_r1" in val_lines[0] and "greedy_cider" in val_lines[0]
+    emb = run.load_embeddings(2)
+    assert emb["image_embeds"].shape == emb["text_embeds"].shape == (8, 32)
+    assert len(emb["captions"]) == len(emb["file_paths"]) == len(emb["image_ids"]) == 8
+    evaluation = run.load_eval(2)
+    assert evaluation["strategies"]["greedy"]["samples"] and "cider" in evaluation["strategies"]["greedy"]["metrics"]
+    assert "caption" in evaluation["reference_row"] and evaluation["retrieval"]["i2t_r10"] >= evaluation["retrieval"]["i2t_r1"]
+    state = json.loads((run.last_dir / "state.json").read_text())
+    assert state["step"] == 16 and (run.last_dir / state["weights"]).is_file()
+    model, loaded_cfg, ckpt = run.load_model(1)
+    assert ckpt.epoch == 1 and loaded_cfg.model == cfg.model and not model.training
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, tmp_path, monkeypatch):
+    cfg = small_cfg(shapes_root)
+    Trainer(cfg, tmp_path / "straight", progress=False).fit()
+
+    original = Trainer._optimizer_step
+
+    def stop_after_five(self, micro):
+        result = original(self, micro)
+        if self.step + 1 >= 5:  # self.step is incremented after this returns
+            self.stop_requested = True
+        return result
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", stop_after_five)
+    summary = Trainer(cfg, tmp_path / "resumed", progress=False).fit()
+    assert summary["status"] == "interrupted" and summary["step"] == 5
+    assert RunDir(tmp_path / "resumed").read_info()["status"] == "interrupted"
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    summary = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False).fit()
+    assert summary["status"] == "completed" and summary["step"] == 16
+
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+    steps = [r["step"] for r in RunDir(tmp_path / "resumed").read_metrics() if r["split"] == "train"]
+    assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(shapes_root, tmp_path, monkeypatch):
+    cfg = small_cfg(shapes_root)
+    calls = {"n": 0}
+    original = losses.lm_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = original(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 11 else value  # step 11 is in epoch 2
+
+    monkeypatch.setattr(losses, "lm_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: the lm loss is not finite"):
+        Trainer(cfg, tmp_path / "run", progress=False).fit()
+    run = RunDir(tmp_path / "run")
+    info = run.read_info()
+    assert info["status"] == "failed" and "lm loss is not finite" in info["error"]
+    assert run.epochs() == [1]
+    model, _, _ = run.load_model(1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_finished_run_is_never_overwritten_silently(shapes_root, tmp_path):
+    cfg = small_cfg(shapes_root, epochs=1)
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    before = (tmp_path / "run" / "checkpoints" / "epoch_001.safetensors").read_bytes()
+    with pytest.raises(RunError, match="already holds a completed run"):
+        Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert (tmp_path / "run" / "checkpoints" / "epoch_001.safetensors").read_bytes() == before
+    Trainer(cfg, tmp_path / "run", overwrite=True, progress=False).fit()
+    assert RunDir(tmp_path / "run").read_info()["status"] == "completed"
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="not a run"):
+        Trainer(cfg, tmp_path / "other", progress=False).fit()
+    with pytest.raises(RunError, match="nothing to resume"):
+        Trainer(cfg, tmp_path / "fresh", resume=True, progress=False).fit()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    Trainer(BlipConfig.from_json(cfg_json), run_dir, progress=False).fit()
+
+
+def test_two_process_ddp_equals_single_process_on_the_same_global_batch(shapes_root, tmp_path):
+    single = small_cfg(shapes_root, epochs=1, batch_size=8)
+    Trainer(single, tmp_path / "single", progress=False).fit()
+    per_rank = single.override({"train.batch_size": 4})
+    mp.spawn(_ddp_worker, args=(2, _free_port(), per_rank.to_json(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    info = RunDir(tmp_path / "ddp").read_info()
+    assert info["status"] == "completed" and info["world_size"] == 2
+    assert_same_weights(final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp"), atol=2e-5)

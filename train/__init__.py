@@ -1,0 +1,1 @@
+"""BLIP Lab's command line: `python -m train {fit,eval,caption,info,data} --help`."""
