@@ -133,7 +133,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "numpy": numpy.__version__,
     }
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
     return {"versions": versions, "device": {"type": device.type, "name": device_name}, "git_revision": git_revision()}
 
 

@@ -28,3 +28,40 @@ def tiny_config(**model_overrides) -> BlipConfig:
 def tiny_cfg() -> BlipConfig:
     torch.manual_seed(0)
     return tiny_config()
+
+
+SHAPES_PARAMS = {"n_train": 64, "n_val": 16, "n_heldout": 8, "image_size": 32, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A tiny generated shapes dataset (64 train, 16 val, 8 held-out images of 32x32)."""
+    from blipcore.data import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, **SHAPES_PARAMS, progress=False)
+    return root
+
+
+def small_cfg(shapes_root: Path, model: dict | None = None, **train) -> BlipConfig:
+    """tiny_config() trained on the tiny shapes dataset, 2 epochs of 8 steps, CPU."""
+    cfg = tiny_config(**(model or {}))
+    data = {f"data.shapes_{k}": v for k, v in SHAPES_PARAMS.items()}
+    settings = {
+        "train.epochs": 2, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 2, "train.log_every": 2,
+        "train.eval_strategies": [], "train.eval_caption_images": 4, "train.device": "cpu", "train.save_state_every": 0,
+        **{f"train.{k}": v for k, v in train.items()},
+    }
+    return cfg.override({"data.root": str(shapes_root), "data.eval_images": 8, **data, **settings})
+
+
+@pytest.fixture(scope="session")
+def tiny_runs_dir(tmp_path_factory, shapes_root) -> Path:
+    """A runs folder holding one finished run, `tiny` (2 epochs, ITC + LM + ITM, greedy evaluation),
+    for dashboard and CLI tests. Treat it as read-only: it is shared by the whole session."""
+    from blipcore.trainer import Trainer
+
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = small_cfg(shapes_root, model={"itm_weight": 0.5}, eval_strategies=["greedy"])
+    Trainer(cfg, runs / "tiny", progress=False).fit()
+    return runs

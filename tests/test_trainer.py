@@ -15,31 +15,9 @@ import torch.multiprocessing as mp
 
 from blipcore import losses
 from blipcore.config import BlipConfig
-from blipcore.data import generate_shapes
 from blipcore.runs import RunDir, RunError
 from blipcore.trainer import NonFiniteLossError, Trainer
-from tests.conftest import tiny_config
-
-SHAPES_PARAMS = {"n_train": 64, "n_val": 16, "n_heldout": 8, "image_size": 32, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    generate_shapes(root, **SHAPES_PARAMS, progress=False)
-    return root
-
-
-def small_cfg(shapes_root: Path, **train) -> BlipConfig:
-    cfg = tiny_config()
-    data = {f"data.shapes_{k}": v for k, v in SHAPES_PARAMS.items()}
-    settings = {
-        "train.epochs": 2, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 2, "train.log_every": 2,
-        "train.eval_strategies": [], "train.eval_caption_images": 4, "train.device": "cpu", "train.save_state_every": 0,
-        **{f"train.{k}": v for k, v in train.items()},
-    }
-    return cfg.override({"data.root": str(shapes_root), "data.eval_images": 8, **data, **settings})
-
+from tests.conftest import small_cfg
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     model, _, _ = RunDir(run_dir).load_model()
