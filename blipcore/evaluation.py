@@ -8,8 +8,9 @@ run with the same data is measured on the same images.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -90,6 +91,43 @@ def embed_eval_set(model, data: EvalImages, cfg: BlipConfig, device: torch.devic
     }
 
 
+def rerank_top_k(sim: np.ndarray, k: int, score_pairs: Callable[[list[tuple[int, int]]], np.ndarray]) -> np.ndarray:
+    """BLIP's retrieval protocol: ITC picks each image's and each text's top-k candidates, `score_pairs`
+    re-scores those (image, text) pairs; pairs outside every top-k rank behind all re-scored ones.
+    Returns the re-scored (images, texts) matrix for `metrics.retrieval_metrics`."""
+    pairs = {(i, int(j)) for i, row in enumerate(M.topk_candidates(sim, k)) for j in row}
+    pairs |= {(int(i), j) for j, column in enumerate(M.topk_candidates(sim.T, k)) for i in column}
+    ordered = sorted(pairs)
+    scores = np.full(sim.shape, np.nan)
+    scores[tuple(np.array(ordered).T)] = score_pairs(ordered)
+    scores[np.isnan(scores)] = np.nanmin(scores) - 1.0
+    return scores
+
+
+@torch.no_grad()
+def itm_reranked_retrieval(
+    model, data: EvalImages, embedded: dict[str, np.ndarray], cfg: BlipConfig, device: torch.device, k: int = 16,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """Retrieval R@K after re-scoring ITC's top-k candidates with the ITM head (match logit + ITC similarity)."""
+    sim = embedded["image_embeds"] @ embedded["all_text_embeds"].T  # (images, texts)
+    captions = embedded["all_captions"].tolist()
+    image_embeds = torch.cat([model.encode_image(chunk.to(device))[0].cpu() for chunk in _batches(data.images, 64)])
+
+    def score_pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
+        out = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            tokens = tokenize_captions([captions[j] for _, j in chunk], cfg.model.max_text_len)
+            logits = model.itm_logits(image_embeds[[i for i, _ in chunk]].to(device), tokens["input_ids"].to(device),
+                                      tokens["attention_mask"].to(device))
+            out.append(logits[:, 1].float().cpu().numpy() + sim[tuple(np.array(chunk).T)])
+        return np.concatenate(out)
+
+    reranked = M.retrieval_metrics(rerank_top_k(sim, k, score_pairs), embedded["text_to_image"])
+    return {f"itm_{key}": value for key, value in reranked.items()}
+
+
 def embeddings_dump(embedded: dict[str, np.ndarray], data: EvalImages, temperature: float | None) -> dict[str, np.ndarray]:
     """The npz the dashboard reads: one (image, first caption) pair per row, plus every caption."""
     first_caption_row = np.array([int(np.argmax(embedded["text_to_image"] == i)) for i in range(len(data.records))])
@@ -135,11 +173,22 @@ def caption_strategies(
     return results
 
 
+_REFERENCE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def reference_row(train_set: CaptionDataset, data: EvalImages, meteor: bool) -> dict[str, Any]:
-    """Scores of the most frequent training caption given to every image: what 'learned nothing' scores."""
-    train_captions = [c for record in train_set.records for c in record.captions]
-    references = {i: record.captions for i, record in enumerate(data.records)}
-    return M.most_frequent_caption_baseline(train_captions, references, meteor=meteor)
+    """Scores of the most frequent training caption given to every image: what 'learned nothing' scores.
+
+    It depends only on the data, so it is computed once per (training set, evaluation images) and
+    reused by every epoch's evaluation.
+    """
+    key = (tuple(r.image_id for r in data.records), meteor)
+    cached = _REFERENCE_ROWS.setdefault(train_set, {})
+    if key not in cached:
+        train_captions = [c for record in train_set.records for c in record.captions]
+        references = {i: record.captions for i, record in enumerate(data.records)}
+        cached[key] = M.most_frequent_caption_baseline(train_captions, references, meteor=meteor)
+    return cached[key]
 
 
 def evaluate_model(
@@ -170,6 +219,8 @@ def evaluate_model(
         embedded = embed_eval_set(model, data, cfg, device)
         sim = embedded["image_embeds"] @ embedded["all_text_embeds"].T
         result["retrieval"] = M.retrieval_metrics(sim, embedded["text_to_image"])
+        if model.use_itm:
+            result["retrieval"].update(itm_reranked_retrieval(model, data, embedded, cfg, device))
         dump = embeddings_dump(embedded, data, float(model.temperature))
     if model.use_lm and strategies:
         n = caption_images if caption_images is not None else cfg.train.eval_caption_images

@@ -1,0 +1,57 @@
+"""The evaluation the trainer and `python -m train eval` share."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from blipcore import BLIP
+from blipcore.data import build_datasets
+from blipcore import metrics as M
+from blipcore.evaluation import eval_images, evaluate_model, reference_row, rerank_top_k, summary_metrics
+from tests.conftest import small_cfg
+
+
+def test_reranking_with_an_oracle_fixes_every_pair_inside_the_top_k():
+    rng = np.random.default_rng(0)
+    text_to_image = np.repeat(np.arange(6), 2)  # 6 images, 2 captions each
+    sim = rng.normal(size=(6, 12))
+    oracle = lambda pairs: np.array([10.0 if text_to_image[j] == i else 0.0 for i, j in pairs])  # noqa: E731
+    scores = rerank_top_k(sim, k=12, score_pairs=oracle)  # every pair is a candidate
+    assert M.retrieval_metrics(scores, text_to_image)["i2t_r1"] == 100.0
+    assert M.retrieval_metrics(scores, text_to_image)["t2i_r1"] == 100.0
+    narrow = rerank_top_k(sim, k=1, score_pairs=oracle)  # only ITC's single best candidate is re-scored
+    hits = [text_to_image[np.argmax(sim[i])] == i for i in range(6)]
+    assert M.retrieval_metrics(narrow, text_to_image)["i2t_r1"] >= 100.0 * np.mean(hits)
+
+
+def test_itm_reranking_runs_on_a_model_with_an_itm_head(shapes_root):
+    cfg = small_cfg(shapes_root, model={"itm_weight": 1.0})
+    torch.manual_seed(0)
+    result, _ = evaluate_model(BLIP(cfg), cfg, build_datasets(cfg), torch.device("cpu"), strategies=[], progress=False)
+    assert {"itm_i2t_r1", "itm_t2i_r10", "itm_rsum"} <= set(result["retrieval"])
+
+
+def test_reference_row_is_computed_once_per_data(shapes_root):
+    cfg = small_cfg(shapes_root)
+    datasets = build_datasets(cfg)
+    data = eval_images(datasets["val"], 6)
+    first = reference_row(datasets["train"], data, meteor=False)
+    assert reference_row(datasets["train"], data, meteor=False) is first
+    assert first["metrics"]["top_caption_share"] == 1.0 and first["caption"]
+
+
+def test_evaluation_result_and_summary(shapes_root):
+    cfg = small_cfg(shapes_root)
+    torch.manual_seed(0)
+    model = BLIP(cfg)
+    result, dump = evaluate_model(model, cfg, build_datasets(cfg), torch.device("cpu"), ["greedy", "beam"],
+                                  caption_images=4, progress=False)
+    assert result["num_images"] == 8 and "SPICE" in result["spice"]
+    assert set(result["strategies"]) == {"greedy", "beam"}
+    assert len(result["strategies"]["beam"]["samples"]) == 4
+    flat = summary_metrics(result)
+    assert {"val_loss", "i2t_r1", "greedy_cider", "beam_repetition_rate"} <= set(flat)
+    assert dump["image_embeds"].shape == (8, 32) and np.isfinite(dump["temperature"])
+    sim = dump["image_embeds"] @ dump["text_embeds"].T
+    assert sim.shape == (8, 8) and np.all(np.abs(sim) <= 1.0 + 1e-5)
