@@ -299,3 +299,12 @@ def test_format_metrics_table():
     assert text.endswith(SPICE_NOTE)
     with pytest.raises(ValueError):
         format_metrics_table({})
+
+
+def test_readme_explains_every_collapse_metric():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in COLLAPSE_METRIC_DOCS:
+        if name != "top_caption":  # the caption itself, not a metric
+            assert f"| `{name}` |" in readme, name
