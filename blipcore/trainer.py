@@ -73,8 +73,8 @@ def select_device(name: str, info: DistInfo) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device (this torch build: "
-                               f"{torch.__version__}); use --device cpu")
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device (this torch build: "
+                             f"{torch.__version__}); use --device cpu")
         return torch.device("cuda", info.local_rank)
     if name != "cpu":
         raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")

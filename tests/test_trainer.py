@@ -17,7 +17,7 @@ from blipcore import losses
 from blipcore.config import BlipConfig
 from blipcore.runs import RunDir, RunError
 from blipcore.trainer import NonFiniteLossError, Trainer
-from tests.conftest import small_cfg
+from tests.conftest import small_cfg, tiny_config
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     model, _, _ = RunDir(run_dir).load_model()
@@ -145,3 +145,40 @@ def test_two_process_ddp_equals_single_process_on_the_same_global_batch(shapes_r
     info = RunDir(tmp_path / "ddp").read_info()
     assert info["status"] == "completed" and info["world_size"] == 2
     assert_same_weights(final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp"), atol=2e-5)
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    from blipcore.trainer import learning_rate
+
+    lrs = [learning_rate(s, total_steps=100, base_lr=1.0, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55, abs=0.01)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] >= 0.1
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_temperature():
+    from blipcore import BLIP
+    from blipcore.trainer import parameter_groups
+
+    model = BLIP(tiny_config())
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"temp", "word_embeddings.weight", "visual_encoder.cls_token", "visual_encoder.pos_embed",
+            "visual_encoder.norm.weight", "visual_encoder.patch_embed.bias"} <= no_decay_names
+    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_gradient_accumulation_counts_optimizer_steps(shapes_root, tmp_path):
+    summary = Trainer(small_cfg(shapes_root, epochs=1, batch_size=4, grad_accum_steps=2), tmp_path / "run",
+                      progress=False).fit()
+    assert summary["step"] == 8  # 64 images / batch 4 = 16 batches = 8 optimizer steps
+    assert RunDir(tmp_path / "run").read_info()["steps_per_epoch"] == 8
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(shapes_root, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Trainer(small_cfg(shapes_root, device="cuda"), tmp_path / "run", progress=False).fit()
