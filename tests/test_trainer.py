@@ -182,3 +182,14 @@ def test_cuda_without_a_gpu_is_a_clear_error(shapes_root, tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="no CUDA device"):
         Trainer(small_cfg(shapes_root, device="cuda"), tmp_path / "run", progress=False).fit()
+
+
+def test_evaluation_every_n_steps_makes_early_collapse_visible(shapes_root, tmp_path):
+    Trainer(small_cfg(shapes_root, epochs=1, eval_every_steps=3, eval_strategies=["greedy"]), tmp_path / "run",
+            progress=False).fit()
+    run = RunDir(tmp_path / "run")
+    val_steps = [r["step"] for r in run.read_metrics() if r["split"] == "val"]
+    assert val_steps == [3, 6, 8]  # every 3 steps inside the epoch, then the epoch end
+    step_eval = json.loads((run.eval_dir / "step_00000003.json").read_text())
+    assert step_eval["step"] == 3 and "greedy" in step_eval["strategies"]
+    assert "top_caption_share" in step_eval["strategies"]["greedy"]["metrics"]
