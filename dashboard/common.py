@@ -1,0 +1,179 @@
+"""What every dashboard page shares: the runs folder, run and epoch selection, cached loading of run
+artifacts and models, and errors shown as messages that say what to do (never a traceback).
+
+Loading goes through Streamlit caches keyed by the file's modification time, so a page re-reads a
+file only when the trainer has replaced it; models are cached as resources (one per checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `streamlit run dashboard/app.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from blipcore.runs import CheckpointError, RunDir, RunError, list_runs  # noqa: E402
+
+DEFAULT_RUNS_DIR = "runs"
+MAX_UPLOAD_PIXELS = 40_000_000  # refuse uploads above this many pixels with a message
+
+
+def runs_dir() -> Path:
+    """`streamlit run dashboard/app.py -- --runs-dir DIR`, else $BLIPLAB_RUNS_DIR, else runs/."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--runs-dir")
+    known, _ = parser.parse_known_args(sys.argv[1:])
+    return Path(known.runs_dir or os.environ.get("BLIPLAB_RUNS_DIR") or DEFAULT_RUNS_DIR).expanduser()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime_ns / 1e9
+    except OSError:
+        return 0.0
+
+
+# --- run summaries -----------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    name: str
+    path: str
+    status: str
+    preset: str
+    epochs: list[int]
+    steps_done: int
+    total_steps: int | None
+    best: dict[str, Any]
+    error: str | None  # why the run cannot be read, or the error it failed with
+    readable: bool
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _summary(path: str, mtime: float, checkpoints_mtime: float) -> RunSummary:
+    run = RunDir(path)
+    try:
+        info = run.read_info()
+    except RunError as err:
+        return RunSummary(run.name, path, "unreadable", "?", [], 0, None, {}, str(err), False)
+    return RunSummary(
+        run.name, path, str(info.get("status", "?")), str(info.get("preset", "?")), run.epochs(),
+        int(info.get("steps_done") or 0), info.get("total_steps"), info.get("best") or {}, info.get("error"), True,
+    )
+
+
+def run_summaries(root: Path | None = None) -> list[RunSummary]:
+    """Every run under the runs folder; unreadable ones are listed with the reason, not dropped."""
+    root = root or runs_dir()
+    return [_summary(str(r.path), _mtime(r.run_json), _mtime(r.checkpoints_dir)) for r in list_runs(root)]
+
+
+# --- run artifacts (cached by file modification time) ------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=64)
+def _metrics(path: str, mtime: float) -> list[dict[str, Any]]:
+    return RunDir(path).read_metrics()
+
+
+def load_metrics(run: RunDir) -> list[dict[str, Any]]:
+    """metrics.jsonl lines (a partial last line of a run still training is skipped)."""
+    return _metrics(str(run.path), _mtime(run.metrics_file))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _eval(path: str, epoch: int, mtime: float) -> dict[str, Any]:
+    return RunDir(path).load_eval(epoch)
+
+
+def load_eval(run: RunDir, epoch: int) -> dict[str, Any]:
+    return _eval(str(run.path), epoch, _mtime(run.eval_path(epoch)))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _embeddings(path: str, epoch: int, mtime: float) -> dict[str, Any]:
+    return RunDir(path).load_embeddings(epoch)
+
+
+def load_embeddings(run: RunDir, epoch: int) -> dict[str, Any]:
+    return _embeddings(str(run.path), epoch, _mtime(run.embeddings_path(epoch)))
+
+
+@st.cache_resource(show_spinner="Loading checkpoint…", max_entries=8)
+def _model(path: str, epoch: int, mtime: float):
+    model, cfg, ckpt = RunDir(path).load_model(epoch, device="cpu")
+    return model, cfg, ckpt
+
+
+def load_model(run: RunDir, epoch: int):
+    """(BLIP in eval mode, BlipConfig, Checkpoint) of an epoch, verified against its sha256, cached."""
+    weights, _ = run.checkpoint_paths(epoch)
+    return _model(str(run.path), epoch, _mtime(weights))
+
+
+# --- selection widgets -------------------------------------------------------------------------
+def stop_with(message: str, hint: str | None = None, kind: str = "info") -> None:
+    """Show a message that says what to do, then stop this page's script run."""
+    getattr(st, kind)(message + (f"\n\n{hint}" if hint else ""))
+    st.stop()
+
+
+def readable_runs() -> list[RunSummary]:
+    summaries = run_summaries()
+    if not summaries:
+        stop_with(
+            f"No runs in `{runs_dir()}` yet.",
+            "Train the demo from the **Runs** page (button), or run `make demo` / "
+            "`python -m train fit --preset demo --run-dir runs/demo`, or point the dashboard elsewhere with "
+            "`streamlit run dashboard/app.py -- --runs-dir DIR`.",
+        )
+    return [s for s in summaries if s.readable]
+
+
+def select_run(key: str = "run", label: str = "Run", require_epochs: bool = True) -> RunDir:
+    """Sidebar run picker shared across pages (the choice persists in session state)."""
+    runs = [s for s in readable_runs() if s.epochs or not require_epochs]
+    if not runs:
+        stop_with("No run has a checkpoint yet.", "Checkpoints are written at the end of each epoch; wait for the "
+                  "first epoch to finish (the Training page shows progress).")
+    names = [s.name for s in runs]
+    current = st.session_state.get("selected_run")
+    index = names.index(current) if current in names else 0
+    name = st.sidebar.selectbox(label, names, index=index, key=f"{key}_select")
+    st.session_state["selected_run"] = name
+    return RunDir(runs[names.index(name)].path)
+
+
+def select_runs(key: str = "runs", label: str = "Runs") -> list[RunDir]:
+    """Sidebar multi-run picker (several runs overlaid or compared)."""
+    runs = readable_runs()
+    names = [s.name for s in runs]
+    default = [n for n in st.session_state.get("selected_runs", []) if n in names] or names[:1]
+    chosen = st.sidebar.multiselect(label, names, default=default, key=f"{key}_multiselect")
+    st.session_state["selected_runs"] = chosen
+    return [RunDir(runs[names.index(n)].path) for n in chosen]
+
+
+def select_epoch(run: RunDir, available: list[int] | None = None, key: str = "epoch", label: str = "Epoch") -> int:
+    """Epoch slider/select over the epochs that have the artifact the page needs."""
+    epochs = available if available is not None else run.epochs()
+    if not epochs:
+        stop_with(f"`{run.name}` has no epoch with this data yet.", "It is written at the end of each epoch.")
+    if len(epochs) == 1:
+        st.sidebar.caption(f"{label}: {epochs[0]} (the only one so far)")
+        return epochs[0]
+    return st.sidebar.select_slider(label, options=epochs, value=epochs[-1], key=f"{key}_{run.name}")
+
+
+def guarded(fn, *args: Any, what: str = "this", **kwargs: Any) -> Any:
+    """Call fn, turning run/checkpoint errors into a message (the rest of the page still renders)."""
+    try:
+        return fn(*args, **kwargs)
+    except (RunError, CheckpointError, OSError, ValueError) as err:
+        st.warning(f"Cannot show {what}: {err}")
+        return None

@@ -1,0 +1,227 @@
+"""Figures and tables of the model pages (Attention, Decoding lab, Caption, Compare).
+
+Plain functions of numbers and arrays: no Streamlit, no model. The pages call them with what
+`blipcore.explain` / `blipcore.decoding` / the run directory produced, and tests call them with
+hand-made data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from PIL import Image
+from plotly.subplots import make_subplots
+
+from blipcore.explain import TokenAttention, overlay_heatmap
+from blipcore.metrics import COLLAPSE_METRIC_DOCS
+
+LOOP_COLOUR = "#d62728"
+# Collapse metrics drawn as bars: the numeric ones, in COLLAPSE_METRIC_DOCS order.
+COLLAPSE_BARS = (
+    "repetition_rate", "longest_run", "distinct_1", "distinct_2", "top_caption_share", "unique_captions",
+    "vocab_used", "mean_length", "mean_entropy",
+)
+# Captioning scores first, then collapse metrics: the columns of a per-strategy table.
+CAPTION_SCORES = ("bleu1", "bleu4", "meteor", "rouge_l", "cider")
+
+
+# --- images ----------------------------------------------------------------------------------------
+def upscale(image: np.ndarray | Image.Image, size: int = 256) -> np.ndarray:
+    """An image enlarged (or shrunk) so that its longer side is `size` pixels: 32x32 model inputs
+    would otherwise be blurred by the browser, and heat maps look blocky on them."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    scale = size / max(pil.size)
+    target = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    resized = pil.resize(target, Image.Resampling.BICUBIC)
+    return np.asarray(resized.convert("RGB"))
+
+
+def token_overlays(
+    image: np.ndarray, attention: TokenAttention, layer: int | None = None, head: int | None = None, alpha: float = 0.5
+) -> list[np.ndarray]:
+    """One overlay per generated token: where the decoder looked when it chose that word."""
+    return [
+        overlay_heatmap(image, attention.token_map(step, layer, head), alpha=alpha)
+        for step in range(len(attention.tokens))
+    ]
+
+
+def attention_grid_figure(maps: np.ndarray, shared_scale: bool = True, title: str | None = None) -> go.Figure:
+    """A layers x heads grid of small heat maps, e.g. the [CLS] query's attention over the patches
+    (`cls_attention_maps`: (layers, heads, grid, grid)).
+
+    shared_scale: one colour scale for every panel, so a head that looks everywhere reads as flat;
+    otherwise each panel is divided by its own maximum to show its shape.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 4:
+        raise ValueError(f"expected maps of shape (layers, heads, grid, grid), got {maps.shape}")
+    layers, heads = maps.shape[:2]
+    if not shared_scale:
+        peaks = maps.max(axis=(2, 3), keepdims=True)
+        maps = np.divide(maps, peaks, out=np.zeros_like(maps), where=peaks > 0)
+    fig = make_subplots(
+        rows=layers, cols=heads, horizontal_spacing=0.01, vertical_spacing=0.02,
+        column_titles=[f"head {h}" for h in range(heads)], row_titles=[f"layer {layer}" for layer in range(layers)],
+    )
+    for layer in range(layers):
+        for head in range(heads):
+            fig.add_trace(
+                go.Heatmap(
+                    z=maps[layer, head], coloraxis="coloraxis",
+                    hovertemplate=f"layer {layer}, head {head}<br>row %{{y}}, col %{{x}}: %{{z:.3f}}<extra></extra>",
+                ),
+                row=layer + 1, col=head + 1,
+            )
+    fig.update_xaxes(showticklabels=False, ticks="", showgrid=False, zeroline=False, constrain="domain")
+    fig.update_yaxes(
+        showticklabels=False, ticks="", showgrid=False, zeroline=False, autorange="reversed", constrain="domain"
+    )
+    for i in range(1, layers * heads + 1):  # square patches in every panel
+        fig.layout[f"yaxis{'' if i == 1 else i}"].scaleanchor = f"x{'' if i == 1 else i}"
+    panel = min(180, 900 // heads)  # about square panels in a wide page
+    fig.update_layout(
+        title=title, coloraxis={"colorscale": "Viridis", "colorbar": {"title": "weight" if shared_scale else "÷ max"}},
+        height=60 + panel * layers, margin={"l": 10, "r": 10, "t": 60 if title else 30, "b": 10},
+    )
+    return fig
+
+
+# --- per-step decoding evidence --------------------------------------------------------------------
+def loop_start(tokens: Sequence[Hashable]) -> int | None:
+    """Index of the first token that repeats an earlier token of the same caption (the point where a
+    collapsing decoder starts to loop), or None when every token is new."""
+    seen: set[Hashable] = set()
+    for index, token in enumerate(tokens):
+        if token in seen:
+            return index
+        seen.add(token)
+    return None
+
+
+def step_figure(
+    labels: Sequence[str], logprobs: Sequence[float], entropies: Sequence[float], loop_at: int | None,
+    title: str | None = None,
+) -> go.Figure:
+    """Probability of the chosen token (exp log p) and entropy of the decoder's distribution at each
+    step, tokens on the x axis; the first token that repeats an earlier one — where a collapsing
+    decoder's loop starts — is shaded and its points red.
+
+    The x axis is numeric with the tokens as tick labels: a category axis would merge the repeated
+    tokens of a collapsed caption ("a a a") into one.
+    """
+    steps = list(range(len(labels)))
+    if not len(logprobs) == len(entropies) == len(labels):
+        raise ValueError(f"{len(labels)} labels, {len(logprobs)} log-probabilities, {len(entropies)} entropies")
+    probs = np.exp(np.asarray(logprobs, dtype=np.float64))
+    colours = [LOOP_COLOUR if step == loop_at else "#1f77b4" for step in steps]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    for row, (name, values, fmt) in enumerate(
+        [("p(token)", probs, ".3f"), ("entropy (nats)", np.asarray(entropies, dtype=np.float64), ".2f")], start=1
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=steps, y=values, mode="lines+markers", name=name, marker={"color": colours, "size": 8},
+                line={"color": "#1f77b4"}, customdata=list(labels),
+                hovertemplate=f"step %{{x}} '%{{customdata}}': %{{y:{fmt}}}<extra>{name}</extra>",
+            ),
+            row=row, col=1,
+        )
+        fig.update_yaxes(title_text=name, row=row, col=1)
+    fig.update_yaxes(range=[0, 1.05], row=1, col=1)
+    fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=list(labels), tickangle=-45, row=2, col=1)
+    if loop_at is not None:
+        fig.add_vrect(x0=loop_at - 0.5, x1=loop_at + 0.5, fillcolor=LOOP_COLOUR, opacity=0.15, line_width=0)
+        fig.add_annotation(
+            x=loop_at, y=1.04, yref="paper", text=f"first repeat: '{labels[loop_at]}'", showarrow=False,
+            font={"color": LOOP_COLOUR},
+        )
+    fig.update_layout(
+        title=title, showlegend=False, height=380, margin={"l": 10, "r": 10, "t": 50 if title else 30, "b": 10}
+    )
+    return fig
+
+
+# --- strategy metrics ------------------------------------------------------------------------------
+def strategy_metrics_frame(metrics: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """{strategy: {metric: value}} -> one row per strategy; captioning scores (when present), then
+    the collapse metrics in COLLAPSE_METRIC_DOCS order, then anything else."""
+    frame = pd.DataFrame.from_dict({name: dict(values) for name, values in metrics.items()}, orient="index")
+    order = [c for c in (*CAPTION_SCORES, *COLLAPSE_METRIC_DOCS) if c in frame.columns]
+    rest = [c for c in frame.columns if c not in order and c != "notes"]
+    frame = frame[order + rest]
+    frame.index.name = "strategy"
+    return frame
+
+
+def collapse_bar_figure(metrics: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """One small bar chart per numeric collapse metric, a bar per strategy."""
+    shown = [m for m in COLLAPSE_BARS if any(isinstance(v.get(m), (int, float)) for v in metrics.values())]
+    if not shown:
+        raise ValueError("no numeric collapse metric to draw")
+    cols = min(3, len(shown))
+    rows = -(-len(shown) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=shown, vertical_spacing=0.14, horizontal_spacing=0.07)
+    names = list(metrics)
+    for i, metric in enumerate(shown):
+        values = [metrics[n].get(metric) for n in names]
+        fig.add_trace(
+            go.Bar(
+                x=names, y=[v if isinstance(v, (int, float)) else None for v in values], name=metric,
+                marker={"color": [f"hsl({round(360 * k / max(1, len(names)))}, 55%, 50%)" for k in range(len(names))]},
+                hovertemplate=f"%{{x}}: %{{y:.3f}}<extra>{COLLAPSE_METRIC_DOCS[metric]}</extra>",
+            ),
+            row=i // cols + 1, col=i % cols + 1,
+        )
+    fig.update_layout(showlegend=False, height=230 * rows, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig
+
+
+# --- embedding movement between epochs -------------------------------------------------------------
+def _cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return 1.0 - (a * b).sum(axis=1)
+
+
+def embedding_drift(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-item cosine distance between two epochs' embeddings of the evaluation set (embeddings/
+    epoch_NNN.npz), items matched by image id: {"image": (n,), "text": (n,)} (text = first caption)."""
+    ids_a, ids_b = np.asarray(before["image_ids"]), np.asarray(after["image_ids"])
+    common, index_a, index_b = np.intersect1d(ids_a, ids_b, return_indices=True)
+    if len(common) == 0:
+        raise ValueError("the two epochs' embeddings share no image id")
+    return {
+        kind: _cosine_distance(np.asarray(before[key])[index_a], np.asarray(after[key])[index_b])
+        for kind, key in (("image", "image_embeds"), ("text", "text_embeds"))
+    }
+
+
+def drift_figure(rows: pd.DataFrame) -> go.Figure:
+    """Mean cosine distance moved between consecutive epochs; rows: run, step (e.g. "1→2"), kind, mean."""
+    fig = go.Figure()
+    for (run, kind), part in rows.groupby(["run", "kind"], sort=False):
+        fig.add_trace(go.Scatter(
+            x=part["step"], y=part["mean"], mode="lines+markers", name=f"{run} · {kind}",
+            line={"dash": "solid" if kind == "image" else "dot"},
+            hovertemplate="%{x}: %{y:.4f}<extra>%{fullData.name}</extra>",
+        ))
+    fig.update_layout(
+        xaxis_title="epochs", yaxis_title="mean cosine distance", height=320, legend={"orientation": "h", "y": -0.25},
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+    )
+    return fig
+
+
+def drift_histogram(distances: Mapping[str, np.ndarray], title: str | None = None) -> go.Figure:
+    """Per-item distribution of the cosine distance moved, one overlaid histogram per kind."""
+    fig = go.Figure([go.Histogram(x=values, name=kind, opacity=0.6, nbinsx=30) for kind, values in distances.items()])
+    fig.update_layout(
+        barmode="overlay", title=title, xaxis_title="cosine distance", yaxis_title="items", height=300,
+        margin={"l": 10, "r": 10, "t": 40 if title else 20, "b": 10},
+    )
+    return fig

@@ -1,0 +1,100 @@
+"""Training: loss terms, optimiser state and per-epoch validation metrics of one or several runs,
+overlaid, with TensorBoard-style smoothing; refreshes itself while a run is still training."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import streamlit as st
+
+import common
+import figures
+import launcher
+from blipcore.runs import RunDir
+from figures import Line, Panel
+
+REFRESH_S = 5.0
+
+LOSS_PANELS = tuple(
+    Panel(title, (Line(key, "train"), Line(f"val_{key}", "validation", smooth=False, dash="dot")))
+    for title, key in (("total loss", "loss"), ("ITC (image-text contrastive)", "itc"),
+                       ("LM (captioning)", "lm"), ("ITM (image-text matching)", "itm"))
+)
+OPTIMISER_PANELS = tuple(
+    Panel(title, (Line(key, title),)) for title, key in (
+        ("learning rate", "lr"), ("ITC temperature τ", "temperature"),
+        ("gradient norm (before clipping)", "grad_norm"), ("throughput (samples/s)", "samples_per_s"),
+    )
+)
+RETRIEVAL_PANELS = tuple(
+    Panel(f"{title} retrieval R@K (%)", tuple(Line(f"{d}_r{k}", f"R@{k}", smooth=False, dash=figures.DASHES[i])
+                                             for i, k in enumerate(figures.RECALL_KS)))
+    for d, title in (("i2t", "image→text"), ("t2i", "text→image"))
+)
+CAPTION_METRICS = (("cider", "CIDEr"), ("bleu4", "BLEU-4"), ("repetition_rate", "repetition rate (collapse ↑)"),
+                   ("distinct_1", "distinct-1 (diversity)"), ("top_caption_share", "share of the most common caption"))
+
+
+def caption_panels(frames: dict[str, pd.DataFrame]) -> tuple[Panel, ...]:
+    """One panel per captioning metric, one dash per decoding strategy found in the val lines."""
+    pattern = re.compile(r"^(.+)_(" + "|".join(m for m, _ in CAPTION_METRICS) + r")$")
+    strategies = sorted({m.group(1) for f in frames.values() for c in f.columns if (m := pattern.match(c))})
+    return tuple(
+        Panel(title, tuple(Line(f"{s}_{metric}", s, smooth=False, dash=figures.DASHES[i % len(figures.DASHES)])
+                           for i, s in enumerate(strategies)))
+        for metric, title in CAPTION_METRICS
+    )
+
+
+def run_header(runs: list[RunDir]) -> None:
+    """Status of each run; a progress bar for those still training."""
+    summaries = {s.name: s for s in common.run_summaries()}
+    for run in runs:
+        summary = summaries.get(run.name)
+        if summary is None:
+            continue
+        if summary.status == "running":
+            done, total = launcher.progress(run)
+            st.progress(min(1.0, done / total) if total else 0.0,
+                        text=f"`{run.name}` is training: step {done}" + (f" of {total}" if total else ""))
+        elif summary.status == "failed":
+            st.error(f"`{run.name}` failed: {summary.error}")
+
+
+def charts(runs: list[RunDir], x: str, smoothing: float) -> None:
+    run_header(runs)
+    frames = {run.name: figures.metrics_frame(common.load_metrics(run)) for run in runs}
+    frames = {name: frame for name, frame in frames.items() if not frame.empty}
+    if not frames:
+        st.info("No metrics logged yet: the trainer writes a line every `train.log_every` steps. "
+                "This page refreshes while the run is training.")
+        return
+    sections = (
+        ("Losses", LOSS_PANELS, "Solid: training (EMA-smoothed, raw curve faint behind); dotted markers: validation "
+         "at the end of each epoch. A validation curve rising while training falls is overfitting."),
+        ("Optimisation", OPTIMISER_PANELS, "Temperature τ is learned: it sharpens the ITC softmax as alignment "
+         "improves. Gradient-norm spikes often come just before a loss blow-up."),
+        ("Retrieval (validation, per epoch)", RETRIEVAL_PANELS, "Can the ITC embeddings find an image's caption "
+         "among all captions of the evaluation set (and back)? Chance R@1 is 100/N %."),
+        ("Captioning and collapse (validation, per epoch)", caption_panels(frames), "One dash per decoding "
+         "strategy. Collapse: repetition rate and the most-common-caption share go up, distinct-1 goes down."),
+    )
+    for title, panels, note in sections:
+        if not figures.panels_with_data(frames, panels, x):
+            continue
+        st.subheader(title)
+        st.caption(note)
+        st.plotly_chart(figures.metric_grid(frames, panels, x=x, smoothing=smoothing), width="stretch")
+
+
+st.set_page_config(page_title="Training · BLIP Lab", layout="wide")  # also when opened directly by URL
+st.header("Training")
+runs = common.select_runs()
+if not runs:
+    common.stop_with("Pick at least one run in the sidebar.")
+x_axis = st.sidebar.radio("x-axis", ["step", "epoch"], horizontal=True)
+smoothing = st.sidebar.slider("Smoothing (EMA weight)", 0.0, 0.99, 0.6, 0.01,
+                              help="As in TensorBoard: 0 shows the raw logged points")
+running = any(s.status == "running" for s in common.run_summaries() if s.name in {r.name for r in runs})
+st.fragment(charts, run_every=REFRESH_S if running else None)(runs, x_axis, smoothing)

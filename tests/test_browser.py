@@ -1,0 +1,169 @@
+"""The whole dashboard in a real browser: `streamlit run dashboard/app.py` serving the tiny run,
+Debian's Chromium driven by Playwright visiting every page (home + pages 1-7), a real photo uploaded
+on the Caption page, and a screenshot of each under test-artifacts/browser/ (gitignored).
+
+Without /usr/bin/chromium the test is skipped, except under CI (env CI set), where .ci/run installs
+it and its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/coco-mini/images"
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+# URL path (st.Page derives it from the file name: pages/5_Decoding_lab.py -> /Decoding_lab) -> the
+# element that shows the page has drawn its content.
+PAGES = {
+    "": '[data-testid="stDataFrame"]',  # Runs (home): the runs table
+    "Training": ".js-plotly-plot",
+    "Alignment": ".js-plotly-plot",
+    "Embeddings": ".js-plotly-plot",
+    "Attention": ".js-plotly-plot",
+    "Decoding_lab": ".js-plotly-plot",
+    "Caption": '[data-testid="stTable"]',
+    "Compare": ".js-plotly-plot",
+}
+PAGE_FILES = ("app.py", *(f"pages/{n}_{p}.py" for n, p in enumerate([p for p in PAGES if p], start=1)))
+START_TIMEOUT_S = 60
+PAGE_TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; under CI .ci/run installs it, so this is a broken CI image")
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"streamlit exited with code {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"streamlit did not answer {url}/_stcore/health within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(chromium: Path, tiny_runs_dir: Path) -> Iterator[str]:
+    """The dashboard served on a free port for this module; always stopped at the end."""
+    missing = [f"dashboard/{p}" for p in PAGE_FILES if not (REPO / "dashboard" / p).is_file()]
+    if missing:
+        pytest.fail(f"the dashboard is incomplete, missing: {', '.join(missing)}")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    port, log = _free_port(), ARTIFACTS / "streamlit.log"
+    command = [
+        sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--", "--runs-dir", str(tiny_runs_dir),
+    ]
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, process, log)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: Path) -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    opened = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def settle(page: Page) -> None:
+    """Wait until Streamlit has finished running the page's script (and its reruns)."""
+    state = "document.querySelector('[data-testid=stApp]')?.dataset.testScriptState"
+    page.wait_for_function(f"{state} === 'notRunning'", timeout=PAGE_TIMEOUT_MS)
+
+
+def assert_no_error(page: Page, where: str) -> None:
+    exceptions = page.locator('[data-testid="stException"]')
+    assert exceptions.count() == 0, f"{where}: {exceptions.first.inner_text()[:2000]}"
+    assert "Traceback" not in page.inner_text("body"), f"{where} shows a traceback"
+
+
+def screenshot(page: Page, name: str) -> None:
+    """The whole page (Streamlit scrolls inside its main block, so the viewport is stretched to it)."""
+    height = page.evaluate("document.querySelector('[data-testid=stMainBlockContainer]')?.scrollHeight ?? 1000")
+    page.set_viewport_size({"width": 1400, "height": min(int(height) + 150, 12_000)})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+@pytest.mark.parametrize("path", list(PAGES), ids=[p or "Runs" for p in PAGES])
+def test_page_renders_without_errors(server: str, page: Page, path: str) -> None:
+    page.goto(f"{server}/{path}")
+    page.wait_for_selector(PAGES[path], timeout=PAGE_TIMEOUT_MS)
+    settle(page)
+    assert_no_error(page, f"/{path}")
+    screenshot(page, path or "Runs")
+
+
+def test_caption_page_captions_an_uploaded_photo(server: str, page: Page) -> None:
+    photos = sorted(PHOTOS.glob("*.jpg")) if PHOTOS.is_dir() else []
+    if not photos:
+        pytest.skip(f"no photos in {PHOTOS}")
+    page.goto(f"{server}/Caption")
+    page.wait_for_selector('[data-testid="stTable"]', timeout=PAGE_TIMEOUT_MS)  # the sample validation image
+    settle(page)
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(photos[0])
+    page.get_by_text(photos[0].name).first.wait_for(timeout=PAGE_TIMEOUT_MS)  # its thumbnail's caption
+    page.wait_for_function("document.querySelectorAll('[data-testid=stTable]').length === 2", timeout=PAGE_TIMEOUT_MS)
+    settle(page)
+    assert_no_error(page, "/Caption after an upload")
+    rows = page.locator('[data-testid="stTable"]').first.inner_text()
+    assert re.search(r"tiny\s+2\s+\S+", rows), f"no caption by tiny epoch 2 for {photos[0].name}: {rows!r}"
+    screenshot(page, "Caption_upload")

@@ -1,0 +1,280 @@
+"""The dashboard's model pages (4 Attention, 5 Decoding lab, 6 Caption, 7 Compare): their figure
+builders on hand-made data, upload validation on real bytes, and each page run headless (AppTest)
+against the tiny run."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from blipcore.data import ImageLoadError
+from blipcore.decoding import decoding_config
+from blipcore.explain import TokenAttention
+from blipcore.runs import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = REPO / "dashboard" / "pages"
+sys.path.insert(0, str(REPO / "dashboard"))  # the pages import their helpers as `streamlit run` has them
+
+import explain_figures as figs  # noqa: E402
+import inference as inf  # noqa: E402
+from common import MAX_UPLOAD_PIXELS  # noqa: E402
+
+
+# --- image bytes -----------------------------------------------------------------------------------
+def image_bytes(fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (24, 24), colour) for colour in ("red", "blue", "green")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds none: enough to be refused from its header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# --- figure builders -------------------------------------------------------------------------------
+def test_loop_start_is_the_first_repeat():
+    assert figs.loop_start([]) is None
+    assert figs.loop_start([7, 8, 9]) is None
+    assert figs.loop_start([1, 2, 3, 2, 1]) == 3
+    assert figs.loop_start(["a", "a", "a"]) == 1
+
+
+def test_step_figure_marks_the_loop_start_and_keeps_repeated_tokens():
+    labels = ["a", "red", "a", "a", "[SEP]"]
+    probs, entropies = [0.9, 0.5, 0.8, 0.95, 0.3], [1.0, 2.0, 0.5, 0.2, 3.0]
+    fig = figs.step_figure(labels, np.log(probs), entropies, figs.loop_start(labels))
+    prob, entropy = fig.data
+    np.testing.assert_allclose(prob.y, probs)
+    assert list(entropy.y) == entropies
+    assert list(fig.layout.xaxis2.ticktext) == labels  # the three "a" stay three ticks
+    assert [(shade.x0, shade.x1) for shade in fig.layout.shapes] == [(1.5, 2.5)] * 2  # step 2 in both panels
+    assert "first repeat: 'a'" in fig.layout.annotations[-1].text
+    assert [c == figs.LOOP_COLOUR for c in prob.marker.color] == [False, False, True, False, False]
+
+
+def test_step_figure_without_loop_has_no_mark():
+    fig = figs.step_figure(["a", "dog"], [-0.1, -0.2], [1.0, 1.0], None)
+    assert not fig.layout.shapes
+    with pytest.raises(ValueError, match="labels"):
+        figs.step_figure(["a"], [-0.1, -0.2], [1.0], None)
+
+
+def test_attention_grid_has_one_panel_per_layer_and_head():
+    maps = np.random.default_rng(0).random((3, 4, 2, 2))
+    fig = figs.attention_grid_figure(maps)
+    assert len(fig.data) == 12 and all(trace.type == "heatmap" for trace in fig.data)
+    np.testing.assert_allclose(fig.data[4 + 2].z, maps[1, 2])  # row-major: layer 1, head 2
+    titles = {a.text for a in fig.layout.annotations}
+    assert {"layer 0", "layer 2", "head 0", "head 3"} <= titles
+    scaled = figs.attention_grid_figure(maps, shared_scale=False)
+    assert all(np.isclose(np.max(trace.z), 1.0) for trace in scaled.data)
+
+
+def test_token_overlays_one_per_token():
+    maps = np.zeros((2, 1, 1, 2, 2))
+    maps[0, ..., 0, 0], maps[1, ..., 1, 1] = 1.0, 1.0
+    attention = TokenAttention(["a", "dog"], maps, np.zeros((2, 1, 1)))
+    image = np.full((8, 8, 3), 128, dtype=np.uint8)
+    first, second = figs.token_overlays(image, attention, alpha=1.0)
+    assert first.shape == (8, 8, 3) and not np.array_equal(first, second)
+    assert figs.upscale(image, 32).shape == (32, 32, 3)
+
+
+def test_strategy_tables_and_bars():
+    metrics = {
+        "greedy": {"repetition_rate": 0.9, "distinct_1": 0.05, "top_caption": "a a a", "bleu4": 0.01, "notes": ["x"]},
+        "nucleus": {"repetition_rate": 0.2, "distinct_1": 0.40, "top_caption": "a red cube", "bleu4": 0.05},
+    }
+    frame = figs.strategy_metrics_frame(metrics)
+    assert list(frame.index) == ["greedy", "nucleus"]
+    assert list(frame.columns) == ["bleu4", "repetition_rate", "distinct_1", "top_caption"]
+    fig = figs.collapse_bar_figure(metrics)
+    assert [list(trace.x) for trace in fig.data] == [["greedy", "nucleus"]] * 2
+    assert [a.text for a in fig.layout.annotations] == ["repetition_rate", "distinct_1"]
+
+
+def test_embedding_drift_matches_items_by_id():
+    rng = np.random.default_rng(0)
+    image, text = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    before = {"image_ids": np.array([1, 2, 3, 4]), "image_embeds": image, "text_embeds": text}
+    order = [2, 0, 3, 1]  # the same items, shuffled, the last one flipped
+    after = {"image_ids": before["image_ids"][order], "image_embeds": image[order].copy(), "text_embeds": text[order]}
+    after["image_embeds"][2] *= -1  # item id 4
+    moved = figs.embedding_drift(before, after)
+    np.testing.assert_allclose(moved["image"], [0, 0, 0, 2], atol=1e-9)
+    np.testing.assert_allclose(moved["text"], 0, atol=1e-9)
+    with pytest.raises(ValueError, match="no image id"):
+        figs.embedding_drift(before, {**after, "image_ids": np.array([9, 8, 7, 6])})
+
+
+# --- uploads ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_read_upload_accepts_common_formats(fmt):
+    picked = inf.read_upload(f"photo.{fmt.lower()}", image_bytes(fmt))
+    assert picked.image.mode == "RGB" and picked.image.size == (40, 30)
+    assert picked.note is None and len(picked.key) == 64
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        (np.random.default_rng(1).bytes(2000), "not an image"),
+        (image_bytes("PNG")[:60], "truncated|corrupt"),
+        (png_header(7000, 7000), f"too large.*limit {MAX_UPLOAD_PIXELS:,}"),  # over our limit, under PIL's
+        (png_header(100_000, 100_000), "too large"),
+    ],
+)
+def test_read_upload_refuses_bad_files_by_name(data, message):
+    with pytest.raises(ImageLoadError, match=message) as caught:
+        inf.read_upload("holiday.png", data)
+    assert str(caught.value).startswith("holiday.png: ")
+
+
+def test_read_upload_takes_the_first_frame_of_an_animation():
+    picked = inf.read_upload("cat.gif", animated_gif())
+    assert "first frame" in picked.note
+    assert picked.image.getpixel((5, 5)) == (255, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tiny_runs_dir):
+    run = RunDir(tiny_runs_dir / "tiny")
+    return [inf.Loaded.of(run, *_drop_config(run.load_model(epoch))) for epoch in run.epochs()]
+
+
+def _drop_config(loaded):
+    model, _, ckpt = loaded
+    return model, ckpt
+
+
+def test_caption_uploads_captions_good_files_and_names_bad_ones(tiny_checkpoints):
+    files = [
+        ("a.png", image_bytes("PNG")), ("notes.png", b"not an image at all"), ("b.webp", image_bytes("WEBP")),
+        ("empty.jpg", b""), ("huge.png", png_header(7000, 7000)), ("cat.gif", animated_gif()),
+    ]
+    results = inf.caption_uploads(files, tiny_checkpoints, decoding_config("greedy", max_length=5))
+    assert [r.name for r in results] == [name for name, _ in files]
+    errors = {r.name: r.error for r in results if r.error}
+    assert set(errors) == {"notes.png", "empty.jpg", "huge.png"}
+    assert "not an image" in errors["notes.png"] and "too large" in errors["huge.png"]
+    good = [r for r in results if not r.error]
+    for result in good:
+        assert [(run, epoch) for run, epoch, _ in result.captions] == [("tiny", 1), ("tiny", 2)]
+        assert all(isinstance(text, str) for _, _, text in result.captions)
+        assert max(result.thumbnail.size) <= inf.THUMBNAIL
+    assert "first frame" in good[-1].note
+
+
+# --- the pages, headless ---------------------------------------------------------------------------
+@pytest.fixture
+def page(monkeypatch, tiny_runs_dir):
+    """Run a page of dashboard/pages against the tiny run; it must not raise."""
+    def run(name: str, runs_dir: Path = tiny_runs_dir) -> AppTest:
+        monkeypatch.setenv("BLIPLAB_RUNS_DIR", str(runs_dir))
+        app = AppTest.from_file(str(PAGES / name), default_timeout=60)
+        return checked(app.run())
+    return run
+
+
+def checked(app: AppTest) -> AppTest:
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def test_attention_page(page):
+    app = page("4_Attention.py")
+    assert [h.value for h in app.header] == [
+        "ViT attention rollout", "[CLS] attention per layer and head", "Where the decoder looked for each word",
+        "Grad-CAM of the image-text matching score",
+    ]
+    assert "The caption is empty" not in str([i.value for i in app.info])
+    assert len(app.get("plotly_chart")) == 1  # the layers x heads grid
+    images_before = len(app.get("imgs"))
+    checked(app.button_group[0].set_value(1).run())  # pick the second word
+    assert len(app.get("imgs")) == images_before
+    checked(app.radio(key="attention_fusion").set_value("max").run())
+    checked(app.text_input[0].set_value("two orange squares").run())
+    assert not app.warning
+
+
+def test_attention_page_upload_bad_file_is_a_message(page):
+    app = page("4_Attention.py")
+    checked(app.radio(key="attention_source").set_value("Upload").run())
+    checked(app.sidebar.get("file_uploader")[0].set_value(("x.png", b"garbage", "image/png")).run())
+    assert "not an image" in app.error[0].value
+
+
+def test_decoding_lab_page(page):
+    app = page("5_Decoding_lab.py")
+    headers = [h.value for h in app.header]
+    assert headers[:3] == [
+        "Captions side by side", "Step by step: probability and entropy", "Collapse on a validation subset",
+    ]
+    assert "Stored evaluation of epoch 2" in headers
+    assert len(app.get("plotly_chart")) == 6  # one step chart per default strategy
+    checked(app.number_input(key="decoding_greedy_max_length").set_value(4).run())
+    checked(app.slider(key="decoding_subset_tiny").set_value(4).run())
+    checked(app.button(key="decoding_compute").click().run())
+    assert len(app.get("plotly_chart")) == 7  # + the collapse bars
+    strategies = ["greedy", "beam", "top-k", "nucleus", "repetition-penalty", "no-repeat-ngram"]
+    (table,) = [d.value for d in app.dataframe if list(d.value.index) == strategies and "distinct_2" in d.value]
+    assert table.loc["greedy", "mean_length"] <= 4 and "bleu4" not in table  # computed here, not the stored one
+
+
+def test_caption_page_sample_and_every_epoch(page):
+    app = page("6_Caption.py")
+    (table,) = app.table
+    assert list(table.value.index.get_level_values("epoch")) == [2]
+    checked(app.sidebar.checkbox(key="caption_every_epoch").check().run())
+    checked(app.get("file_uploader")[0].set_value([
+        ("photo.jpg", image_bytes("JPEG"), "image/jpeg"), ("broken.png", b"\x89PNG broken", "image/png"),
+    ]).run())
+    assert "broken.png" in app.error[0].value and "the others are captioned" in app.error[0].value
+    assert [list(t.value.index.get_level_values("epoch")) for t in app.table] == [[1, 2], [1, 2]]
+
+
+def test_compare_page(page):
+    app = page("7_Compare.py")
+    assert [h.value for h in app.header] == [
+        "Metrics", "Captions of random validation images", "How far the embeddings moved",
+    ]
+    assert [list(d.value.index.names) for d in app.dataframe] == [["run", "epoch", "strategy"], ["run", "epoch"]]
+    assert len(app.table) == 3 and len(app.get("plotly_chart")) == 1
+    seed = app.session_state["compare_seed"]
+    checked(app.button(key="compare_reshuffle").click().run())
+    assert app.session_state["compare_seed"] != seed
+    checked(app.checkbox(key="compare_histogram").check().run())
+    assert len(app.get("plotly_chart")) == 2
+
+
+def test_pages_say_what_to_do_with_a_broken_checkpoint(page, tiny_runs_dir, tmp_path):
+    shutil.copytree(tiny_runs_dir / "tiny", tmp_path / "tiny")
+    weights = tmp_path / "tiny" / "checkpoints" / "epoch_002.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for name in ("4_Attention.py", "5_Decoding_lab.py"):
+        app = page(name, runs_dir=tmp_path)
+        assert "sha256 does not match" in app.warning[0].value
