@@ -12,11 +12,14 @@ Every file is replaced atomically (temporary name in the same folder, fsync, ren
 checkpoint's sidecar is written after its weights, so a reader never takes a half-written file for
 a checkpoint. metrics.jsonl is appended a whole line at a time; a reader skips a partial last line.
 Nothing in a run directory is ever unpickled: weights are safetensors, optimizer state is read with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. Readers turn every kind of damage (truncation, bad bytes, wrong
+types, another format version) into RunError / CheckpointError naming the file; a failed write
+(disk full, read-only folder) is a RunError too, and leaves the previous version of the file intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -38,11 +41,14 @@ from safetensors.torch import save as save_safetensors
 from .config import BlipConfig
 
 FORMAT_VERSION = 1
-RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# What atomic_write_bytes leaves behind when its process is killed mid-write: ".<name>.<8 random chars>.tmp"
+STALE_TEMPORARY_PATTERN = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 class RunError(Exception):
-    """A run directory is missing, unreadable, from another format version, or would be overwritten."""
+    """A run directory is missing, unreadable, from another format version, cannot be written, or would be
+    overwritten."""
 
 
 class CheckpointError(RunError):
@@ -61,21 +67,35 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (disk full, read-only or missing folder) into a RunError."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        yield
+    except OSError as err:
+        raise RunError(
+            f"{path}: cannot be written ({err.strerror or err}); the files written before it are intact. "
+            "Free disk space or fix the folder's permissions, then resume the run"
+        ) from err
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old file or the new one, never half of one.
+    A failed write raises RunError and leaves the old file as it was."""
+    path = Path(path)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
@@ -115,10 +135,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise RunError(f"{path}: {what} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunError(f"{path}: {what} is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, a 5,000-digit number, [[[[...]]]] nesting
+        raise RunError(f"{path}: {what} is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
     except OSError as err:
-        raise RunError(f"{path}: cannot read {what} ({err.strerror})") from None
+        raise RunError(f"{path}: cannot read {what} ({err.strerror or err})") from None
     if not isinstance(value, dict):
         raise RunError(f"{path}: {what} should be a JSON object, found {type(value).__name__}")
     return value
@@ -225,11 +245,7 @@ class RunDir:
         return info
 
     def config(self) -> BlipConfig:
-        info = self.read_info()
-        try:
-            return BlipConfig.from_dict(info["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise RunError(f"{self.run_json}: config is not usable ({err})") from None
+        return _usable_config(self.read_info().get("config"), self.run_json, RunError)
 
     def write_info(self, info: dict[str, Any]) -> None:
         atomic_write_json(self.run_json, {**info, "format_version": FORMAT_VERSION, "updated_at": now()})
@@ -241,21 +257,23 @@ class RunDir:
 
     # --- metrics.jsonl -------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one line in a single write and fsync it."""
+        """Append one line in a single write and fsync it (RunError if it cannot be written)."""
         line = json.dumps(_jsonable({**record, "time": record.get("time", time.time())}), sort_keys=True) + "\n"
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_file, "ab") as f:
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
+        with _writing(self.metrics_file):
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_file, "ab") as f:
+                f.write(line.encode())
+                f.flush()
+                os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every complete, parseable line; partial, non-UTF-8 or malformed lines are skipped."""
         return list(iter_metrics(self.metrics_file))
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop lines logged after `after_step` (a resumed run logs those steps again)."""
-        kept = [r for r in self.read_metrics() if int(r.get("step", 0)) <= after_step]
+        """Drop lines logged after `after_step` (a resumed run logs those steps again), and lines without
+        a numeric step."""
+        kept = [r for r in self.read_metrics() if _is_number(r.get("step")) and r["step"] <= after_step]
         atomic_write_bytes(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
     # --- epoch checkpoints ---------------------------------------------------------------------
@@ -264,8 +282,12 @@ class RunDir:
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
     def save_checkpoint(self, model: torch.nn.Module, cfg: BlipConfig, epoch: int, step: int, metrics: dict) -> Checkpoint:
+        """Weights, then the sidecar naming their sha256. An older sidecar of the same epoch (a resumed run
+        writing the epoch again) is removed first, so it never vouches for weights it did not describe."""
         weights_path, sidecar_path = self.checkpoint_paths(epoch)
         data = encode_weights(model, {"format_version": str(FORMAT_VERSION), "epoch": str(epoch), "step": str(step)})
+        with _writing(sidecar_path):
+            sidecar_path.unlink(missing_ok=True)
         atomic_write_bytes(weights_path, data)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -282,37 +304,50 @@ class RunDir:
         return Checkpoint(epoch, step, weights_path, sidecar_path, meta)
 
     def checkpoints(self) -> list[Checkpoint]:
-        """Complete epoch checkpoints (sidecar present and readable), oldest first."""
+        """Complete epoch checkpoints (readable sidecar and a weights file), oldest first; the others are
+        skipped here, and `checkpoint(epoch)` says what is wrong with them."""
         found = []
         for sidecar in sorted(self.checkpoints_dir.glob("epoch_*.json")):
             match = re.fullmatch(r"epoch_(\d+)\.json", sidecar.name)
             if not match:
                 continue
             try:
-                meta = read_json(sidecar, "checkpoint sidecar")
-            except RunError:
+                found.append(self._read_checkpoint(int(match.group(1))))
+            except CheckpointError:
                 continue
-            weights = sidecar.with_suffix(".safetensors")
-            if weights.is_file():
-                found.append(Checkpoint(int(match.group(1)), int(meta.get("step", 0)), weights, sidecar, meta))
         return found
+
+    def _read_checkpoint(self, epoch: int) -> Checkpoint:
+        """The checkpoint of `epoch`, or CheckpointError naming its file and what is wrong with it."""
+        weights, sidecar = self.checkpoint_paths(epoch)
+        try:
+            meta = read_json(sidecar, "checkpoint sidecar")
+        except RunError as err:
+            raise CheckpointError(str(err)) from None
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: weights file is missing (its sidecar {sidecar.name} is there)")
+        step = meta.get("step", 0)
+        if not _is_number(step):
+            raise CheckpointError(f"{sidecar}: step should be a number, found {step!r}")
+        return Checkpoint(epoch, int(step), weights, sidecar, meta)
 
     def epochs(self) -> list[int]:
         return [c.epoch for c in self.checkpoints()]
 
     def checkpoint(self, epoch: int | None = None) -> Checkpoint:
-        """The checkpoint of `epoch`, or the newest one."""
+        """The checkpoint of `epoch`, or the newest one; CheckpointError says why one is not there."""
         available = self.checkpoints()
-        if not available:
-            raise CheckpointError(f"{self.path}: no checkpoint yet (one is written at the end of each epoch)")
         if epoch is None:
+            if not available:
+                raise CheckpointError(f"{self.path}: no checkpoint yet (one is written at the end of each epoch)")
             return available[-1]
         for ckpt in available:
             if ckpt.epoch == epoch:
                 return ckpt
-        raise CheckpointError(
-            f"{self.path}: no checkpoint for epoch {epoch}; available: {', '.join(str(c.epoch) for c in available)}"
-        )
+        if any(p.exists() for p in self.checkpoint_paths(epoch)):
+            self._read_checkpoint(epoch)  # an incomplete or damaged checkpoint: raises, naming the problem
+        listed = ", ".join(str(c.epoch) for c in available) or "none yet"
+        raise CheckpointError(f"{self.path}: no checkpoint for epoch {epoch}; available: {listed}")
 
     def load_model(self, epoch: int | None = None, device: str | torch.device = "cpu"):
         """Rebuild the model of a checkpoint, verifying its sha256. Returns (BLIP in eval mode, config, Checkpoint)."""
@@ -325,10 +360,7 @@ class RunDir:
         return model.to(device).eval(), cfg, ckpt
 
     def _checkpoint_config(self, ckpt: Checkpoint) -> BlipConfig:
-        try:
-            return BlipConfig.from_dict(ckpt.meta["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{ckpt.sidecar}: config is not usable ({err})") from None
+        return _usable_config(ckpt.meta.get("config"), ckpt.sidecar, CheckpointError)
 
     def prune_checkpoints(self, keep: int) -> None:
         """Delete all but the newest `keep` epoch checkpoints (sidecar first, so none looks complete)."""
@@ -346,14 +378,22 @@ class RunDir:
         atomic_write_bytes(self.embeddings_path(epoch), buffer.getvalue())
 
     def load_embeddings(self, epoch: int) -> dict[str, np.ndarray]:
+        """The arrays of an embeddings file; RunError when it is missing, damaged, not an .npz archive,
+        or holds object arrays (never unpickled)."""
         path = self.embeddings_path(epoch)
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {key: data[key] for key in data.files}
+                if not isinstance(data, np.lib.npyio.NpzFile):
+                    raise ValueError("a single array, not an .npz archive")
+                arrays = {key: data[key] for key in data.files}
         except FileNotFoundError:
             raise RunError(f"{path}: no embeddings for epoch {epoch}") from None
-        except (OSError, ValueError, EOFError) as err:
-            raise RunError(f"{path}: cannot be read ({err})") from None
+        except Exception as err:  # noqa: BLE001 - zip, zlib, npy-header and pickle refusals alike mean a damaged file
+            raise RunError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
+        odd = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+        if odd:
+            raise RunError(f"{path}: cannot be read (member(s) {', '.join(odd)} are not .npy arrays)")
+        return arrays
 
     def embedding_epochs(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.embeddings_dir.glob("epoch_*.npz") if (m := re.fullmatch(r"epoch_(\d+)\.npz", p.name)))
@@ -374,34 +414,66 @@ class RunDir:
     def eval_epochs(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.eval_dir.glob("epoch_*.json") if (m := re.fullmatch(r"epoch_(\d+)\.json", p.name)))
 
+    # --- after a crash -------------------------------------------------------------------------
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files (".<name>.XXXXXXXX.tmp") that a writer killed mid-write left in the run
+        folder and its subfolders. Only the run's writer may call this, before it starts writing."""
+        for folder in (self.path, self.checkpoints_dir, self.last_dir, self.embeddings_dir, self.eval_dir):
+            for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+                if STALE_TEMPORARY_PATTERN.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
 
-def read_verified_weights(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+
+def read_verified_weights(path: Path, expected_sha256: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose sha256 must equal `expected_sha256` (from its sidecar or
+    state.json); CheckpointError names the file when it is missing, unrecorded, corrupted or not safetensors."""
+    if not isinstance(expected_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", expected_sha256):
+        raise CheckpointError(f"{path}: no valid sha256 recorded for it ({expected_sha256!r}); it cannot be verified")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: weights file is missing") from None
-    if expected_sha256 and sha256_bytes(data) != expected_sha256:
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the weights ({err.strerror or err})") from None
+    if sha256_bytes(data) != expected_sha256:
         raise CheckpointError(
-            f"{path}: sha256 does not match its sidecar (the file is truncated or corrupted); "
-            "use another epoch or retrain"
+            f"{path}: sha256 does not match the one recorded when it was saved (the file is truncated or "
+            "corrupted); use another checkpoint or retrain"
         )
     return decode_weights(data, str(path))
 
 
 def iter_metrics(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON-object lines of a metrics file; a missing file has none, an unreadable one is a RunError."""
     try:
         raw = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         return
+    except OSError as err:
+        raise RunError(f"{path}: cannot read the metrics ({err.strerror or err})") from None
     for line in raw.split(b"\n"):
         if not line.strip():
             continue
         try:
             record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
             continue  # a partial last line of a run still being written, or a damaged line
         if isinstance(record, dict):
             yield record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _usable_config(value: Any, source: Path, error: type[RunError]) -> BlipConfig:
+    """BlipConfig.from_dict of a config read from `source`, or `error` naming the file and the problem."""
+    if not isinstance(value, dict):
+        raise error(f"{source}: config should be a JSON object, found {type(value).__name__}")
+    try:
+        return BlipConfig.from_dict(value)
+    except Exception as err:  # noqa: BLE001 - any field of the wrong type or value makes the file unusable
+        raise error(f"{source}: config is not usable ({type(err).__name__}: {err})") from None
 
 
 def now() -> str:
@@ -410,7 +482,7 @@ def now() -> str:
 
 def resolve_run_dir(runs_dir: str | Path, name: str) -> RunDir:
     """The run folder `name` inside `runs_dir`; names that could escape it are refused."""
-    if not RUN_NAME_PATTERN.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not RUN_NAME_PATTERN.fullmatch(name):
         raise RunError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (no slashes), at most 128 characters")
     return RunDir(Path(runs_dir) / name)
 

@@ -3,8 +3,11 @@ autocast on CUDA, DistributedDataParallel, exact resume, progress bars, evaluati
 
 Determinism: the data order is a DistributedSampler permutation seeded by (seed, epoch), so the
 global batches are the same for any number of processes; augmentation draws from a per-sample seed
-(the dataset's job); evaluation runs under a forked RNG so it never shifts training's random stream.
-A run stopped and resumed on CPU ends with the same weights as one never stopped.
+(the dataset's job); evaluation runs under a forked RNG so it never shifts training's random stream,
+and the data loader draws from its own generator, not the global one.
+A run stopped or killed and resumed on CPU ends with the same weights as one never stopped: every
+file is replaced atomically, checkpoints/last/ files are named by step and content, and state.json
+(which names them, with their sha256) is written last.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -148,12 +152,22 @@ def git_revision() -> str | None:
 
 
 def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run silently, and fail before training if the folder cannot be written."""
+    """Refuse to clobber a run silently, and fail before training if the folder cannot be written.
+    Temporary files that a process killed mid-write left in the run are removed. A run asked to resume
+    that stopped before its first save (run.json, but neither checkpoints/last/state.json nor an epoch
+    checkpoint) has nothing to continue from: it is cleared and starts again from step 0."""
     if run.path.exists() and not run.path.is_dir():
         raise RunError(f"{run.path} exists and is not a folder")
+    if resume and not (run.last_dir / "state.json").is_file():
+        if not run.exists():
+            raise RunError(f"{run.path}: nothing to resume (no run.json); start it without --resume")
+        if run.checkpoints():
+            raise RunError(f"{run.path}: nothing to resume from (checkpoints/last/state.json is missing); "
+                           "--overwrite starts the run again from step 0, deleting its epoch checkpoints")
+        tqdm.write(f"{run.path}: stopped before its first save; starting it again from step 0")
+        resume, overwrite = False, True
     if resume:
-        if not (run.last_dir / "state.json").is_file():
-            raise RunError(f"{run.path}: nothing to resume (no checkpoints/last/state.json); start it without --resume")
+        run.remove_stale_temporaries()
     elif run.exists():
         status = run.read_info().get("status")
         if not overwrite:
@@ -162,14 +176,21 @@ def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool) -> None:
         for name in RUN_FILES:
             target = run.path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    elif run.path.is_dir() and any(run.path.iterdir()):
-        raise RunError(f"{run.path} is a non-empty folder that is not a run; pick an empty or new --run-dir")
+        run.remove_stale_temporaries()
+    elif run.path.is_dir():
+        if any(not runs.STALE_TEMPORARY_PATTERN.fullmatch(p.name) for p in run.path.iterdir()):
+            raise RunError(f"{run.path} is a non-empty folder that is not a run; pick an empty or new --run-dir")
+        run.remove_stale_temporaries()  # a first start killed while writing run.json
     try:
         run.path.mkdir(parents=True, exist_ok=True)
-        runs.atomic_write_bytes(run.path / ".write-test", b"ok")
-        (run.path / ".write-test").unlink()
+        with tempfile.TemporaryFile(dir=run.path) as probe:  # leaves nothing behind, even if killed
+            probe.write(b"ok")
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
-        raise RunError(f"{run.path}: cannot write the run folder ({err.strerror}); fix permissions or free space") from None
+        raise RunError(
+            f"{run.path}: cannot write the run folder ({err.strerror or err}); fix permissions or free space"
+        ) from None
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -201,6 +222,7 @@ class Trainer:
         if self.dist.is_main:
             prepare_run_dir(self.run, self.resume, self.overwrite)
         barrier(self.dist)
+        self.resume = self.resume and (self.run.last_dir / "state.json").is_file()  # prepare_run_dir's decision
         self._build()
         if self.dist.is_main:
             self._write_run_info()
@@ -311,9 +333,10 @@ class Trainer:
             self.sampler.start = self.batch_in_epoch * cfg.batch_size
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.epoch)
-            loader = DataLoader(
+            loader = DataLoader(  # its own generator: starting an epoch (or a resumed one) leaves the global RNG alone
                 self.train_set, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=self.collate,
                 num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(cfg.seed + self.epoch),
             )
             micro: list[dict] = []
             for batch in loader:
@@ -332,7 +355,9 @@ class Trainer:
                     break
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
                     self._evaluate(label=f"step_{self.step}", epoch=None)
-                if cfg.save_state_every and self.step % cfg.save_state_every == 0:
+                # (after the epoch's last batch _end_of_epoch saves it, after the evaluation and checkpoint)
+                epoch_ends = self.batch_in_epoch >= self.batches_per_epoch
+                if cfg.save_state_every and self.step % cfg.save_state_every == 0 and not epoch_ends:
                     self._save_state()
             if self.batch_in_epoch >= self.batches_per_epoch:
                 self.epoch += 1
@@ -397,7 +422,8 @@ class Trainer:
             window["sums"][k] = window["sums"].get(k, 0.0) + v
         window.setdefault("grad", 0.0)
         window["grad"] += grad_norm
-        if window["count"] < self.cfg.train.log_every and self.step < self.total_steps:
+        # every log_every-th step (not every log_every steps from the start): a resumed run logs the same steps
+        if self.step % max(1, self.cfg.train.log_every) and self.step < self.total_steps:
             return
         elapsed = max(time.time() - window["time"], 1e-9)
         means = {k: v / window["count"] for k, v in window["sums"].items()}
@@ -449,30 +475,31 @@ class Trainer:
                 best[key] = {"value": value, "epoch": self.epoch}
         self.run.update_info(best=best, epochs_done=self.epoch, steps_done=self.step)
 
-    def _state_files(self) -> tuple[str, str]:
-        return f"model-step{self.step:08d}.safetensors", f"optimizer-step{self.step:08d}.pt"
-
     def _save_state(self) -> None:
         """checkpoints/last/: new weight and optimizer files first, state.json (naming them) last,
-        then older files removed — a crash at any point leaves a complete, loadable state."""
+        then older files removed — a crash at any point leaves a complete, loadable state. The files
+        are named by step and content, so a save never replaces a file the current state.json names
+        with different bytes."""
         if not self.dist.is_main:
             barrier(self.dist)
             return
         last = self.run.last_dir
-        weights_name, optim_name = self._state_files()
         weights = runs.encode_weights(self.model)
         optim = runs.encode_torch_state({
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
         })
+        weights_sha, optim_sha = runs.sha256_bytes(weights), runs.sha256_bytes(optim)
+        weights_name = f"model-step{self.step:08d}-{weights_sha[:12]}.safetensors"
+        optim_name = f"optimizer-step{self.step:08d}-{optim_sha[:12]}.pt"
         runs.atomic_write_bytes(last / weights_name, weights)
         runs.atomic_write_bytes(last / optim_name, optim)
         runs.atomic_write_json(last / "state.json", {
             "format_version": runs.FORMAT_VERSION,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "weights": weights_name, "weights_sha256": runs.sha256_bytes(weights),
-            "optimizer": optim_name, "optimizer_sha256": runs.sha256_bytes(optim),
+            "weights": weights_name, "weights_sha256": weights_sha,
+            "optimizer": optim_name, "optimizer_sha256": optim_sha,
             "config": self.cfg.to_dict(), "saved_at": runs.now(),
         })
         for stale in last.iterdir():
@@ -481,19 +508,40 @@ class Trainer:
         barrier(self.dist)
 
     def _load_state(self) -> None:
-        state = runs.read_json(self.run.last_dir / "state.json", "resumable state")
+        """Restore checkpoints/last/: every file verified against the sha256 that state.json records,
+        the optimizer file read without unpickling; any damage is a CheckpointError naming the file."""
         last = self.run.last_dir
-        weights = runs.read_verified_weights(last / str(state.get("weights")), state.get("weights_sha256"))
-        runs.load_model_state(self.model, weights, str(last / str(state.get("weights"))))
-        optim_path = last / str(state.get("optimizer"))
-        if state.get("optimizer_sha256") and runs.sha256_file(optim_path) != state["optimizer_sha256"]:
+        state_path = last / "state.json"
+        state = runs.read_json(state_path, "resumable state")
+        names = {key: state.get(key) for key in ("weights", "optimizer")}
+        position = {key: state.get(key) for key in ("step", "epoch", "batch_in_epoch")}
+        bad = [f"{k}={v!r}" for k, v in names.items()
+               if not isinstance(v, str) or v in ("", ".", "..") or Path(v).name != v]  # a file of last/, nothing else
+        bad += [f"{k}={v!r}" for k, v in position.items() if type(v) is not int or v < 0]
+        if bad:
+            raise CheckpointError(f"{state_path}: damaged ({', '.join(bad)}); the run cannot be resumed")
+        weights = runs.read_verified_weights(last / names["weights"], state.get("weights_sha256"))
+        runs.load_model_state(self.model, weights, str(last / names["weights"]))
+        optim_path = last / names["optimizer"]
+        expected = state.get("optimizer_sha256")
+        try:
+            actual = runs.sha256_file(optim_path)
+        except OSError as err:
+            raise CheckpointError(f"{optim_path}: cannot be read ({err.strerror or err})") from None
+        if actual != expected:
             raise CheckpointError(f"{optim_path}: sha256 does not match state.json (truncated or corrupted)")
         saved = runs.load_torch_state(optim_path)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
-        if self.device.type == "cuda" and saved.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{optim_path}: not the optimizer state of this run (a {type(saved).__name__})")
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["torch_rng"])
+            if self.device.type == "cuda" and saved.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            problem = f"{type(err).__name__}: {err}"
+            raise CheckpointError(f"{optim_path}: not the optimizer state of this run ({problem})") from None
+        self.step, self.epoch, self.batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
         if self.dist.is_main:
             self.run.truncate_metrics(after_step=self.step)
 
