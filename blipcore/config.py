@@ -261,7 +261,7 @@ DEMO = {
     },
     "data": {"kind": "shapes", "root": "data/shapes", "eval_images": 200},
     "train": {
-        "epochs": 6,
+        "epochs": 5,
         "batch_size": 48,
         "lr": 1e-3,
         "warmup_steps": 40,
