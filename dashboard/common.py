@@ -145,6 +145,8 @@ def select_run(key: str = "run", label: str = "Run", require_epochs: bool = True
     current = st.session_state.get("selected_run")
     index = names.index(current) if current in names else 0
     name = st.sidebar.selectbox(label, names, index=index, key=f"{key}_select")
+    if name not in names:  # a widget value left over from a run that has since disappeared
+        name = names[index]
     st.session_state["selected_run"] = name
     return RunDir(runs[names.index(name)].path)
 

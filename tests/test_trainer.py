@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from blipcore import losses
 from blipcore.config import BlipConfig
 from blipcore.runs import RunDir, RunError
 from blipcore.trainer import NonFiniteLossError, Trainer
-from tests.conftest import small_cfg, tiny_config
+from tests.conftest import REPO_ROOT, small_cfg, tiny_config
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     model, _, _ = RunDir(run_dir).load_model()
@@ -124,24 +124,35 @@ def test_a_finished_run_is_never_overwritten_silently(shapes_root, tmp_path):
         Trainer(cfg, tmp_path / "fresh", resume=True, progress=False).fit()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings, ints and floats are written the same way in TOML
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    Trainer(BlipConfig.from_json(cfg_json), run_dir, progress=False).fit()
+def write_preset(cfg: BlipConfig, path: Path) -> Path:
+    """A preset file for `python -m train fit --preset PATH` holding every field of `cfg`."""
+    lines = ['base = "demo"']
+    for section, fields in cfg.to_dict().items():
+        if isinstance(fields, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def test_two_process_ddp_equals_single_process_on_the_same_global_batch(shapes_root, tmp_path):
     single = small_cfg(shapes_root, epochs=1, batch_size=8)
     Trainer(single, tmp_path / "single", progress=False).fit()
-    per_rank = single.override({"train.batch_size": 4})
-    mp.spawn(_ddp_worker, args=(2, _free_port(), per_rank.to_json(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    preset = write_preset(single.override({"train.batch_size": 4}), tmp_path / "per_rank.toml")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "train", "fit", "--preset", str(preset), "--run-dir", str(tmp_path / "ddp"), "--no-progress"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
     info = RunDir(tmp_path / "ddp").read_info()
     assert info["status"] == "completed" and info["world_size"] == 2
     assert_same_weights(final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp"), atol=2e-5)
