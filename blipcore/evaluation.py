@@ -34,8 +34,19 @@ class EvalImages:
     records: list  # ImageRecord of each image, same order
 
 
+_EVAL_IMAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def eval_images(dataset: CaptionDataset, limit: int) -> EvalImages:
-    """Decoded images of the first `limit` records (unreadable ones skipped)."""
+    """Decoded images of the first `limit` records (unreadable ones skipped), decoded once per
+    dataset and reused by every epoch's evaluation."""
+    cached = _EVAL_IMAGES.setdefault(dataset, {})
+    if limit not in cached:
+        cached[limit] = _decode_eval_images(dataset, limit)
+    return cached[limit]
+
+
+def _decode_eval_images(dataset: CaptionDataset, limit: int) -> EvalImages:
     images, records = [], []
     for index in range(min(limit, len(dataset.records))):
         item = dataset[index] if dataset.caption_mode == "random" else None

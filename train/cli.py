@@ -136,11 +136,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = RunDir(args.run_dir)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    datasets = None
     for epoch in _epochs_to_evaluate(run, args.epoch):
         model, cfg, ckpt = run.load_model(epoch, device=args.device)
         if args.images:
             cfg.data.eval_images = max(cfg.data.eval_images, args.images)
-        datasets = build_datasets(cfg, splits=("train", "val"))
+        if datasets is None:  # every checkpoint of a run reads the same data: build it once
+            datasets = build_datasets(cfg, splits=("train", "val"))
         result, dump = evaluate_model(model, cfg, datasets, args.device, strategies, caption_images=args.images,
                                       meteor=not args.no_meteor, progress=True)
         result.update(step=ckpt.step, label=f"epoch_{epoch:03d}")
