@@ -553,10 +553,3 @@ class Trainer:
         with contextlib.suppress(Exception):
             self.run.update_info(status="interrupted" if interrupted else "failed", error=message, failed_at=runs.now(),
                                  steps_done=self.step)
-
-
-def run_fit(cfg: BlipConfig, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Train `cfg` into `run_dir`; convenience for notebooks and tests."""
-    return Trainer(cfg, run_dir, **kwargs).fit()
-
-
