@@ -1,41 +1,70 @@
-"""Render time of every dashboard page in a real browser, with warm caches.
+"""Render time of every dashboard page in a real browser, with warm caches, against Streamlit's floor.
 
 Starts `streamlit run dashboard/app.py` on a free port, opens every page once to fill the caches
-(model loads, decoding, projections), then times each page again: from navigation until Streamlit
-has finished the script run and the page's main element (a chart or table) is drawn. Needs Debian's
-chromium and the runs folder to hold at least one trained run.
+(model loads, decoding, projections), then times each page two ways:
 
-    python benchmarks/page_render_times.py --runs-dir runs --repeat 3
+- reload: a fresh page load of the page's URL (a bookmark, F5): Streamlit's frontend starts, opens a
+  session and runs the page's script;
+- click: the page's link in the sidebar clicked from another page (how people move around the app).
+
+Each is timed from the action until the script run has finished and everything on the page is
+drawn: no element is stale or still a loading placeholder, every plotly chart has its SVG, every
+image has loaded. The peer,
+measured in the same run, is Streamlit's own floor: a second server with a one-line page, timed the
+same way; the ratio column says how many of those floors a page costs. Needs Debian's chromium and
+a runs folder holding at least one trained run (`make train-demo`).
+
+    python benchmarks/page_render_times.py --runs-dir runs --repeat 5
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 REPO = Path(__file__).resolve().parents[1]
+# URL path of each page (st.Page derives it from the file name) -> (its link's label in the sidebar,
+# the start of its title: how a timing knows that the new page, not the previous one, is showing)
 PAGES = {
-    "Runs": ("", '[data-testid="stDataFrame"]'),
-    "Training": ("Training", ".js-plotly-plot"),
-    "Alignment": ("Alignment", ".js-plotly-plot"),
-    "Embeddings": ("Embeddings", ".js-plotly-plot"),
-    "Attention": ("Attention", ".js-plotly-plot"),
-    "Decoding lab": ("Decoding_lab", ".js-plotly-plot"),
-    "Caption": ("Caption", '[data-testid="stTable"]'),
-    "Compare": ("Compare", ".js-plotly-plot"),
+    "": ("Runs", "BLIP Lab"), "Training": ("Training", "Training"), "Alignment": ("Alignment", "Alignment"),
+    "Embeddings": ("Embeddings", "Embeddings"), "Attention": ("Attention", "Attention"),
+    "Decoding_lab": ("Decoding lab", "Decoding lab"), "Caption": ("Caption", "Caption"),
+    "Compare": ("Compare", "Compare"),
 }
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCRIPT_DONE = "document.querySelector('[data-testid=stApp]')?.dataset.testScriptState === 'notRunning'"
+# True once the page titled `title` shows, its script run has finished and every chart and image of
+# the main area is drawn.
+ALL_DRAWN = """title => {
+  const app = document.querySelector('[data-testid=stApp]');
+  if (!app || app.dataset.testScriptState !== 'notRunning') return false;
+  const main = document.querySelector('[data-testid=stMain]');
+  if (!main || !(main.querySelector('h1')?.textContent || '').startsWith(title)) return false;
+  // stale: left from the previous run; stSkeleton: an element whose code is still loading
+  if (main.querySelector('[data-stale=true], [data-testid=stSkeleton]')) return false;
+  if (![...main.querySelectorAll('[data-testid=stPlotlyChart]')].every(c => c.querySelector('.main-svg'))) return false;
+  return [...main.querySelectorAll('img')].every(i => i.complete);
+}"""
+# The peer: two one-line pages, so that a click is timed through the same navigation as the dashboard's.
+FLOOR_APP = """import streamlit as st
+st.set_page_config(layout="wide")
+def one(): st.title("One")
+def two(): st.title("Two")
+st.navigation([st.Page(one, title="One", default=True), st.Page(two, title="Two")]).run()
+"""
 
 
 def free_port() -> int:
@@ -44,53 +73,98 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"streamlit did not answer at {url} within {timeout_s} s")
+@contextlib.contextmanager
+def streamlit_server(script: Path, *extra: str, timeout_s: float = 90) -> Iterator[str]:
+    """`streamlit run script` on a free port; yields its URL once it answers its health check."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+         "--server.headless", "true", "--browser.gatherUsageStats", "false", *extra],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"streamlit run {script} did not answer at {url}") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
 
 
-def render_time(page, url: str, selector: str) -> float:
+def wait_drawn(page: Page, title: str, timeout_s: float = 120) -> None:
+    try:
+        page.wait_for_function(ALL_DRAWN, arg=title, timeout=timeout_s * 1000, polling=20)
+    except PlaywrightTimeoutError:
+        raise SystemExit(f"the page titled '{title}' was not drawn within {timeout_s:.0f} s (now at {page.url})") from None
+
+
+def reload_time(page: Page, url: str, title: str) -> float:
     start = time.perf_counter()
     page.goto(url)
-    page.wait_for_selector(selector, timeout=120_000)
-    page.wait_for_function(SCRIPT_DONE, timeout=120_000)
+    wait_drawn(page, title)
     return time.perf_counter() - start
+
+
+def click_time(page: Page, label: str, title: str) -> float:
+    link = page.locator('[data-testid="stSidebarNav"] a').filter(has_text=label).first
+    start = time.perf_counter()
+    link.click()
+    wait_drawn(page, title)
+    return time.perf_counter() - start
+
+
+def floor_times(page: Page, repeat: int) -> tuple[float, float]:
+    """Median reload and click time of a one-line Streamlit page (the peer)."""
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "floor.py"
+        script.write_text(FLOOR_APP)
+        with streamlit_server(script) as url:
+            reload_time(page, f"{url}/two", "Two")
+            reloads = [reload_time(page, f"{url}/two", "Two") for _ in range(repeat)]
+            clicks = []
+            for _ in range(repeat):
+                reload_time(page, url, "One")
+                clicks.append(click_time(page, "Two", "Two"))
+    return statistics.median(reloads), statistics.median(clicks)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--runs-dir", default="runs", help="runs folder the dashboard reads (default: runs)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed visits per page and way (median printed)")
+    parser.add_argument("--chromium", default="/usr/bin/chromium", help="the browser Playwright drives")
     args = parser.parse_args()
+    if not Path(args.chromium).exists():
+        raise SystemExit(f"{args.chromium} not found: install Debian's chromium (apt-get install -y chromium)")
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
-         "--server.headless", "true", "--", "--runs-dir", args.runs_dir],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        wait_healthy(url)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            cold = {name: render_time(page, f"{url}/{path}", sel) for name, (path, sel) in PAGES.items()}
-            print(f"{'page':14s} {'first visit':>12s} {'warm median':>12s} {'warm min':>9s}")
-            for name, (path, selector) in PAGES.items():
-                warm = [render_time(page, f"{url}/{path}", selector) for _ in range(args.repeat)]
-                print(f"{name:14s} {cold[name]:11.2f}s {statistics.median(warm):11.2f}s {min(warm):8.2f}s")
-            browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        floor_reload, floor_click = floor_times(page, args.repeat)
+        with streamlit_server(REPO / "dashboard" / "app.py", "--", "--runs-dir", args.runs_dir) as url:
+            for path, (_, title) in PAGES.items():  # warm every cache (model loads, decoding, projections)
+                reload_time(page, f"{url}/{path}", title)
+            print(f"{'page':14s} {'reload':>8s} {'× floor':>8s} {'click':>8s} {'× floor':>8s}")
+            print(f"{'(floor)':14s} {floor_reload:7.2f}s {1:8.2f} {floor_click:7.2f}s {1:8.2f}")
+            for path, (label, title) in PAGES.items():
+                reloads = [reload_time(page, f"{url}/{path}", title) for _ in range(args.repeat)]
+                clicks = []
+                for _ in range(args.repeat):  # from another page, light to draw
+                    other = "Compare" if path == "Caption" else "Caption"
+                    reload_time(page, f"{url}/{other}", PAGES[other][1])
+                    clicks.append(click_time(page, label, title))
+                reload, click = statistics.median(reloads), statistics.median(clicks)
+                print(f"{label:14s} {reload:7.2f}s {reload / floor_reload:8.2f} {click:7.2f}s {click / floor_click:8.2f}",
+                      flush=True)
+        browser.close()
 
 
 if __name__ == "__main__":

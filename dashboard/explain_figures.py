@@ -8,6 +8,7 @@ hand-made data.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,9 +51,23 @@ def token_overlays(
     ]
 
 
+def tile_maps(maps: np.ndarray, gap: int = 1) -> np.ndarray:
+    """(rows, cols, h, w) maps laid out as one (rows*(h+gap)-gap, cols*(w+gap)-gap) mosaic, NaN in the
+    gaps: a grid of panels drawn as a single heat map (one plotly trace instead of rows*cols subplots,
+    which is what makes a big grid slow to draw in the browser)."""
+    rows, cols, height, width = maps.shape
+    mosaic = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap), np.nan)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = r * (height + gap), c * (width + gap)
+            mosaic[top:top + height, left:left + width] = maps[r, c]
+    return mosaic
+
+
 def attention_grid_figure(maps: np.ndarray, shared_scale: bool = True, title: str | None = None) -> go.Figure:
     """A layers x heads grid of small heat maps, e.g. the [CLS] query's attention over the patches
-    (`cls_attention_maps`: (layers, heads, grid, grid)).
+    (`cls_attention_maps`: (layers, heads, grid, grid)), drawn as one tiled heat map; hover names the
+    layer, head and patch of each cell.
 
     shared_scale: one colour scale for every panel, so a head that looks everywhere reads as flat;
     otherwise each panel is divided by its own maximum to show its shape.
@@ -60,33 +75,33 @@ def attention_grid_figure(maps: np.ndarray, shared_scale: bool = True, title: st
     maps = np.asarray(maps, dtype=np.float64)
     if maps.ndim != 4:
         raise ValueError(f"expected maps of shape (layers, heads, grid, grid), got {maps.shape}")
-    layers, heads = maps.shape[:2]
+    layers, heads, height, width = maps.shape
     if not shared_scale:
         peaks = maps.max(axis=(2, 3), keepdims=True)
         maps = np.divide(maps, peaks, out=np.zeros_like(maps), where=peaks > 0)
-    fig = make_subplots(
-        rows=layers, cols=heads, horizontal_spacing=0.01, vertical_spacing=0.02,
-        column_titles=[f"head {h}" for h in range(heads)], row_titles=[f"layer {layer}" for layer in range(layers)],
-    )
+    # (layer, head, patch row, patch column) of every mosaic cell, for the hover text
+    index = np.stack(np.meshgrid(np.arange(layers), np.arange(heads), np.arange(height), np.arange(width),
+                                 indexing="ij"), axis=-1).astype(np.float64)
+    customdata = np.stack([tile_maps(index[..., k]) for k in range(4)], axis=-1)
+    fig = go.Figure(go.Heatmap(
+        z=tile_maps(maps), customdata=customdata, coloraxis="coloraxis", hoverongaps=False,
+        hovertemplate="layer %{customdata[0]}, head %{customdata[1]}<br>patch row %{customdata[2]}, "
+        "column %{customdata[3]}: %{z:.3f}<extra></extra>",
+    ))
+    # Panel labels: heads along the top, layers down the right, centred on their panels.
+    for head in range(heads):
+        fig.add_annotation(x=head * (width + 1) + (width - 1) / 2, y=1.0, yref="paper", yanchor="bottom",
+                           text=f"head {head}", showarrow=False)
     for layer in range(layers):
-        for head in range(heads):
-            fig.add_trace(
-                go.Heatmap(
-                    z=maps[layer, head], coloraxis="coloraxis",
-                    hovertemplate=f"layer {layer}, head {head}<br>row %{{y}}, col %{{x}}: %{{z:.3f}}<extra></extra>",
-                ),
-                row=layer + 1, col=head + 1,
-            )
-    fig.update_xaxes(showticklabels=False, ticks="", showgrid=False, zeroline=False, constrain="domain")
-    fig.update_yaxes(
-        showticklabels=False, ticks="", showgrid=False, zeroline=False, autorange="reversed", constrain="domain"
-    )
-    for i in range(1, layers * heads + 1):  # square patches in every panel
-        fig.layout[f"yaxis{'' if i == 1 else i}"].scaleanchor = f"x{'' if i == 1 else i}"
+        fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=layer * (height + 1) + (height - 1) / 2,
+                           text=f"layer {layer}", textangle=90, showarrow=False)
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
     panel = min(180, 900 // heads)  # about square panels in a wide page
     fig.update_layout(
         title=title, coloraxis={"colorscale": "Viridis", "colorbar": {"title": "weight" if shared_scale else "÷ max"}},
-        height=60 + panel * layers, margin={"l": 10, "r": 10, "t": 60 if title else 30, "b": 10},
+        height=60 + panel * layers, margin={"l": 10, "r": 40, "t": 60 if title else 30, "b": 10},
+        plot_bgcolor="white",
     )
     return fig
 
@@ -103,45 +118,69 @@ def loop_start(tokens: Sequence[Hashable]) -> int | None:
     return None
 
 
-def step_figure(
-    labels: Sequence[str], logprobs: Sequence[float], entropies: Sequence[float], loop_at: int | None,
-    title: str | None = None,
-) -> go.Figure:
-    """Probability of the chosen token (exp log p) and entropy of the decoder's distribution at each
-    step, tokens on the x axis; the first token that repeats an earlier one — where a collapsing
-    decoder's loop starts — is shaded and its points red.
+@dataclass(frozen=True)
+class StepSeries:
+    """One decoded caption, step by step: the token labels (a final "[SEP]" when it ended by itself),
+    the log-probability of each chosen token, the entropy at each step, and where its loop starts."""
 
-    The x axis is numeric with the tokens as tick labels: a category axis would merge the repeated
-    tokens of a collapsed caption ("a a a") into one.
+    labels: Sequence[str]
+    logprobs: Sequence[float]
+    entropies: Sequence[float]
+    loop_at: int | None
+
+    def __post_init__(self) -> None:
+        if not len(self.logprobs) == len(self.entropies) == len(self.labels):
+            raise ValueError(f"{len(self.labels)} labels, {len(self.logprobs)} log-probabilities, "
+                             f"{len(self.entropies)} entropies")
+
+
+PROB_COLOUR, ENTROPY_COLOUR = "#1f77b4", "#F2A541"
+
+
+def step_figure(series: Mapping[str, StepSeries], columns: int = 2) -> go.Figure:
+    """One panel per caption (e.g. per decoding strategy), all in one figure: the probability of the
+    chosen token (exp log p, left axis) and the entropy of the decoder's distribution (right axis) at
+    each step, tokens on the x axis. The first token that repeats an earlier one — where a collapsing
+    decoder's loop starts — is shaded and its probability point red.
+
+    One figure with a panel per caption draws several times faster in the browser than a figure per
+    caption. The x axes are numeric with the tokens as tick labels: a category axis would merge the
+    repeated tokens of a collapsed caption ("a a a") into one.
     """
-    steps = list(range(len(labels)))
-    if not len(logprobs) == len(entropies) == len(labels):
-        raise ValueError(f"{len(labels)} labels, {len(logprobs)} log-probabilities, {len(entropies)} entropies")
-    probs = np.exp(np.asarray(logprobs, dtype=np.float64))
-    colours = [LOOP_COLOUR if step == loop_at else "#1f77b4" for step in steps]
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
-    for row, (name, values, fmt) in enumerate(
-        [("p(token)", probs, ".3f"), ("entropy (nats)", np.asarray(entropies, dtype=np.float64), ".2f")], start=1
-    ):
-        fig.add_trace(
-            go.Scatter(
-                x=steps, y=values, mode="lines+markers", name=name, marker={"color": colours, "size": 8},
-                line={"color": "#1f77b4"}, customdata=list(labels),
-                hovertemplate=f"step %{{x}} '%{{customdata}}': %{{y:{fmt}}}<extra>{name}</extra>",
-            ),
-            row=row, col=1,
-        )
-        fig.update_yaxes(title_text=name, row=row, col=1)
-    fig.update_yaxes(range=[0, 1.05], row=1, col=1)
-    fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=list(labels), tickangle=-45, row=2, col=1)
-    if loop_at is not None:
-        fig.add_vrect(x0=loop_at - 0.5, x1=loop_at + 0.5, fillcolor=LOOP_COLOUR, opacity=0.15, line_width=0)
-        fig.add_annotation(
-            x=loop_at, y=1.04, yref="paper", text=f"first repeat: '{labels[loop_at]}'", showarrow=False,
-            font={"color": LOOP_COLOUR},
-        )
+    if not series:
+        raise ValueError("no caption to draw")
+    names = list(series)
+    cols = max(1, min(columns, len(names)))
+    rows = -(-len(names) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, specs=[[{"secondary_y": True}] * cols] * rows,
+                        horizontal_spacing=0.12, vertical_spacing=min(0.3, 150 / (330 * rows)))
+    for index, name in enumerate(names):
+        data, row, col = series[name], index // cols + 1, index % cols + 1
+        steps = list(range(len(data.labels)))
+        probs = np.exp(np.asarray(data.logprobs, dtype=np.float64))
+        colours = [LOOP_COLOUR if step == data.loop_at else PROB_COLOUR for step in steps]
+        for values, label, colour, fmt, secondary in (
+            (probs, "p(token)", PROB_COLOUR, ".3f", False),
+            (np.asarray(data.entropies, dtype=np.float64), "entropy (nats)", ENTROPY_COLOUR, ".2f", True),
+        ):
+            fig.add_trace(go.Scatter(
+                x=steps, y=values, mode="lines+markers", name=label, legendgroup=label, showlegend=index == 0,
+                marker={"color": colours if not secondary else colour, "size": 7 if not secondary else 5},
+                line={"color": colour, "dash": "dot" if secondary else "solid"}, customdata=list(data.labels),
+                hovertemplate=f"step %{{x}} '%{{customdata}}': %{{y:{fmt}}}<extra>{name}: {label}</extra>",
+            ), row=row, col=col, secondary_y=secondary)
+        fig.update_yaxes(title_text="p(token)", range=[0, 1.05], row=row, col=col, secondary_y=False)
+        fig.update_yaxes(title_text="entropy", rangemode="tozero", showgrid=False, row=row, col=col, secondary_y=True)
+        fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=list(data.labels), tickangle=-45, row=row, col=col)
+        if data.loop_at is not None:
+            fig.add_vrect(x0=data.loop_at - 0.5, x1=data.loop_at + 0.5, fillcolor=LOOP_COLOUR, opacity=0.15,
+                          line_width=0, row=row, col=col)
+            fig.add_annotation(x=data.loop_at, y=1.05, text=f"first repeat: '{data.labels[data.loop_at]}'",
+                               showarrow=False, yanchor="bottom", font={"color": LOOP_COLOUR, "size": 11},
+                               row=row, col=col)
     fig.update_layout(
-        title=title, showlegend=False, height=380, margin={"l": 10, "r": 10, "t": 50 if title else 30, "b": 10}
+        height=330 * rows, margin={"l": 10, "r": 10, "t": 60, "b": 10}, hovermode="closest",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1 + 40 / (330 * rows), "x": 0},
     )
     return fig
 

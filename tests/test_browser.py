@@ -37,7 +37,7 @@ PAGES = {
     "Alignment": ".js-plotly-plot",
     "Embeddings": ".js-plotly-plot",
     "Attention": ".js-plotly-plot",
-    "Decoding_lab": ".js-plotly-plot",
+    "Decoding_lab": '[data-testid="stDataFrame"]',  # its first tab: the captions side by side
     "Caption": '[data-testid="stTable"]',
     "Compare": ".js-plotly-plot",
 }
@@ -150,6 +150,27 @@ def test_page_renders_without_errors(server: str, page: Page, path: str) -> None
     settle(page)
     assert_no_error(page, f"/{path}")
     screenshot(page, path or "Runs")
+
+
+# (page, tab to click, text that only the tab's content has): lazy tabs rerun the page and draw then
+TABS = [
+    ("Training", "Optimisation", "learning rate"),
+    ("Alignment", "Retrieval R@K", "Chance level with"),
+    ("Decoding_lab", "Step by step: probability and entropy", "how unsure the model was"),
+]
+
+
+@pytest.mark.parametrize("path, tab, content", TABS, ids=[t[0] for t in TABS])
+def test_a_lazy_tab_draws_its_section_when_clicked(server: str, page: Page, path: str, tab: str, content: str):
+    page.goto(f"{server}/{path}")
+    page.wait_for_selector(PAGES[path], timeout=PAGE_TIMEOUT_MS)
+    settle(page)
+    assert content not in page.inner_text('[data-testid="stMain"]')
+    page.get_by_role("tab", name=tab).click()
+    page.get_by_text(content).first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_selector('[data-testid="stMain"] .js-plotly-plot', timeout=PAGE_TIMEOUT_MS)  # its chart drawn
+    settle(page)
+    assert_no_error(page, f"/{path}, tab {tab}")
 
 
 def test_caption_page_captions_an_uploaded_photo(server: str, page: Page) -> None:

@@ -4,6 +4,8 @@ against the tiny run."""
 
 from __future__ import annotations
 
+import json
+
 import io
 import shutil
 import struct
@@ -65,32 +67,46 @@ def test_loop_start_is_the_first_repeat():
 def test_step_figure_marks_the_loop_start_and_keeps_repeated_tokens():
     labels = ["a", "red", "a", "a", "[SEP]"]
     probs, entropies = [0.9, 0.5, 0.8, 0.95, 0.3], [1.0, 2.0, 0.5, 0.2, 3.0]
-    fig = figs.step_figure(labels, np.log(probs), entropies, figs.loop_start(labels))
-    prob, entropy = fig.data
+    healthy = figs.StepSeries(["a", "dog"], [-0.1, -0.2], [1.0, 1.0], None)
+    fig = figs.step_figure({"greedy": figs.StepSeries(labels, np.log(probs), entropies, figs.loop_start(labels)),
+                            "nucleus": healthy, "beam": healthy})
+    prob, entropy = fig.data[:2]  # the first panel: greedy
     np.testing.assert_allclose(prob.y, probs)
-    assert list(entropy.y) == entropies
-    assert list(fig.layout.xaxis2.ticktext) == labels  # the three "a" stay three ticks
-    assert [(shade.x0, shade.x1) for shade in fig.layout.shapes] == [(1.5, 2.5)] * 2  # step 2 in both panels
-    assert "first repeat: 'a'" in fig.layout.annotations[-1].text
+    assert list(entropy.y) == entropies and entropy.yaxis == "y2"  # entropy on the panel's right axis
+    assert list(fig.layout.xaxis.ticktext) == labels  # the three "a" stay three ticks
+    assert list(fig.layout.xaxis2.ticktext) == ["a", "dog"]  # the second panel: nucleus
+    assert len(fig.data) == 6 and [t.showlegend for t in fig.data] == [True, True, False, False, False, False]
+    assert [(shade.x0, shade.x1, shade.xref) for shade in fig.layout.shapes] == [(1.5, 2.5, "x")]  # greedy only
+    texts = [a.text for a in fig.layout.annotations]
+    assert texts[:3] == ["greedy", "nucleus", "beam"] and texts.count("first repeat: 'a'") == 1
     assert [c == figs.LOOP_COLOUR for c in prob.marker.color] == [False, False, True, False, False]
+    assert fig.layout.height == 2 * 330  # three panels in two columns: two rows
 
 
 def test_step_figure_without_loop_has_no_mark():
-    fig = figs.step_figure(["a", "dog"], [-0.1, -0.2], [1.0, 1.0], None)
+    fig = figs.step_figure({"greedy": figs.StepSeries(["a", "dog"], [-0.1, -0.2], [1.0, 1.0], None)})
     assert not fig.layout.shapes
     with pytest.raises(ValueError, match="labels"):
-        figs.step_figure(["a"], [-0.1, -0.2], [1.0], None)
+        figs.StepSeries(["a"], [-0.1, -0.2], [1.0], None)
+    with pytest.raises(ValueError, match="no caption"):
+        figs.step_figure({})
 
 
-def test_attention_grid_has_one_panel_per_layer_and_head():
+def test_attention_grid_is_one_tiled_heatmap_with_a_panel_per_layer_and_head():
     maps = np.random.default_rng(0).random((3, 4, 2, 2))
     fig = figs.attention_grid_figure(maps)
-    assert len(fig.data) == 12 and all(trace.type == "heatmap" for trace in fig.data)
-    np.testing.assert_allclose(fig.data[4 + 2].z, maps[1, 2])  # row-major: layer 1, head 2
+    (trace,) = fig.data
+    z = np.asarray(trace.z, dtype=float)
+    assert trace.type == "heatmap" and z.shape == (3 * 3 - 1, 4 * 3 - 1)  # 2x2 panels, 1-cell gaps
+    np.testing.assert_allclose(z[3:5, 6:8], maps[1, 2])  # layer 1, head 2
+    assert np.isnan(z[2]).all() and np.isnan(z[:, 2]).all()  # the gaps
+    assert list(np.asarray(trace.customdata)[3, 7]) == [1, 2, 0, 1]  # hover: layer, head, patch row, column
     titles = {a.text for a in fig.layout.annotations}
     assert {"layer 0", "layer 2", "head 0", "head 3"} <= titles
-    scaled = figs.attention_grid_figure(maps, shared_scale=False)
-    assert all(np.isclose(np.max(trace.z), 1.0) for trace in scaled.data)
+    scaled = np.asarray(figs.attention_grid_figure(maps, shared_scale=False).data[0].z, dtype=float)
+    assert all(np.isclose(np.nanmax(scaled[r * 3:r * 3 + 2, c * 3:c * 3 + 2]), 1.0) for r in range(3) for c in range(4))
+    with pytest.raises(ValueError, match="layers, heads"):
+        figs.attention_grid_figure(maps[0])
 
 
 def test_token_overlays_one_per_token():
@@ -230,19 +246,30 @@ def test_attention_page_upload_bad_file_is_a_message(page):
 
 def test_decoding_lab_page(page):
     app = page("5_Decoding_lab.py")
-    headers = [h.value for h in app.header]
-    assert headers[:3] == [
+    assert [t.label for t in app.tabs] == [
         "Captions side by side", "Step by step: probability and entropy", "Collapse on a validation subset",
+        "Stored evaluation",
     ]
-    assert "Stored evaluation of epoch 2" in headers
-    assert len(app.get("plotly_chart")) == 6  # one step chart per default strategy
+    strategies = ["greedy", "beam", "top-k", "nucleus", "repetition-penalty", "no-repeat-ngram"]
+    captions = [d.value for d in app.dataframe if "first repeat" in d.value]
+    assert len(captions) == 2 and all(list(c["strategy"]) == strategies for c in captions)  # two images
+    assert not app.get("plotly_chart")  # lazy tabs: the step chart is drawn when its tab opens
+    app.session_state["decoding_section"] = "Step by step: probability and entropy"
+    (steps,) = checked(app.run()).get("plotly_chart")
+    spec = json.loads(steps.proto.spec)
+    assert [a["text"] for a in spec["layout"]["annotations"]][:6] == strategies  # one panel per strategy
+    app.session_state["decoding_section"] = "Collapse on a validation subset"
+    checked(app.run())
     checked(app.number_input(key="decoding_greedy_max_length").set_value(4).run())
     checked(app.slider(key="decoding_subset_tiny").set_value(4).run())
     checked(app.button(key="decoding_compute").click().run())
-    assert len(app.get("plotly_chart")) == 7  # + the collapse bars
-    strategies = ["greedy", "beam", "top-k", "nucleus", "repetition-penalty", "no-repeat-ngram"]
+    assert len(app.get("plotly_chart")) == 1  # the collapse bars
     (table,) = [d.value for d in app.dataframe if list(d.value.index) == strategies and "distinct_2" in d.value]
     assert table.loc["greedy", "mean_length"] <= 4 and "bleu4" not in table  # computed here, not the stored one
+    app.session_state["decoding_section"] = "Stored evaluation"
+    checked(app.run())
+    (stored,) = app.dataframe
+    assert "(most frequent caption for all)" in stored.value.index and "bleu4" in stored.value
 
 
 def test_caption_page_sample_and_every_epoch(page):

@@ -91,12 +91,20 @@ def test_home_lists_unreadable_runs_with_the_reason(monkeypatch, tiny_runs_dir, 
 
 
 # --- Training ----------------------------------------------------------------------------------
-def test_training_page_draws_losses_and_validation(monkeypatch, tiny_runs_dir):
+def chart_titles(at: AppTest) -> set[str]:
+    return {a["text"] for spec in plotly_specs(at) for a in spec["layout"].get("annotations", [])}
+
+
+def test_training_page_draws_one_section_per_tab(monkeypatch, tiny_runs_dir):
     at = run_page(monkeypatch, tiny_runs_dir, "pages/1_Training.py")
-    specs = plotly_specs(at)
-    titles = [a["text"] for spec in specs for a in spec["layout"].get("annotations", [])]
-    expected = ("total loss", "ITM (image-text matching)", "learning rate", "CIDEr", "image→text retrieval R@K (%)")
-    assert set(expected) <= set(titles)
+    assert [t.label for t in at.tabs] == ["Losses", "Optimisation", "Retrieval", "Captioning and collapse"]
+    assert len(at.get("plotly_chart")) == 1  # lazy tabs: only the open one is drawn
+    assert {"total loss", "ITM (image-text matching)"} <= chart_titles(at) and "learning rate" not in chart_titles(at)
+    for tab, title in (("Optimisation", "learning rate"), ("Captioning and collapse", "CIDEr"),
+                       ("Retrieval", "image→text retrieval R@K (%)")):
+        at.session_state["training_section"] = tab
+        at.run()
+        assert not at.exception and title in chart_titles(at) and "total loss" not in chart_titles(at)
     at.sidebar.radio[0].set_value("epoch")
     at.sidebar.slider[0].set_value(0.0)
     at.run()
@@ -135,14 +143,23 @@ def test_run_without_checkpoints_renders_with_a_clear_message(monkeypatch, tiny_
 # --- Alignment ---------------------------------------------------------------------------------
 def test_alignment_page_shows_the_similarity_matrix(monkeypatch, tiny_runs_dir):
     at = run_page(monkeypatch, tiny_runs_dir, "pages/2_Alignment.py")
-    traces = [trace["type"] for spec in plotly_specs(at) for trace in spec["data"]]
-    assert "heatmap" in traces and "histogram" in traces
+    assert [t.label for t in at.tabs] == ["Similarity matrix", "Matching vs non-matching", "Retrieval R@K",
+                                          "Temperature τ"]
+    assert [trace["type"] for spec in plotly_specs(at) for trace in spec["data"]][0] == "heatmap"
+    assert len(plotly_specs(at)) == 1  # lazy tabs: the other sections are not drawn yet
     assert "bright diagonal" in texts(at)
     assert len(at.get("image")) == 2  # the chosen row's and column's images
     at.number_input[1].set_value(3)
     at.radio[0].set_value("softmax over captions (ITC's view)")
     at.run()
     assert not at.exception and "caption 3" in texts(at)
+
+
+@pytest.mark.parametrize("tab, trace_types", [("Matching vs non-matching", {"histogram", "scatter"}),
+                                              ("Retrieval R@K", {"scatter"}), ("Temperature τ", {"scatter"})])
+def test_alignment_tabs_draw_their_section(monkeypatch, tiny_runs_dir, tab, trace_types):
+    at = run_page(monkeypatch, tiny_runs_dir, "pages/2_Alignment.py", state={"alignment_section": tab})
+    assert {trace["type"] for spec in plotly_specs(at) for trace in spec["data"]} == trace_types
 
 
 def test_a_click_on_a_heatmap_cell_selects_its_row_and_column(monkeypatch, tiny_runs_dir):

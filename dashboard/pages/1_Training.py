@@ -15,6 +15,7 @@ from blipcore.runs import RunDir
 from figures import Line, Panel
 
 REFRESH_S = 5.0
+SECTION_KEY = "training_section"  # session-state key of the open tab
 
 LOSS_PANELS = tuple(
     Panel(title, (Line(key, "train"), Line(f"val_{key}", "validation", smooth=False, dash="dot")))
@@ -75,21 +76,23 @@ def charts(runs: list[RunDir], x: str, smoothing: float) -> None:
          "at the end of each epoch. A validation curve rising while training falls is overfitting."),
         ("Optimisation", OPTIMISER_PANELS, "Temperature τ is learned: it sharpens the ITC softmax as alignment "
          "improves. Gradient-norm spikes often come just before a loss blow-up."),
-        ("Retrieval (validation, per epoch)", RETRIEVAL_PANELS, "Can the ITC embeddings find an image's caption "
+        ("Retrieval", RETRIEVAL_PANELS, "Validation, per epoch: can the ITC embeddings find an image's caption "
          "among all captions of the evaluation set (and back)? Chance R@1 is 100/N %."),
-        ("Captioning and collapse (validation, per epoch)", caption_panels(frames), "One dash per decoding "
+        ("Captioning and collapse", caption_panels(frames), "Validation, per epoch, one dash per decoding "
          "strategy. Collapse: repetition rate and the most-common-caption share go up, distinct-1 goes down."),
     )
-    for title, panels, note in sections:
-        if not figures.panels_with_data(frames, panels, x):
-            continue
-        st.subheader(title)
-        st.caption(note)
-        st.plotly_chart(figures.metric_grid(frames, panels, x=x, smoothing=smoothing), width="stretch")
+    sections = [section for section in sections if figures.panels_with_data(frames, section[1], x)]
+    # Lazy tabs: only the open tab's figure is built and sent, so the page draws one grid, not four.
+    tabs = st.tabs([title for title, _, _ in sections], key=SECTION_KEY, on_change="rerun")
+    for tab, (_, panels, note) in zip(tabs, sections):
+        if tab.open:
+            with tab:
+                st.caption(note)
+                st.plotly_chart(figures.metric_grid(frames, panels, x=x, smoothing=smoothing), width="stretch")
 
 
 st.set_page_config(page_title="Training · BLIP Lab", layout="wide")  # also when opened directly by URL
-st.header("Training")
+st.title("Training")
 runs = common.select_runs()
 if not runs:
     common.stop_with("Pick at least one run in the sidebar.")

@@ -14,6 +14,7 @@ from figures import Line, Panel
 DEFAULT_PAIRS = 32  # 32x32 cells draw fast; the slider goes up to every evaluation pair
 CLICKABLE_PAIRS = 64  # above this many pairs the heatmap's click layer (N² invisible markers) is left out
 HEATMAP_KEY, ROW_KEY, COL_KEY = "alignment_heatmap", "alignment_row", "alignment_col"
+SECTION_KEY = "alignment_section"  # session-state key of the open tab
 
 
 def show_pair(col, data: dict, index: int, role: str) -> None:
@@ -43,7 +44,7 @@ def matrix_section(data: dict) -> None:
     left, right = st.columns([3, 2], gap="large")
     with right:
         n = st.slider("Pairs shown (N)", 2, total, min(DEFAULT_PAIRS, total), help="The first N evaluation pairs; "
-                      "the statistics below always use all of them") if total > 2 else total
+                      "the statistics above always use all of them") if total > 2 else total
         value = st.radio("Cell value", ["cosine similarity", "softmax over captions (ITC's view)"], horizontal=True,
                          help="softmax(sim / τ) along each row: the probability ITC gives image i's caption")
         pick_cell(n)
@@ -70,7 +71,27 @@ def matrix_section(data: dict) -> None:
         show_pair(pair[1], data, col, "caption of image")
 
 
-def across_epochs(run: RunDir, epochs: list[int], data: dict) -> None:
+def sections(run: RunDir, epochs: list[int], data: dict) -> None:
+    """Lazy tabs: only the open tab's figures are built and drawn, so the page's first render draws one
+    chart, not five."""
+    matrix, separation, retrieval, temperature = st.tabs(
+        ["Similarity matrix", "Matching vs non-matching", "Retrieval R@K", "Temperature τ"], key=SECTION_KEY,
+        on_change="rerun")
+    if matrix.open:
+        with matrix:
+            matrix_section(data)
+    if separation.open:
+        with separation:
+            separation_section(run, epochs, data)
+    if retrieval.open:
+        with retrieval:
+            retrieval_section(run, len(data["image_embeds"]))
+    if temperature.open:
+        with temperature:
+            temperature_section(run)
+
+
+def separation_section(run: RunDir, epochs: list[int], data: dict) -> None:
     stats, kept = [], []
     for e in epochs:
         loaded = common.guarded(common.load_embeddings, run, e, what=f"the embeddings of epoch {e}")
@@ -79,38 +100,39 @@ def across_epochs(run: RunDir, epochs: list[int], data: dict) -> None:
             kept.append(e)
     left, right = st.columns(2, gap="large")
     with left:
-        st.subheader("Matching vs non-matching, across epochs")
+        st.subheader("Across epochs")
         st.plotly_chart(figures.similarity_bands(kept, stats), width="stretch")
     with right:
         st.subheader("At this epoch")
         st.plotly_chart(figures.similarity_histogram(
             figures.similarity_matrix(data["image_embeds"], data["text_embeds"])), width="stretch")
-    left, right = st.columns(2, gap="large")
-    with left:
-        st.subheader("Retrieval R@K")
-        eval_epochs = run.eval_epochs()
-        results = [common.guarded(common.load_eval, run, e, what=f"the evaluation of epoch {e}") for e in eval_epochs]
-        pairs = [(e, r["retrieval"]) for e, r in zip(eval_epochs, results) if r and r.get("retrieval")]
-        if pairs:
-            st.plotly_chart(figures.retrieval_figure([p[0] for p in pairs], [p[1] for p in pairs]), width="stretch")
-            n = len(data["image_embeds"])
-            st.caption(f"Chance level with {n} images: text→image R@1 ≈ {100 / n:.1f} %, "
-                       f"R@10 ≈ {min(100, 1000 / n):.0f} %.")
-        else:
-            st.info("No retrieval results yet (eval/epoch_NNN.json is written at the end of each epoch).")
-    with right:
-        st.subheader("Temperature τ")
-        frame = figures.metrics_frame(common.load_metrics(run))
-        panel = (Panel("learned ITC temperature", (Line("temperature", "τ"),)),)
-        if figures.panels_with_data({run.name: frame}, panel, "step"):
-            st.plotly_chart(figures.metric_grid({run.name: frame}, panel, x="step"), width="stretch")
-            st.caption("Lower τ = sharper softmax over captions. It is clamped to the configured range.")
-        else:
-            st.info("No temperature logged (this run has no ITC loss).")
+    st.caption("Mean and 10–90 % band of the matching (diagonal) and non-matching similarities over every "
+               "evaluation pair: alignment emerges when the two separate.")
+
+
+def retrieval_section(run: RunDir, n: int) -> None:
+    eval_epochs = run.eval_epochs()
+    results = [common.guarded(common.load_eval, run, e, what=f"the evaluation of epoch {e}") for e in eval_epochs]
+    pairs = [(e, r["retrieval"]) for e, r in zip(eval_epochs, results) if r and r.get("retrieval")]
+    if not pairs:
+        st.info("No retrieval results yet (eval/epoch_NNN.json is written at the end of each epoch).")
+        return
+    st.plotly_chart(figures.retrieval_figure([p[0] for p in pairs], [p[1] for p in pairs]), width="stretch")
+    st.caption(f"Chance level with {n} images: text→image R@1 ≈ {100 / n:.1f} %, R@10 ≈ {min(100, 1000 / n):.0f} %.")
+
+
+def temperature_section(run: RunDir) -> None:
+    frame = figures.metrics_frame(common.load_metrics(run))
+    panel = (Panel("learned ITC temperature", (Line("temperature", "τ"),)),)
+    if not figures.panels_with_data({run.name: frame}, panel, "step"):
+        st.info("No temperature logged (this run has no ITC loss).")
+        return
+    st.plotly_chart(figures.metric_grid({run.name: frame}, panel, x="step"), width="stretch")
+    st.caption("Lower τ = sharper softmax over captions. It is clamped to the configured range.")
 
 
 st.set_page_config(page_title="Alignment · BLIP Lab", layout="wide")  # also when opened directly by URL
-st.header("Alignment")
+st.title("Alignment")
 st.caption("A good matrix has a **bright diagonal**: each image is most similar to its own caption and dim against "
            "the others. Uniform colour means no alignment; a bright column means one caption matches every image.")
 run = common.select_run()
@@ -128,5 +150,4 @@ cols[0].metric("matching pairs: mean cosine", f"{stats['diag_mean']:.3f}")
 cols[1].metric("non-matching: mean cosine", f"{stats.get('off_mean', float('nan')):.3f}")
 cols[2].metric("gap", f"{stats['diag_mean'] - stats.get('off_mean', 0.0):.3f}", help="Alignment emerges as this grows")
 cols[3].metric("temperature τ", f"{float(data['temperature']):.4f}")
-matrix_section(data)
-across_epochs(run, epochs, data)
+sections(run, epochs, data)

@@ -58,7 +58,7 @@ def inspector(data: dict, pair: int, epoch: int) -> None:
 
 
 st.set_page_config(page_title="Embeddings · BLIP Lab", layout="wide")  # also when opened directly by URL
-st.header("Embeddings")
+st.title("Embeddings")
 run = common.select_run()
 epochs = run.embedding_epochs()
 if not epochs:

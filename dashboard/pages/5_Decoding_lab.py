@@ -85,81 +85,105 @@ indices = st.multiselect("Validation images", range(len(records)), default=list(
 images = inf.val_images([records[i] for i in indices])
 if not images or not configs:
     common.stop_with("Pick at least one validation image (and a strategy with valid parameters).")
-results = {name: inf.captions(loaded, images, cfg) for name, cfg in configs.items()}
 tokenizer = load_tokenizer()
 
+
+def decoded() -> dict[str, list]:
+    """Every chosen strategy's captions of the chosen images (cached per checkpoint, image and config)."""
+    return {name: inf.captions(loaded, images, cfg) for name, cfg in configs.items()}
+
+
 # --- captions side by side -------------------------------------------------------------------------
-st.header("Captions side by side")
-for i, image in enumerate(images):
-    picture, table = st.columns([1, 5])
-    picture.image(inf.thumbnail(image), caption=image.name, width=128)
-    rows = []
-    for name, found in results.items():
-        caption = found[i]
-        at = figs.loop_start(caption.tokens)
-        repeat = "—" if at is None else f"word {at + 1}: '{tokenizer.convert_ids_to_tokens(caption.tokens[at])}'"
-        rows.append({
-            "strategy": name, "caption": caption.text, "first repeat": repeat,
-            "words": len(caption.tokens), "log p": round(sum(caption.logprobs), 2),
-        })
-    table.dataframe(pd.DataFrame(rows), hide_index=True, key=f"decoding_captions_{i}",
-                    column_config={"caption": st.column_config.TextColumn(width="large")})
-    if image.references:
-        table.caption("Ground truth: " + " · ".join(image.references))
+def captions_section() -> None:
+    results = decoded()
+    for i, image in enumerate(images):
+        picture, table = st.columns([1, 5])
+        picture.image(inf.thumbnail(image), caption=image.name, width=128)
+        rows = []
+        for name, found in results.items():
+            caption = found[i]
+            at = figs.loop_start(caption.tokens)
+            repeat = "—" if at is None else f"word {at + 1}: '{tokenizer.convert_ids_to_tokens(caption.tokens[at])}'"
+            rows.append({
+                "strategy": name, "caption": caption.text, "first repeat": repeat,
+                "words": len(caption.tokens), "log p": round(sum(caption.logprobs), 2),
+            })
+        table.dataframe(pd.DataFrame(rows), hide_index=True, key=f"decoding_captions_{i}",
+                        column_config={"caption": st.column_config.TextColumn(width="large")})
+        if image.references:
+            table.caption("Ground truth: " + " · ".join(image.references))
+
 
 # --- per-step probability and entropy --------------------------------------------------------------
-st.header("Step by step: probability and entropy")
-st.caption(
-    "p(token): the model's probability (temperature 1, no rules) of the token each strategy chose. Entropy: how "
-    "unsure the model was at that step. The shaded step is the first word that repeats an earlier one: where a "
-    "collapsing decoder's loop starts (a healthy caption may repeat 'the' once). The last step is [SEP] when the "
-    "caption ended by itself."
-)
-shown = st.selectbox("Image", range(len(images)), format_func=lambda i: images[i].name, key="decoding_step_image")
-chart_columns = st.columns(2)
-for k, (name, found) in enumerate(results.items()):
-    caption = found[shown]
-    labels = tokenizer.convert_ids_to_tokens(caption.tokens) + (["[SEP]"] if caption.finished else [])
-    chart_columns[k % 2].plotly_chart(
-        figs.step_figure(labels, caption.logprobs, caption.entropies, figs.loop_start(caption.tokens), title=name),
-        key=f"decoding_steps_{name}",
+def steps_section() -> None:
+    st.caption(
+        "p(token): the model's probability (temperature 1, no rules) of the token each strategy chose. Entropy: "
+        "how unsure the model was at that step. The shaded step is the first word that repeats an earlier one: "
+        "where a collapsing decoder's loop starts (a healthy caption may repeat 'the' once). The last step is "
+        "[SEP] when the caption ended by itself."
     )
+    shown = st.selectbox("Image", range(len(images)), format_func=lambda i: images[i].name, key="decoding_step_image")
+    steps = {}
+    for name, found in decoded().items():
+        caption = found[shown]
+        labels = tokenizer.convert_ids_to_tokens(caption.tokens) + (["[SEP]"] if caption.finished else [])
+        steps[name] = figs.StepSeries(labels, caption.logprobs, caption.entropies, figs.loop_start(caption.tokens))
+    st.plotly_chart(figs.step_figure(steps), key="decoding_steps")
+
 
 # --- collapse metrics on a validation subset -------------------------------------------------------
-st.header("Collapse on a validation subset")
-size = st.slider("Images (the first N of the validation set)", 1, min(MAX_SUBSET, len(records)), min(32, len(records)),
-                 key=f"decoding_subset_{run.name}")
-computed = st.session_state.setdefault("decoding_collapse", {})
-request = (loaded.key, size, tuple((name, tuple(sorted(cfg.to_dict().items()))) for name, cfg in configs.items()))
-if st.button("Compute collapse metrics", type="primary", key="decoding_compute"):
-    bar = st.progress(0.0, text="Decoding…")
-    computed[request] = inf.collapse_by_strategy(
-        loaded, inf.val_images(records[:size]), configs, progress=lambda done, text: bar.progress(done, text=text)
-    )
-    bar.empty()
-if request in computed:
-    metrics = computed[request]
-    frame = figs.strategy_metrics_frame(metrics)
-    help_of = {m: st.column_config.Column(help=doc) for m, doc in COLLAPSE_METRIC_DOCS.items()}
-    st.dataframe(frame, column_config=help_of, key="decoding_collapse_table")
-    st.plotly_chart(figs.collapse_bar_figure(metrics), key="decoding_collapse_bars")
-else:
-    st.info("Press **Compute collapse metrics** to decode the subset with every strategy above (cached afterwards).")
-with st.expander("What the collapse metrics mean"):
-    st.markdown("\n".join(f"- **{name}**: {doc}" for name, doc in COLLAPSE_METRIC_DOCS.items()))
+def collapse_section() -> None:
+    size = st.slider("Images (the first N of the validation set)", 1, min(MAX_SUBSET, len(records)),
+                     min(32, len(records)), key=f"decoding_subset_{run.name}")
+    computed = st.session_state.setdefault("decoding_collapse", {})
+    request = (loaded.key, size, tuple((name, tuple(sorted(cfg.to_dict().items()))) for name, cfg in configs.items()))
+    if st.button("Compute collapse metrics", type="primary", key="decoding_compute"):
+        bar = st.progress(0.0, text="Decoding…")
+        computed[request] = inf.collapse_by_strategy(
+            loaded, inf.val_images(records[:size]), configs, progress=lambda done, text: bar.progress(done, text=text)
+        )
+        bar.empty()
+    if request in computed:
+        metrics = computed[request]
+        frame = figs.strategy_metrics_frame(metrics)
+        help_of = {m: st.column_config.Column(help=doc) for m, doc in COLLAPSE_METRIC_DOCS.items()}
+        st.dataframe(frame, column_config=help_of, key="decoding_collapse_table")
+        st.plotly_chart(figs.collapse_bar_figure(metrics), key="decoding_collapse_bars")
+    else:
+        st.info("Press **Compute collapse metrics** to decode the subset with every strategy above (cached "
+                "afterwards).")
+    with st.expander("What the collapse metrics mean"):
+        st.markdown("\n".join(f"- **{name}**: {doc}" for name, doc in COLLAPSE_METRIC_DOCS.items()))
+
 
 # --- the stored evaluation -------------------------------------------------------------------------
-if epoch in run.eval_epochs():
-    st.header(f"Stored evaluation of epoch {epoch}")
+def stored_section() -> None:
+    if epoch not in run.eval_epochs():
+        st.info(f"Epoch {epoch} has no stored evaluation (eval/epoch_{epoch:03d}.json is written at each epoch's end).")
+        return
     stored = common.guarded(common.load_eval, run, epoch, what=f"eval/epoch_{epoch:03d}.json")
-    if stored:
-        rows = {name: entry.get("metrics", {}) for name, entry in stored.get("strategies", {}).items()}
-        reference = stored.get("reference_row") or {}
-        if reference.get("metrics"):
-            rows["(most frequent caption for all)"] = reference["metrics"]
-        st.caption(
-            f"Written by the trainer on {stored.get('num_images', '?')} validation images. The last row gives the most "
-            "frequent training caption to every image: a model that learned nothing."
-        )
-        if rows:
-            st.dataframe(figs.strategy_metrics_frame(rows), key="decoding_stored_table")
+    if not stored:
+        return
+    rows = {name: entry.get("metrics", {}) for name, entry in stored.get("strategies", {}).items()}
+    reference = stored.get("reference_row") or {}
+    if reference.get("metrics"):
+        rows["(most frequent caption for all)"] = reference["metrics"]
+    st.caption(
+        f"Written by the trainer on {stored.get('num_images', '?')} validation images at the end of epoch {epoch}. "
+        "The last row gives the most frequent training caption to every image: a model that learned nothing."
+    )
+    if rows:
+        st.dataframe(figs.strategy_metrics_frame(rows), key="decoding_stored_table")
+
+
+# Lazy tabs: only the open tab runs (and decodes), so the page's first render draws one section.
+SECTIONS = {
+    "Captions side by side": captions_section,
+    "Step by step: probability and entropy": steps_section,
+    "Collapse on a validation subset": collapse_section,
+    "Stored evaluation": stored_section,
+}
+for tab, section in zip(st.tabs(list(SECTIONS), key="decoding_section", on_change="rerun"), SECTIONS.values()):
+    if tab.open:
+        with tab:
+            section()
