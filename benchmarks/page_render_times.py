@@ -140,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default="runs", help="runs folder the dashboard reads (default: runs)")
     parser.add_argument("--repeat", type=int, default=5, help="timed visits per page and way (median printed)")
+    parser.add_argument("--pages", help="comma-separated URL paths to time (default: every page; '' is Runs)")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the browser Playwright drives")
     args = parser.parse_args()
     if not Path(args.chromium).exists():
@@ -154,7 +155,8 @@ def main() -> None:
                 reload_time(page, f"{url}/{path}", title)
             print(f"{'page':14s} {'reload':>8s} {'× floor':>8s} {'click':>8s} {'× floor':>8s}")
             print(f"{'(floor)':14s} {floor_reload:7.2f}s {1:8.2f} {floor_click:7.2f}s {1:8.2f}")
-            for path, (label, title) in PAGES.items():
+            chosen = PAGES if args.pages is None else {p: PAGES[p] for p in args.pages.split(",") if p in PAGES}
+            for path, (label, title) in chosen.items():
                 reloads = [reload_time(page, f"{url}/{path}", title) for _ in range(args.repeat)]
                 clicks = []
                 for _ in range(args.repeat):  # from another page, light to draw

@@ -229,9 +229,12 @@ def test_attention_page(page):
     ]
     assert "The caption is empty" not in str([i.value for i in app.info])
     assert len(app.get("plotly_chart")) == 1  # the layers x heads grid
-    images_before = len(app.get("imgs"))
+    images_before = len(app.get("image"))
     checked(app.button_group[0].set_value(1).run())  # pick the second word
-    assert len(app.get("imgs")) == images_before
+    assert len(app.get("image")) == images_before
+    app.session_state["attention_every_word"] = True  # the lazy expander opened: a map per word
+    checked(app.run())
+    assert len(app.get("image")) == images_before + 1  # one more image list: the strip of every word
     checked(app.radio(key="attention_fusion").set_value("max").run())
     checked(app.text_input[0].set_value("two orange squares").run())
     assert not app.warning

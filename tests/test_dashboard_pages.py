@@ -164,7 +164,12 @@ def test_alignment_tabs_draw_their_section(monkeypatch, tiny_runs_dir, tab, trac
 
 def test_a_click_on_a_heatmap_cell_selects_its_row_and_column(monkeypatch, tiny_runs_dir):
     click = {"selection": {"points": [{"customdata": [5.0, 2.0, 0.1]}], "point_indices": [42], "box": [], "lasso": []}}
-    at = run_page(monkeypatch, tiny_runs_dir, "pages/2_Alignment.py", state={"alignment_heatmap": click})
+    at = run_page(monkeypatch, tiny_runs_dir, "pages/2_Alignment.py")
+    assert [t.get("name") for t in plotly_specs(at)[0]["data"]] == [None, "selected"]  # no click layer by default
+    at.toggle(key="alignment_clickable").set_value(True).run()
+    assert "cells" in [t.get("name") for t in plotly_specs(at)[0]["data"]]
+    at.session_state["alignment_heatmap"] = click
+    at.run()
     assert [n.value for n in at.number_input] == [5, 2]
     assert "sim(image 5, caption 2)" in texts(at)
 

@@ -14,6 +14,7 @@ from figures import Line, Panel
 DEFAULT_PAIRS = 32  # 32x32 cells draw fast; the slider goes up to every evaluation pair
 CLICKABLE_PAIRS = 64  # above this many pairs the heatmap's click layer (N² invisible markers) is left out
 HEATMAP_KEY, ROW_KEY, COL_KEY = "alignment_heatmap", "alignment_row", "alignment_col"
+CLICKABLE_KEY = "alignment_clickable"
 SECTION_KEY = "alignment_section"  # session-state key of the open tab
 
 
@@ -47,6 +48,10 @@ def matrix_section(data: dict) -> None:
                       "the statistics above always use all of them") if total > 2 else total
         value = st.radio("Cell value", ["cosine similarity", "softmax over captions (ITC's view)"], horizontal=True,
                          help="softmax(sim / τ) along each row: the probability ITC gives image i's caption")
+        clickable = st.toggle("Pick a cell by clicking it", key=CLICKABLE_KEY, disabled=n > CLICKABLE_PAIRS,
+                              help="Lays an invisible marker on every cell for the click to land on: it makes the "
+                              f"matrix slower to draw, and is offered up to {CLICKABLE_PAIRS} pairs.") \
+            and n <= CLICKABLE_PAIRS
         pick_cell(n)
         row_col = st.columns(2)
         row = int(row_col[0].number_input("Image i (row)", 0, n - 1, key=ROW_KEY))
@@ -58,10 +63,10 @@ def matrix_section(data: dict) -> None:
         shown, label = figures.row_softmax(sim, temperature), "p(caption | image)"
     with left:
         st.plotly_chart(figures.similarity_heatmap(shown, list(data["captions"]), (row, col), label,
-                                                   clickable=n <= CLICKABLE_PAIRS),
+                                                   clickable=clickable),
                         key=HEATMAP_KEY, on_select="rerun", selection_mode="points", width="stretch")
-        if n <= CLICKABLE_PAIRS:
-            st.caption("Click a cell to show its image and caption.")
+        st.caption("Click a cell to show its image and caption." if clickable else
+                   "Hover a cell for both captions; pick one with the inputs on the right, or switch on clicking.")
     with right:
         rank = int((sim[row] > sim[row, row]).sum()) + 1
         st.markdown(f"**sim(image {row}, caption {col}) = {sim[row, col]:.3f}** · image {row}'s own caption ranks "

@@ -98,9 +98,12 @@ else:
             caption=f"'{attention.tokens[step]}': where the decoder looked to choose it "
             f"({on_cls:.0%} of its attention went to the image's [CLS] token, not shown)",
         )
-        st.caption("Every word of the caption:")
-        st.image(figs.token_overlays(figs.upscale(view, 112), attention, layer, head, alpha=alpha),
-                 caption=attention.tokens, width=112)
+        # Lazy: a map per word is many images to send, drawn only when asked for.
+        every_word = st.expander("Every word of the caption, side by side", key="attention_every_word",
+                                 on_change="rerun")
+        if every_word.open:
+            every_word.image(figs.token_overlays(figs.upscale(view, 112), attention, layer, head, alpha=alpha),
+                             caption=attention.tokens, width=112)
 
 # --- ITM Grad-CAM ----------------------------------------------------------------------------------
 st.header("Grad-CAM of the image-text matching score")
