@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,16 @@ def select_epoch(run: RunDir, available: list[int] | None = None, key: str = "ep
         st.sidebar.caption(f"{label}: {epochs[0]} (the only one so far)")
         return epochs[0]
     return st.sidebar.select_slider(label, options=epochs, value=epochs[-1], key=f"{key}_{run.name}")
+
+
+def lazy_tabs(sections: Mapping[str, Callable[[], None]], key: str) -> None:
+    """Tabs whose content runs only while open: switching tabs reruns the script (or fragment) and
+    only the chosen section is computed, built and sent, so a page's first render draws one section
+    instead of all of them. The open tab's label is kept in st.session_state[key]."""
+    for tab, section in zip(st.tabs(list(sections), key=key, on_change="rerun"), sections.values()):
+        if tab.open:
+            with tab:
+                section()
 
 
 def guarded(fn, *args: Any, what: str = "this", **kwargs: Any) -> Any:

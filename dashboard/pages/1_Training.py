@@ -4,6 +4,7 @@ overlaid, with TensorBoard-style smoothing; refreshes itself while a run is stil
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pandas as pd
 import streamlit as st
@@ -81,14 +82,15 @@ def charts(runs: list[RunDir], x: str, smoothing: float) -> None:
         ("Captioning and collapse", caption_panels(frames), "Validation, per epoch, one dash per decoding "
          "strategy. Collapse: repetition rate and the most-common-caption share go up, distinct-1 goes down."),
     )
-    sections = [section for section in sections if figures.panels_with_data(frames, section[1], x)]
-    # Lazy tabs: only the open tab's figure is built and sent, so the page draws one grid, not four.
-    tabs = st.tabs([title for title, _, _ in sections], key=SECTION_KEY, on_change="rerun")
-    for tab, (_, panels, note) in zip(tabs, sections):
-        if tab.open:
-            with tab:
-                st.caption(note)
-                st.plotly_chart(figures.metric_grid(frames, panels, x=x, smoothing=smoothing), width="stretch")
+    def grid(panels: tuple[Panel, ...], note: str) -> Callable[[], None]:
+        def draw() -> None:
+            st.caption(note)
+            st.plotly_chart(figures.metric_grid(frames, panels, x=x, smoothing=smoothing), width="stretch")
+        return draw
+
+    # Lazy tabs: the page draws one grid, not four.
+    common.lazy_tabs({title: grid(panels, note) for title, panels, note in sections
+                      if figures.panels_with_data(frames, panels, x)}, key=SECTION_KEY)
 
 
 st.set_page_config(page_title="Training · BLIP Lab", layout="wide")  # also when opened directly by URL

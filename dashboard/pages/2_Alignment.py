@@ -77,23 +77,13 @@ def matrix_section(data: dict) -> None:
 
 
 def sections(run: RunDir, epochs: list[int], data: dict) -> None:
-    """Lazy tabs: only the open tab's figures are built and drawn, so the page's first render draws one
-    chart, not five."""
-    matrix, separation, retrieval, temperature = st.tabs(
-        ["Similarity matrix", "Matching vs non-matching", "Retrieval R@K", "Temperature τ"], key=SECTION_KEY,
-        on_change="rerun")
-    if matrix.open:
-        with matrix:
-            matrix_section(data)
-    if separation.open:
-        with separation:
-            separation_section(run, epochs, data)
-    if retrieval.open:
-        with retrieval:
-            retrieval_section(run, len(data["image_embeds"]))
-    if temperature.open:
-        with temperature:
-            temperature_section(run)
+    """Lazy tabs: the page's first render draws one chart, not five."""
+    common.lazy_tabs({
+        "Similarity matrix": lambda: matrix_section(data),
+        "Matching vs non-matching": lambda: separation_section(run, epochs, data),
+        "Retrieval R@K": lambda: retrieval_section(run, len(data["image_embeds"])),
+        "Temperature τ": lambda: temperature_section(run),
+    }, key=SECTION_KEY)
 
 
 def separation_section(run: RunDir, epochs: list[int], data: dict) -> None:

@@ -176,14 +176,11 @@ def stored_section() -> None:
         st.dataframe(figs.strategy_metrics_frame(rows), key="decoding_stored_table")
 
 
-# Lazy tabs: only the open tab runs (and decodes), so the page's first render draws one section.
+# Only the open tab runs (and decodes).
 SECTIONS = {
     "Captions side by side": captions_section,
     "Step by step: probability and entropy": steps_section,
     "Collapse on a validation subset": collapse_section,
     "Stored evaluation": stored_section,
 }
-for tab, section in zip(st.tabs(list(SECTIONS), key="decoding_section", on_change="rerun"), SECTIONS.values()):
-    if tab.open:
-        with tab:
-            section()
+common.lazy_tabs(SECTIONS, key="decoding_section")
