@@ -15,6 +15,10 @@ same way; the ratio column says how many of those floors a page costs. Needs Deb
 a runs folder holding at least one trained run (`make train-demo`).
 
     python benchmarks/page_render_times.py --runs-dir runs --repeat 5
+    python benchmarks/page_render_times.py --runs-dir runs --repeat 1 --screenshots docs/screenshots
+
+With --screenshots DIR it also saves a full-page screenshot of every page (01_runs.png, 02_training.png,
+...), taken once the page is completely drawn: the README's screenshots come from here.
 """
 
 from __future__ import annotations
@@ -121,6 +125,17 @@ def click_time(page: Page, label: str, title: str) -> float:
     return time.perf_counter() - start
 
 
+def save_screenshot(page: Page, path: Path) -> None:
+    """The whole page: Streamlit scrolls inside its main block, so the viewport is stretched to fit it
+    (charts re-lay themselves out on resize, hence the short settle), then restored."""
+    viewport = page.viewport_size
+    height = page.evaluate("document.querySelector('[data-testid=stMainBlockContainer]')?.scrollHeight ?? 1000")
+    page.set_viewport_size({"width": viewport["width"], "height": min(int(height) + 120, 12_000)})
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(path))
+    page.set_viewport_size(viewport)
+
+
 def floor_times(page: Page, repeat: int) -> tuple[float, float]:
     """Median reload and click time of a one-line Streamlit page (the peer)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -141,6 +156,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs", help="runs folder the dashboard reads (default: runs)")
     parser.add_argument("--repeat", type=int, default=5, help="timed visits per page and way (median printed)")
     parser.add_argument("--pages", help="comma-separated URL paths to time (default: every page; '' is Runs)")
+    parser.add_argument("--screenshots", type=Path, metavar="DIR",
+                        help="also save a full-page screenshot of every page here (NN_page.png)")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the browser Playwright drives")
     args = parser.parse_args()
     if not Path(args.chromium).exists():
@@ -151,8 +168,11 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         floor_reload, floor_click = floor_times(page, args.repeat)
         with streamlit_server(REPO / "dashboard" / "app.py", "--", "--runs-dir", args.runs_dir) as url:
-            for path, (_, title) in PAGES.items():  # warm every cache (model loads, decoding, projections)
-                reload_time(page, f"{url}/{path}", title)
+            for number, (path, (label, title)) in enumerate(PAGES.items(), start=1):
+                reload_time(page, f"{url}/{path}", title)  # warms every cache (model loads, decoding, projections)
+                if args.screenshots:
+                    args.screenshots.mkdir(parents=True, exist_ok=True)
+                    save_screenshot(page, args.screenshots / f"{number:02d}_{label.lower().replace(' ', '_')}.png")
             print(f"{'page':14s} {'reload':>8s} {'× floor':>8s} {'click':>8s} {'× floor':>8s}")
             print(f"{'(floor)':14s} {floor_reload:7.2f}s {1:8.2f} {floor_click:7.2f}s {1:8.2f}")
             chosen = PAGES if args.pages is None else {p: PAGES[p] for p in args.pages.split(",") if p in PAGES}

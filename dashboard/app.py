@@ -1,7 +1,7 @@
 """BLIP Lab dashboard: `streamlit run dashboard/app.py [-- --runs-dir DIR]`.
 
 This script registers the pages (Runs, the training-dynamics pages 1-3, the inference pages 4+ found
-in pages/) and renders the home page, Runs: every run in the runs folder with its status, progress and
+in views/) and renders the home page, Runs: every run in the runs folder with its status, progress and
 best metrics, the choice of runs the other pages open, and — with no runs yet — a button that trains
 the demo run in a background process (dashboard/launcher.py) while this page shows its progress.
 """
@@ -21,7 +21,10 @@ import figures
 import launcher
 from blipcore.runs import RunDir
 
-PAGES_DIR = Path(__file__).parent / "pages"
+# Not "pages/": Streamlit treats a folder of that name beside the main script as a v1 multipage app until
+# st.navigation has run once, so a fresh server's first request for a page URL would run that page alone,
+# with a plain list of file names for navigation.
+PAGES_DIR = Path(__file__).parent / "views"
 STATUS_COLOURS = {"running": "#17A398", "completed": "#2E6BE6", "interrupted": "#B7791F", "failed": "#C0392B",
                   "unreadable": "#C0392B"}
 BEST_KEYS = ("val_loss", "i2t_r1", "t2i_r1")
@@ -248,7 +251,7 @@ def _page_order(path: Path) -> int:
 
 
 def navigation() -> None:
-    """Runs first, then pages 1-3 (training dynamics) and 4+ (inference) from pages/."""
+    """Runs first, then pages 1-3 (training dynamics) and 4+ (inference) from views/."""
     files = sorted(PAGES_DIR.glob("[0-9]*_*.py"), key=_page_order)
     sections = {
         "": [st.Page(home, title="Runs", icon=":material/folder_open:", default=True)],

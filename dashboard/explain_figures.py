@@ -51,6 +51,18 @@ def token_overlays(
     ]
 
 
+def word_labels(tokens: Sequence[str]) -> list[str]:
+    """Labels for picking a generated word, unique even when the caption repeats itself ("a", ..., "a (2)"):
+    Streamlit's pills and selectboxes tell options apart by their label, so a repeated word would make
+    the widget highlight the wrong one (and a collapsed caption repeats words by definition)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for token in tokens:
+        seen[token] = seen.get(token, 0) + 1
+        labels.append(token if seen[token] == 1 else f"{token} ({seen[token]})")
+    return labels
+
+
 def tile_maps(maps: np.ndarray, gap: int = 1) -> np.ndarray:
     """(rows, cols, h, w) maps laid out as one (rows*(h+gap)-gap, cols*(w+gap)-gap) mosaic, NaN in the
     gaps: a grid of panels drawn as a single heat map (one plotly trace instead of rows*cols subplots,
@@ -195,6 +207,22 @@ def strategy_metrics_frame(metrics: Mapping[str, Mapping[str, Any]]) -> pd.DataF
     frame = frame[order + rest]
     frame.index.name = "strategy"
     return frame
+
+
+def checkpoint_metrics_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Checkpoint sidecar metrics ({run, epoch, metric: value} rows) as one table indexed by run and epoch:
+    validation losses, then retrieval in reading order (image→text R@1, R@5, R@10, text→image, rsum),
+    then the per-strategy captioning columns."""
+    table = pd.DataFrame(list(rows)).set_index(["run", "epoch"])
+    retrieval = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]
+    first = sorted(c for c in table.columns if c.startswith("val_")) + [c for c in retrieval if c in table.columns]
+    return table[first + sorted(c for c in table.columns if c not in first)]
+
+
+def drop_empty_columns(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The frame without its all-null columns, and their names (to say they were not computed)."""
+    empty = [c for c in frame.columns if frame[c].isna().all()]
+    return frame.drop(columns=empty), empty
 
 
 def collapse_bar_figure(metrics: Mapping[str, Mapping[str, Any]]) -> go.Figure:

@@ -8,6 +8,7 @@ it and its absence is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -29,7 +30,7 @@ CHROMIUM_ARGS = [
 ]
 PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/coco-mini/images"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
-# URL path (st.Page derives it from the file name: pages/5_Decoding_lab.py -> /Decoding_lab) -> the
+# URL path (st.Page derives it from the file name: views/5_Decoding_lab.py -> /Decoding_lab) -> the
 # element that shows the page has drawn its content.
 PAGES = {
     "": '[data-testid="stDataFrame"]',  # Runs (home): the runs table
@@ -39,9 +40,9 @@ PAGES = {
     "Attention": ".js-plotly-plot",
     "Decoding_lab": '[data-testid="stDataFrame"]',  # its first tab: the captions side by side
     "Caption": '[data-testid="stTable"]',
-    "Compare": ".js-plotly-plot",
+    "Compare": '[data-testid="stDataFrame"]',  # its first tab: the metrics tables
 }
-PAGE_FILES = ("app.py", *(f"pages/{n}_{p}.py" for n, p in enumerate([p for p in PAGES if p], start=1)))
+PAGE_FILES = ("app.py", *(f"views/{n}_{p}.py" for n, p in enumerate([p for p in PAGES if p], start=1)))
 START_TIMEOUT_S = 60
 PAGE_TIMEOUT_MS = 60_000
 
@@ -76,18 +77,18 @@ def _wait_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"streamlit did not answer {url}/_stcore/health within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(chromium: Path, tiny_runs_dir: Path) -> Iterator[str]:
-    """The dashboard served on a free port for this module; always stopped at the end."""
+@contextlib.contextmanager
+def serve(runs_dir: Path, log_name: str = "streamlit.log") -> Iterator[str]:
+    """`streamlit run dashboard/app.py` on a free port, yielding its URL once healthy; always stopped."""
     missing = [f"dashboard/{p}" for p in PAGE_FILES if not (REPO / "dashboard" / p).is_file()]
     if missing:
         pytest.fail(f"the dashboard is incomplete, missing: {', '.join(missing)}")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port, log = _free_port(), ARTIFACTS / "streamlit.log"
+    port, log = _free_port(), ARTIFACTS / log_name
     command = [
         sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-        "--", "--runs-dir", str(tiny_runs_dir),
+        "--", "--runs-dir", str(runs_dir),
     ]
     with open(log, "wb") as output:
         process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
@@ -102,6 +103,13 @@ def server(chromium: Path, tiny_runs_dir: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(chromium: Path, tiny_runs_dir: Path) -> Iterator[str]:
+    """The dashboard served on a free port for this module."""
+    with serve(tiny_runs_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +165,7 @@ TABS = [
     ("Training", "Optimisation", "learning rate"),
     ("Alignment", "Retrieval R@K", "Chance level with"),
     ("Decoding_lab", "Step by step: probability and entropy", "how unsure the model was"),
+    ("Compare", "How far the embeddings moved", "Mean cosine distance between"),
 ]
 
 
@@ -188,3 +197,16 @@ def test_caption_page_captions_an_uploaded_photo(server: str, page: Page) -> Non
     rows = page.locator('[data-testid="stTable"]').first.inner_text()
     assert re.search(r"tiny\s+2\s+\S+", rows), f"no caption by tiny epoch 2 for {photos[0].name}: {rows!r}"
     screenshot(page, "Caption_upload")
+
+
+def test_a_fresh_servers_first_request_for_a_page_gets_the_dashboards_navigation(chromium, tiny_runs_dir, page):
+    """A bookmark opened on a just-started server: the page must run inside app.py's navigation (sections,
+    "Runs" home), not alone as a Streamlit v1 multipage app listing file names ("app", ...)."""
+    with serve(tiny_runs_dir, "streamlit_first_request.log") as url:
+        page.goto(f"{url}/Alignment")
+        page.wait_for_selector(PAGES["Alignment"], timeout=PAGE_TIMEOUT_MS)
+        settle(page)
+        nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+        assert "Training dynamics" in nav and "Runs" in nav, nav
+        assert not re.search(r"^app$", nav, re.MULTILINE), nav
+        assert_no_error(page, "/Alignment as a fresh server's first request")

@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -24,7 +25,7 @@ from blipcore.explain import TokenAttention
 from blipcore.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = REPO / "dashboard" / "pages"
+PAGES = REPO / "dashboard" / "views"
 sys.path.insert(0, str(REPO / "dashboard"))  # the pages import their helpers as `streamlit run` has them
 
 import explain_figures as figs  # noqa: E402
@@ -119,6 +120,21 @@ def test_token_overlays_one_per_token():
     assert figs.upscale(image, 32).shape == (32, 32, 3)
 
 
+def test_word_labels_tell_repeated_words_apart():
+    assert figs.word_labels(["a", "red", "a", "a", "red", "cube"]) == ["a", "red", "a (2)", "a (3)", "red (2)", "cube"]
+    assert figs.word_labels([]) == []
+
+
+def test_checkpoint_table_orders_losses_then_retrieval_by_k():
+    rows = [{"run": "a", "epoch": 1, "t2i_r10": 3.0, "i2t_r10": 2.0, "greedy_cider": 0.1, "i2t_r5": 1.0,
+             "val_lm": 2.0, "rsum": 9.0, "i2t_r1": 0.5, "val_itc": 1.0}]
+    table = figs.checkpoint_metrics_frame(rows)
+    assert list(table.columns) == ["val_itc", "val_lm", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r10", "rsum", "greedy_cider"]
+    assert table.loc[("a", 1), "i2t_r5"] == 1.0
+    kept, empty = figs.drop_empty_columns(pd.DataFrame({"x": [1.0, None], "meteor": [None, None]}))
+    assert list(kept.columns) == ["x"] and empty == ["meteor"]
+
+
 def test_strategy_tables_and_bars():
     metrics = {
         "greedy": {"repetition_rate": 0.9, "distinct_1": 0.05, "top_caption": "a a a", "bleu4": 0.01, "notes": ["x"]},
@@ -208,7 +224,7 @@ def test_caption_uploads_captions_good_files_and_names_bad_ones(tiny_checkpoints
 # --- the pages, headless ---------------------------------------------------------------------------
 @pytest.fixture
 def page(monkeypatch, tiny_runs_dir):
-    """Run a page of dashboard/pages against the tiny run; it must not raise."""
+    """Run a page of dashboard/views against the tiny run; it must not raise."""
     def run(name: str, runs_dir: Path = tiny_runs_dir) -> AppTest:
         monkeypatch.setenv("BLIPLAB_RUNS_DIR", str(runs_dir))
         app = AppTest.from_file(str(PAGES / name), default_timeout=60)
@@ -229,6 +245,9 @@ def test_attention_page(page):
     ]
     assert "The caption is empty" not in str([i.value for i in app.info])
     assert len(app.get("plotly_chart")) == 1  # the layers x heads grid
+    pills = app.button_group[0]
+    labels = [option.content for option in pills.proto.options]
+    assert len(set(labels)) == len(labels), labels  # a repeated word still gets a pill of its own
     images_before = len(app.get("image"))
     checked(app.button_group[0].set_value(1).run())  # pick the second word
     assert len(app.get("image")) == images_before
@@ -289,14 +308,27 @@ def test_caption_page_sample_and_every_epoch(page):
 
 def test_compare_page(page):
     app = page("7_Compare.py")
-    assert [h.value for h in app.header] == [
-        "Metrics", "Captions of random validation images", "How far the embeddings moved",
-    ]
+    assert [t.label for t in app.tabs] == ["Metrics", "Captions of random validation images",
+                                           "How far the embeddings moved"]
     assert [list(d.value.index.names) for d in app.dataframe] == [["run", "epoch", "strategy"], ["run", "epoch"]]
-    assert len(app.table) == 3 and len(app.get("plotly_chart")) == 1
+    evaluated, checkpoints = (d.value for d in app.dataframe)
+    assert "meteor" not in evaluated.columns and "METEOR" in " ".join(c.value for c in app.caption)  # null: said
+    assert list(checkpoints.columns[:3]) == ["val_itc", "val_itm", "val_lm"]
+    retrieval = [c for c in checkpoints.columns if c[:4] in ("i2t_", "t2i_")]
+    assert retrieval == ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
+    assert not app.table and not app.get("plotly_chart")  # lazy tabs: the other sections are not built
+
+    app.session_state["compare_section"] = "Captions of random validation images"
+    checked(app.run())
+    assert len(app.table) == 3 and not app.dataframe  # three images, a caption per checkpoint each
+    assert [list(t.value.index) for t in app.table] == [["tiny · epoch 1", "tiny · epoch 2"]] * 3
     seed = app.session_state["compare_seed"]
     checked(app.button(key="compare_reshuffle").click().run())
     assert app.session_state["compare_seed"] != seed
+
+    app.session_state["compare_section"] = "How far the embeddings moved"
+    checked(app.run())
+    assert len(app.get("plotly_chart")) == 1
     checked(app.checkbox(key="compare_histogram").check().run())
     assert len(app.get("plotly_chart")) == 2
 

@@ -87,7 +87,7 @@ def test_home_lists_unreadable_runs_with_the_reason(monkeypatch, tiny_runs_dir, 
     assert table.loc["future", "status"] == "unreadable" and "version 99" in table.loc["future", "note"]
     assert table.loc["garbage", "status"] == "unreadable" and "not valid JSON" in table.loc["garbage", "note"]
     assert "future" in texts(at) and "garbage" in texts(at)
-    run_page(monkeypatch, tmp_path, "pages/1_Training.py")  # the other pages skip them
+    run_page(monkeypatch, tmp_path, "views/1_Training.py")  # the other pages skip them
 
 
 # --- Training ----------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def chart_titles(at: AppTest) -> set[str]:
 
 
 def test_training_page_draws_one_section_per_tab(monkeypatch, tiny_runs_dir):
-    at = run_page(monkeypatch, tiny_runs_dir, "pages/1_Training.py")
+    at = run_page(monkeypatch, tiny_runs_dir, "views/1_Training.py")
     assert [t.label for t in at.tabs] == ["Losses", "Optimisation", "Retrieval", "Captioning and collapse"]
     assert len(at.get("plotly_chart")) == 1  # lazy tabs: only the open one is drawn
     assert {"total loss", "ITM (image-text matching)"} <= chart_titles(at) and "learning rate" not in chart_titles(at)
@@ -126,7 +126,7 @@ def test_pages_render_a_run_still_being_written(monkeypatch, tiny_runs_dir, tmp_
     home = run_page(monkeypatch, tmp_path, "app.py")
     row = home.dataframe[0].value.iloc[0]
     assert row["status"] == "running" and row["steps"] == "16 / 16"  # steps from metrics.jsonl, not run.json
-    training = run_page(monkeypatch, tmp_path, "pages/1_Training.py")
+    training = run_page(monkeypatch, tmp_path, "views/1_Training.py")
     assert training.get("plotly_chart") and any("is training" in p.proto.text for p in training.get("progress"))
 
 
@@ -135,14 +135,14 @@ def test_run_without_checkpoints_renders_with_a_clear_message(monkeypatch, tiny_
     for folder in ("checkpoints", "embeddings", "eval"):
         shutil.rmtree(run.path / folder)
     run.update_info(status="running")
-    assert run_page(monkeypatch, tmp_path, "pages/1_Training.py").get("plotly_chart")  # metrics are there
-    for page in ("pages/2_Alignment.py", "pages/3_Embeddings.py"):
+    assert run_page(monkeypatch, tmp_path, "views/1_Training.py").get("plotly_chart")  # metrics are there
+    for page in ("views/2_Alignment.py", "views/3_Embeddings.py"):
         assert "No run has a checkpoint yet" in texts(run_page(monkeypatch, tmp_path, page))
 
 
 # --- Alignment ---------------------------------------------------------------------------------
 def test_alignment_page_shows_the_similarity_matrix(monkeypatch, tiny_runs_dir):
-    at = run_page(monkeypatch, tiny_runs_dir, "pages/2_Alignment.py")
+    at = run_page(monkeypatch, tiny_runs_dir, "views/2_Alignment.py")
     assert [t.label for t in at.tabs] == ["Similarity matrix", "Matching vs non-matching", "Retrieval R@K",
                                           "Temperature τ"]
     assert [trace["type"] for spec in plotly_specs(at) for trace in spec["data"]][0] == "heatmap"
@@ -158,13 +158,13 @@ def test_alignment_page_shows_the_similarity_matrix(monkeypatch, tiny_runs_dir):
 @pytest.mark.parametrize("tab, trace_types", [("Matching vs non-matching", {"histogram", "scatter"}),
                                               ("Retrieval R@K", {"scatter"}), ("Temperature τ", {"scatter"})])
 def test_alignment_tabs_draw_their_section(monkeypatch, tiny_runs_dir, tab, trace_types):
-    at = run_page(monkeypatch, tiny_runs_dir, "pages/2_Alignment.py", state={"alignment_section": tab})
+    at = run_page(monkeypatch, tiny_runs_dir, "views/2_Alignment.py", state={"alignment_section": tab})
     assert {trace["type"] for spec in plotly_specs(at) for trace in spec["data"]} == trace_types
 
 
 def test_a_click_on_a_heatmap_cell_selects_its_row_and_column(monkeypatch, tiny_runs_dir):
     click = {"selection": {"points": [{"customdata": [5.0, 2.0, 0.1]}], "point_indices": [42], "box": [], "lasso": []}}
-    at = run_page(monkeypatch, tiny_runs_dir, "pages/2_Alignment.py")
+    at = run_page(monkeypatch, tiny_runs_dir, "views/2_Alignment.py")
     assert [t.get("name") for t in plotly_specs(at)[0]["data"]] == [None, "selected"]  # no click layer by default
     at.toggle(key="alignment_clickable").set_value(True).run()
     assert "cells" in [t.get("name") for t in plotly_specs(at)[0]["data"]]
@@ -177,14 +177,14 @@ def test_a_click_on_a_heatmap_cell_selects_its_row_and_column(monkeypatch, tiny_
 def test_alignment_page_with_an_epoch_missing_its_embeddings(monkeypatch, tiny_runs_dir, tmp_path):
     run = copy_run(tiny_runs_dir, tmp_path)
     run.embeddings_path(2).unlink()
-    at = run_page(monkeypatch, tmp_path, "pages/2_Alignment.py")
+    at = run_page(monkeypatch, tmp_path, "views/2_Alignment.py")
     assert "Epoch: 1 (the only one so far)" in "\n".join(c.value for c in at.sidebar.caption)
 
 
 # --- Embeddings --------------------------------------------------------------------------------
 def test_embeddings_page_defaults_to_pca_and_caches_it(monkeypatch, tiny_runs_dir, tmp_path):
     run = copy_run(tiny_runs_dir, tmp_path)
-    at = run_page(monkeypatch, tmp_path, "pages/3_Embeddings.py")
+    at = run_page(monkeypatch, tmp_path, "views/3_Embeddings.py")
     assert at.sidebar.radio[0].value == "PCA"
     assert any(b.label.startswith("Compute UMAP for all epochs") for b in at.button)
     scatter = [t for spec in plotly_specs(at) for t in spec["data"]]
@@ -202,7 +202,7 @@ def test_embeddings_page_uses_cached_umap_by_default(monkeypatch, tiny_runs_dir,
     monkeypatch.setitem(projections.PROJECTORS, "umap", projections.pca_2d)  # stands in for the slow fit
     for epoch in run.embedding_epochs():
         projections.layout(run, epoch, "umap")
-    at = run_page(monkeypatch, tmp_path, "pages/3_Embeddings.py")
+    at = run_page(monkeypatch, tmp_path, "views/3_Embeddings.py")
     assert at.sidebar.radio[0].value == "UMAP" and not at.button
     assert any("UMAP of 8 images" in c.value for c in at.caption)
 

@@ -90,12 +90,13 @@ else:
         head = left.selectbox("Head", range(-1, heads), key="attention_head",
                               format_func=lambda v: "mean of all heads" if v < 0 else f"head {v}")
         layer, head = (None if v < 0 else v for v in (layer, head))  # None: TokenAttention's mean
-        step = right.pills("Pick a word", range(len(attention.tokens)), format_func=lambda i: attention.tokens[i],
+        words = figs.word_labels(attention.tokens)
+        step = right.pills("Pick a word", range(len(words)), format_func=words.__getitem__,
                            default=0, key=f"attention_word_{picked.key}_{strategy}") or 0
         on_cls = attention.cls_weight[step].mean()
         right.image(
             overlay_heatmap(view, attention.token_map(step, layer, head), alpha=alpha), width=256,
-            caption=f"'{attention.tokens[step]}': where the decoder looked to choose it "
+            caption=f"'{words[step]}': where the decoder looked to choose it "
             f"({on_cls:.0%} of its attention went to the image's [CLS] token, not shown)",
         )
         # Lazy: a map per word is many images to send, drawn only when asked for.
@@ -103,7 +104,7 @@ else:
                                  on_change="rerun")
         if every_word.open:
             every_word.image(figs.token_overlays(figs.upscale(view, 112), attention, layer, head, alpha=alpha),
-                             caption=attention.tokens, width=112)
+                             caption=words, width=112)
 
 # --- ITM Grad-CAM ----------------------------------------------------------------------------------
 st.header("Grad-CAM of the image-text matching score")
