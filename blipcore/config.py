@@ -10,12 +10,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 # bert-base-uncased has 30,522 word pieces; BLIP adds [DEC] (decoder begin) and [ENC] (multimodal encoder).
 BERT_VOCAB_SIZE = 30522
 VOCAB_SIZE = BERT_VOCAB_SIZE + 2
+DATA_KINDS = ("shapes", "coco")
+CAPTION_MODES = ("random", "all")  # one random caption per image per epoch, or every caption a sample
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _check_at_least(section: str, config: Any, minimum: float, names: str) -> None:
+    """ValueError naming the first field of `names` (space-separated) below `minimum` (or NaN)."""
+    for name in names.split():
+        value = getattr(config, name)
+        if not value >= minimum:
+            raise ValueError(f"{section}.{name} must be >= {minimum}, got {value!r}")
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    """ValueError with the message of the first failed (ok, message) check."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 @dataclass
@@ -58,18 +78,32 @@ class ModelConfig:
     prompt: str = "a picture of "
 
     def __post_init__(self) -> None:
-        for width, heads, name in [
-            (self.vision_width, self.vision_heads, "vision"),
-            (self.text_width, self.text_heads, "text"),
-        ]:
-            if width % heads:
-                raise ValueError(f"model.{name}_width={width} is not divisible by model.{name}_heads={heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"model.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        if not (self.itc_weight or self.lm_weight or self.itm_weight):
-            raise ValueError("every loss weight is 0: enable at least one of itc, lm, itm")
-        if self.itm_weight and not self.itc_weight:
-            raise ValueError("ITM draws its hard negatives from ITC similarities: itm_weight needs itc_weight > 0")
+        _check_at_least("model", self, 1, "image_size patch_size vision_width vision_depth vision_heads text_width "
+                        "text_encoder_depth text_decoder_depth text_heads max_text_len embed_dim queue_size")
+        _check_at_least("model", self, 0, "itc_weight lm_weight itm_weight label_smoothing dropout")
+        _check([
+            (self.vocab_size >= VOCAB_SIZE,
+             f"model.vocab_size must be >= {VOCAB_SIZE} (bert-base-uncased's word pieces, [DEC] and [ENC]), "
+             f"got {self.vocab_size}"),
+            (self.vision_width % self.vision_heads == 0,
+             f"model.vision_width={self.vision_width} is not divisible by model.vision_heads={self.vision_heads}"),
+            (self.text_width % self.text_heads == 0,
+             f"model.text_width={self.text_width} is not divisible by model.text_heads={self.text_heads}"),
+            (self.image_size % self.patch_size == 0,
+             f"model.image_size={self.image_size} is not a multiple of model.patch_size={self.patch_size}"),
+            (self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}"),
+            (self.dropout < 1, f"model.dropout must be < 1, got {self.dropout}"),
+            (self.label_smoothing < 1, f"model.label_smoothing must be < 1, got {self.label_smoothing}"),
+            (0 < self.temperature_min <= self.temperature_init <= self.temperature_max,
+             "model.temperature_init must lie in [temperature_min, temperature_max] with temperature_min > 0, got "
+             f"{self.temperature_init} in [{self.temperature_min}, {self.temperature_max}]"),
+            (0 <= self.momentum <= 1, f"model.momentum must be in [0, 1], got {self.momentum}"),
+            (0 <= self.distill_alpha <= 1, f"model.distill_alpha must be in [0, 1], got {self.distill_alpha}"),
+            (bool(self.itc_weight or self.lm_weight or self.itm_weight),
+             "every loss weight is 0: enable at least one of itc, lm, itm"),
+            (not self.itm_weight or bool(self.itc_weight),
+             "ITM draws its hard negatives from ITC similarities: itm_weight needs itc_weight > 0"),
+        ])
 
 
 @dataclass
@@ -94,6 +128,17 @@ class DataConfig:
     shapes_seed: int = 0
     # Fixed evaluation set for embeddings dumps and per-epoch evaluation (first N val images)
     eval_images: int = 200
+
+    def __post_init__(self) -> None:
+        _check_at_least("data", self, 0, "subset val_subset num_workers shapes_n_heldout")
+        _check_at_least("data", self, 1, "shapes_n_train shapes_n_val eval_images")
+        _check([
+            (self.kind in DATA_KINDS, f"data.kind must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}"),
+            (self.caption_mode in CAPTION_MODES,
+             f"data.caption_mode must be one of {', '.join(CAPTION_MODES)}, got {self.caption_mode!r}"),
+            (self.shapes_image_size >= 16,
+             f"data.shapes_image_size must be >= 16 pixels, got {self.shapes_image_size}"),
+        ])
 
 
 @dataclass
@@ -120,17 +165,56 @@ class TrainConfig:
     keep_checkpoints: int = 0  # keep only the newest N epoch checkpoints (0 = keep all)
     save_state_every: int = 500  # also refresh checkpoints/last/ every N steps (0 = only at epoch ends)
 
+    def __post_init__(self) -> None:
+        _check_at_least("train", self, 1, "epochs batch_size grad_accum_steps log_every")
+        _check_at_least("train", self, 0, "max_steps weight_decay warmup_steps min_lr_ratio grad_clip "
+                        "eval_every_steps eval_caption_images keep_checkpoints save_state_every")
+        _check([
+            (self.lr > 0 and math.isfinite(self.lr), f"train.lr must be a positive number, got {self.lr}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"train.betas must be two numbers in [0, 1), got {list(self.betas)}"),
+            (self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
+            (self.precision in PRECISIONS,
+             f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+        ])
+
+
+def _typed(value: Any, example: Any, where: str) -> Any:
+    """`value` (from JSON or TOML) as the type of the field's default `example`, or ValueError naming the
+    field: a run.json or sidecar edited by hand (or by someone hostile) fails here, not deep in the model."""
+    if isinstance(example, tuple):
+        if isinstance(value, (list, tuple)):
+            return tuple(_typed(item, example[0], f"{where}[{i}]") if example else item for i, item in enumerate(value))
+        expected = "a list"
+    elif isinstance(example, bool):
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif isinstance(example, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "a whole number"
+    elif isinstance(example, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    else:
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    raise ValueError(f"{where} must be {expected}, got {value!r}")
+
 
 def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {where} must be an object of fields, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown {where} field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     defaults = cls()
-    converted = {
-        name: tuple(value) if isinstance(getattr(defaults, name), tuple) else value for name, value in values.items()
-    }
-    return cls(**converted)
+    return cls(**{name: _typed(value, getattr(defaults, name), f"{where}.{name}") for name, value in values.items()})
 
 
 @dataclass

@@ -111,6 +111,13 @@ STRATEGY_PRESETS: dict[str, DecodingConfig] = {
 }
 
 
+def check_strategy_names(names: Any) -> None:
+    """ValueError naming the unknown ones, if any of `names` is not a preset of STRATEGY_PRESETS."""
+    unknown = [name for name in names if name not in STRATEGY_PRESETS]
+    if unknown:
+        raise ValueError(f"unknown decoding strategies {unknown}; known: {', '.join(STRATEGY_PRESETS)}")
+
+
 def decoding_config(cfg: DecodingConfig | str = "greedy", **overrides: Any) -> DecodingConfig:
     """A preset name or a config, with field overrides applied (and validated)."""
     if isinstance(cfg, str):

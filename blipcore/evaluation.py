@@ -215,11 +215,9 @@ def evaluate_model(
     """Full evaluation. Returns (the eval/epoch_NNN.json content, the embeddings dump or None)."""
     strategies = list(cfg.train.eval_strategies if strategies is None else strategies)
     if strategies:
-        from .decoding import STRATEGY_PRESETS
+        from .decoding import check_strategy_names
 
-        unknown = [s for s in strategies if s not in STRATEGY_PRESETS]
-        if unknown:
-            raise ValueError(f"unknown decoding strategies {unknown}; known: {', '.join(STRATEGY_PRESETS)}")
+        check_strategy_names(strategies)
     model.eval()
     val = datasets["val"]
     data = eval_images(val, cfg.data.eval_images)

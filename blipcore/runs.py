@@ -145,22 +145,29 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 # --- model weights -----------------------------------------------------------------------------
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names whose tensor is one already listed under an earlier name (tied weights: e.g.
+    lm_head.weight is word_embeddings.weight). By identity, so it works on the meta device too."""
+    seen, tied = set(), set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.add(id(tensor))
+    return tied
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors for safetensors: contiguous CPU copies, tied weights stored once."""
-    state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
-        if key in seen:  # e.g. lm_head.weight is word_embeddings.weight
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().to("cpu").contiguous()
-    return state
+    tied = tied_names(model)
+    return {name: tensor.detach().to("cpu").contiguous()
+            for name, tensor in model.state_dict().items() if name not in tied}
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `model`, with an error naming `source` when it was made for another model."""
+def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming `source` when `state` was made for another model than `model` (unexpected,
+    missing or differently shaped tensors). Only shapes are read, so `model` may live on the meta device."""
     expected = model.state_dict()
-    tied = set(expected) - set(model_state(model))
+    tied = tied_names(model)
     problems = []
     for name, tensor in state.items():
         if name not in expected:
@@ -174,6 +181,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError(
             f"{source}: made for a different model configuration: {'; '.join(problems[:3])}{more}"
         )
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, with an error naming `source` when it was made for another model."""
+    check_state_fits(model, state, source)
     model.load_state_dict(state, strict=False)
 
 
@@ -355,8 +367,13 @@ class RunDir:
 
         ckpt = self.checkpoint(epoch)
         cfg = self._checkpoint_config(ckpt)
+        state = read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
+        # The sidecar's config must describe these weights before any memory is spent on it: a config
+        # edited to ask for a huge model is refused from the meta-device skeleton's shapes alone.
+        with torch.device("meta"):
+            check_state_fits(BLIP(cfg), state, str(ckpt.weights))
         model = BLIP(cfg)
-        load_model_state(model, read_verified_weights(ckpt.weights, ckpt.meta.get("sha256")), str(ckpt.weights))
+        load_model_state(model, state, str(ckpt.weights))
         return model.to(device).eval(), cfg, ckpt
 
     def _checkpoint_config(self, ckpt: Checkpoint) -> BlipConfig:

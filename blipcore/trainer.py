@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import runs
 from .config import BlipConfig
+from .decoding import check_strategy_names
 from .model import BLIP
 from .runs import CheckpointError, RunDir, RunError
 
@@ -215,6 +216,7 @@ class Trainer:
     # The trainer is long; its parts are methods in the order fit() calls them.
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        check_strategy_names(cfg.train.eval_strategies)  # now, not after the first epoch's training
         self.dist = init_distributed("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = select_device(cfg.train.device, self.dist)
         if self.device.type == "cuda":

@@ -47,6 +47,18 @@ def test_bad_override_is_a_clear_error(tmp_path, capsys):
     assert "unknown field 'train.batchsize'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("assignment", "message"), [
+    ("model.vision_heads=0", "model.vision_heads must be >= 1, got 0"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.eval_strategies=greedy,bogus", "unknown decoding strategies ['bogus']"),
+])
+def test_bad_values_stop_before_anything_is_written(tmp_path, capsys, assignment, message):
+    assert main(["fit", "--preset", "demo", "--run-dir", str(tmp_path / "r"), "--set", assignment]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_runs_dir / "tiny", run_dir)  # eval writes into the run: work on a copy

@@ -129,7 +129,8 @@ def test_checkpoint_table_orders_losses_then_retrieval_by_k():
     rows = [{"run": "a", "epoch": 1, "t2i_r10": 3.0, "i2t_r10": 2.0, "greedy_cider": 0.1, "i2t_r5": 1.0,
              "val_lm": 2.0, "rsum": 9.0, "i2t_r1": 0.5, "val_itc": 1.0}]
     table = figs.checkpoint_metrics_frame(rows)
-    assert list(table.columns) == ["val_itc", "val_lm", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r10", "rsum", "greedy_cider"]
+    assert list(table.columns) == [
+        "val_itc", "val_lm", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r10", "rsum", "greedy_cider"]
     assert table.loc[("a", 1), "i2t_r5"] == 1.0
     kept, empty = figs.drop_empty_columns(pd.DataFrame({"x": [1.0, None], "meteor": [None, None]}))
     assert list(kept.columns) == ["x"] and empty == ["meteor"]

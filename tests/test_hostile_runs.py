@@ -116,6 +116,24 @@ def test_a_damaged_checkpoint_is_a_clear_checkpoint_error(run, damage, problem, 
     assert ckpt.epoch == 2 and not model.training
 
 
+def test_a_sidecar_config_asking_for_a_huge_model_is_refused_before_memory_is_spent(run, monkeypatch):
+    # ~200 billion parameters: built for real, this would take the machine down instead of raising
+    edit_sidecar(run, config=tiny_config(vision_width=16384, vision_depth=64, text_width=16384).to_dict())
+    devices = []
+    build = BLIP.__init__
+
+    def recording_build(model, cfg):
+        devices.append(torch.get_default_device().type)
+        build(model, cfg)
+
+    monkeypatch.setattr(BLIP, "__init__", recording_build)
+    with pytest.raises(CheckpointError, match="epoch_001.safetensors: made for a different model configuration"):
+        run.load_model(1)
+    assert devices == ["meta"]  # only the shape skeleton was built
+    devices.clear()
+    assert run.load_model(2)[2].epoch == 2 and devices == ["meta", "cpu"]
+
+
 def test_weights_without_a_sidecar_are_not_a_checkpoint(run):
     run.checkpoint_paths(2)[1].unlink()  # as after a crash between the weights and the sidecar
     assert run.epochs() == [1]
@@ -239,7 +257,9 @@ def test_a_hostile_run_json_is_a_clear_run_error(run, content, problem):
 @pytest.mark.parametrize(
     "config",
     [None, [1], "demo", {"model": [1]}, {"model": {"vision_heads": 0}}, {"model": {"vision_width": "wide"}},
-     {"train": {"epochs": 1, "bogus": 2}}, {"lab": {}}, {"model": {"image_size": {"a": 1}}}],
+     {"train": {"epochs": 1, "bogus": 2}}, {"lab": {}}, {"model": {"image_size": {"a": 1}}},
+     {"model": {"image_size": 64.5}}, {"model": {"momentum_encoder": "yes"}}, {"train": {"lr": -1}},
+     {"train": {"eval_strategies": "greedy"}}, {"train": {"betas": [0.9]}}, {"data": {"eval_images": -1}}],
 )
 def test_a_run_json_with_an_unusable_config_is_a_clear_run_error(run, config):
     run.run_json.write_text(json.dumps({"format_version": FORMAT_VERSION, "config": config}))

@@ -124,6 +124,40 @@ def test_config_json_round_trip_and_overrides():
         cfg.override({"model.vision_heads": 5})
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ({"model.vision_heads": 0}, r"model\.vision_heads must be >= 1, got 0"),
+    ({"model.patch_size": 0}, r"model\.patch_size must be >= 1, got 0"),
+    ({"model.dropout": 1.0}, r"model\.dropout must be < 1"),
+    ({"model.vocab_size": 100}, r"model\.vocab_size must be >= 30524"),
+    ({"model.temperature_init": 0.9}, r"model\.temperature_init must lie in"),
+    ({"model.itm_weight": -1.0}, r"model\.itm_weight must be >= 0"),
+    ({"data.eval_images": 0}, r"data\.eval_images must be >= 1"),
+    ({"data.kind": "imagenet"}, r"data\.kind must be one of shapes, coco"),
+    ({"data.caption_mode": "first"}, r"data\.caption_mode must be one of random, all"),
+    ({"train.batch_size": 0}, r"train\.batch_size must be >= 1, got 0"),
+    ({"train.epochs": 0}, r"train\.epochs must be >= 1"),
+    ({"train.lr": float("nan")}, r"train\.lr must be a positive number"),
+    ({"train.betas": [0.9, 1.0]}, r"train\.betas must be two numbers in \[0, 1\)"),
+    ({"train.device": "tpu"}, r"train\.device must be one of auto, cpu, cuda"),
+    ({"train.precision": "fp16"}, r"train\.precision must be one of auto, bf16, fp32"),
+    ({"train.warmup_steps": -1}, r"train\.warmup_steps must be >= 0"),
+    # wrong types, as a hand-edited run.json or sidecar would have them
+    ({"model.image_size": 64.5}, r"model\.image_size must be a whole number, got 64\.5"),
+    ({"model.tie_lm_head": 1}, r"model\.tie_lm_head must be true or false, got 1"),
+    ({"model.prompt": 3}, r"model\.prompt must be a string, got 3"),
+    ({"train.eval_strategies": "greedy"}, r"train\.eval_strategies must be a list, got 'greedy'"),
+    ({"train.eval_strategies": ["greedy", 2]}, r"train\.eval_strategies\[1\] must be a string, got 2"),
+])
+def test_config_values_out_of_range_or_of_the_wrong_type_are_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        BlipConfig.preset("demo").override(override)
+
+
+def test_config_fields_keep_their_types_from_json():
+    cfg = BlipConfig.preset("demo").override({"train.lr": 1, "train.betas": [0, 0.5]})  # JSON and TOML give ints
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.train.betas == (0.0, 0.5)
+
+
 def test_readme_snippet_seed_model():
     cfg = BlipConfig.preset("seed")
     model = BLIP(cfg)

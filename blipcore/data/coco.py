@@ -20,15 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from blipcore.config import BlipConfig
+from blipcore.config import CAPTION_MODES, BlipConfig
 from blipcore.data.images import ImageLoadError, load_image
 from blipcore.data.shapes import generate_shapes, shapes_ready
 from blipcore.data.transforms import build_transform
 from blipcore.tokenizer import tokenize_captions
 
 logger = logging.getLogger(__name__)
-
-CAPTION_MODES = ("random", "all")
 
 
 class AnnotationError(ValueError):

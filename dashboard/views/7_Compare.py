@@ -25,10 +25,12 @@ def metrics_section(checkpoints: list[tuple[RunDir, int]]) -> None:
     evaluated, summaries = [], []
     for run, epoch in checkpoints:
         if epoch in run.eval_epochs():
-            stored = common.guarded(common.load_eval, run, epoch, what=f"the evaluation of {run.name} epoch {epoch}")
-            strategies = {name: entry.get("metrics", {}) for name, entry in (stored or {}).get("strategies", {}).items()}
+            what = f"the evaluation of {run.name} epoch {epoch}"
+            stored = common.guarded(common.load_eval, run, epoch, what=what) or {}
+            strategies = {name: entry.get("metrics", {}) for name, entry in stored.get("strategies", {}).items()}
             if strategies:
-                evaluated.append(figs.strategy_metrics_frame(strategies).reset_index().assign(run=run.name, epoch=epoch))
+                frame = figs.strategy_metrics_frame(strategies).reset_index()
+                evaluated.append(frame.assign(run=run.name, epoch=epoch))
         try:
             summaries.append({"run": run.name, "epoch": epoch, **run.checkpoint(epoch).meta.get("metrics", {})})
         except RunError as err:
