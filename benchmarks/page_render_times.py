@@ -8,8 +8,8 @@ Starts `streamlit run dashboard/app.py` on a free port, opens every page once to
 - click: the page's link in the sidebar clicked from another page (how people move around the app).
 
 Each is timed from the action until the script run has finished and everything on the page is
-drawn: no element is stale or still a loading placeholder, every plotly chart has its SVG, every
-image has loaded. The peer,
+drawn: no element is stale or still a loading placeholder, every plotly and Vega-Lite chart has
+its SVG, every image has loaded. The peer,
 measured in the same run, is Streamlit's own floor: a second server with a one-line page, timed the
 same way; the ratio column says how many of those floors a page costs. Needs Debian's chromium and
 a runs folder holding at least one trained run (`make train-demo`).
@@ -60,6 +60,7 @@ ALL_DRAWN = """title => {
   // stale: left from the previous run; stSkeleton: an element whose code is still loading
   if (main.querySelector('[data-stale=true], [data-testid=stSkeleton]')) return false;
   if (![...main.querySelectorAll('[data-testid=stPlotlyChart]')].every(c => c.querySelector('.main-svg'))) return false;
+  if (![...main.querySelectorAll('[data-testid=stVegaLiteChart]')].every(c => c.querySelector('.marks'))) return false;
   return [...main.querySelectorAll('img')].every(i => i.complete);
 }"""
 # The peer: two one-line pages, so that a click is timed through the same navigation as the dashboard's.

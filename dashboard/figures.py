@@ -1,14 +1,18 @@
 """Every dashboard figure, built by a plain function of data (numbers, numpy arrays, pandas frames in;
-a plotly Figure out). Nothing here imports Streamlit, so tests build the same figures the pages show.
+a plotly Figure out; an Altair chart for the embedding map, whose tooltips can show images). Nothing here
+imports Streamlit, so tests build the same figures the pages show.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -274,38 +278,80 @@ def retrieval_figure(epochs: Sequence[int], retrieval: Sequence[Mapping[str, flo
 
 
 # --- Embeddings --------------------------------------------------------------------------------
-def embedding_scatter(
+PICK_PARAM = "pick"  # the embedding chart's click selection, as Streamlit reports it
+
+
+def embedding_chart(
     image_xy: np.ndarray, text_xy: np.ndarray, captions: Sequence[str], names: Sequence[str],
-    links: bool = True, selected: int | None = None,
-) -> go.Figure:
+    thumbnails: Sequence[str | None] | None = None, links: bool = True, selected: int | None = None,
+    size: int = 620,
+) -> alt.LayerChart:
     """Images and their captions in one 2-D layout, coloured by modality; a thin line joins each image
-    to its caption (short lines = aligned pairs). customdata holds the pair index for click selection."""
+    to its caption (short lines = aligned pairs).
+
+    Vega-Lite rather than plotly because its tooltip can show a picture: hovering a point shows the
+    caption, the image's thumbnail (`thumbnails`: data: URIs, see `thumbnail_uri`) and the file name.
+    A click selects the pair (the `PICK_PARAM` selection, field "pair"); the wheel zooms and a drag pans.
+    Both axes share one scale, so distances read the same horizontally and vertically.
+    """
     n = len(image_xy)
-    index = np.arange(n)
-    fig = go.Figure()
+    pictures = list(thumbnails) if thumbnails is not None else [None] * n
+    points = pd.DataFrame({
+        "pair": np.tile(np.arange(n), 2),
+        "modality": ["image"] * n + ["text"] * n,
+        "x": np.concatenate([image_xy[:, 0], text_xy[:, 0]]),
+        "y": np.concatenate([image_xy[:, 1], text_xy[:, 1]]),
+        "caption": [shorten(str(c), 90) for c in captions] * 2,
+        "file": list(names) * 2,
+        "thumbnail": pictures * 2,
+    })
+    # One domain for both axes (the larger span, centred on each), so the layout is not stretched.
+    centre = (points[["x", "y"]].max() + points[["x", "y"]].min()) / 2
+    half = max(float((points[["x", "y"]].max() - points[["x", "y"]].min()).max()) / 2, 1e-6) * 1.05
+    x, y = ((alt.X if name == "x" else alt.Y)(
+        f"{name}:Q", scale=alt.Scale(domain=[centre[name] - half, centre[name] + half], nice=False),
+        axis=alt.Axis(title=None, labels=False, ticks=False, grid=False, domain=False),
+    ) for name in ("x", "y"))
+    base = alt.Chart(points).encode(x=x, y=y)
+    modality = dict(domain=list(MODALITY_COLOURS), range=list(MODALITY_COLOURS.values()))
+    dots = base.mark_point(filled=True, size=70, opacity=0.85, stroke="white", strokeWidth=0.5).encode(
+        color=alt.Color("modality:N", scale=alt.Scale(**modality), legend=alt.Legend(orient="top", title=None)),
+        shape=alt.Shape("modality:N", scale=alt.Scale(domain=list(MODALITY_COLOURS), range=["circle", "diamond"]),
+                        legend=None),
+        tooltip=[alt.Tooltip("caption:N", title="title"), alt.Tooltip("thumbnail:N", title="image"),
+                 alt.Tooltip("modality:N", title="point"), alt.Tooltip("pair:Q", title="pair"),
+                 alt.Tooltip("file:N", title="file")],
+    ).add_params(alt.selection_point(name=PICK_PARAM, fields=["pair"], on="click"),
+                 alt.selection_interval(bind="scales"))
+    layers = []
     if links:
-        xs = np.column_stack([image_xy[:, 0], text_xy[:, 0], np.full(n, np.nan)]).ravel()
-        ys = np.column_stack([image_xy[:, 1], text_xy[:, 1], np.full(n, np.nan)]).ravel()
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="image–caption link", hoverinfo="skip",
-                                 line=dict(color="rgba(120,120,120,0.35)", width=1)))
-    hover = [f"<b>{i}</b> {shorten(str(c), 90)}<br>{name}" for i, (c, name) in enumerate(zip(captions, names))]
-    for modality, xy, symbol in (("image", image_xy, "circle"), ("text", text_xy, "diamond")):
-        fig.add_trace(go.Scatter(
-            x=xy[:, 0], y=xy[:, 1], mode="markers", name=modality, customdata=index, text=hover,
-            marker=dict(color=MODALITY_COLOURS[modality], size=8, symbol=symbol, opacity=0.85,
-                        line=dict(width=0.5, color="white")),
-            hovertemplate=f"{modality} %{{text}}<extra></extra>",
-        ))
+        layers.append(base.mark_line(color="#787878", opacity=0.35, strokeWidth=1).encode(detail="pair:N"))
+    layers.append(dots)
     if selected is not None and 0 <= selected < n:
-        fig.add_trace(go.Scatter(
-            x=[image_xy[selected, 0], text_xy[selected, 0]], y=[image_xy[selected, 1], text_xy[selected, 1]],
-            mode="lines+markers", name=f"selected pair {selected}", hoverinfo="skip",
-            marker=dict(size=16, symbol="circle-open", color="#111111", line=dict(width=2)),
-            line=dict(color="#111111", width=2),
-        ))
-    fig.update_xaxes(showticklabels=False, zeroline=False, showgrid=False)
-    fig.update_yaxes(showticklabels=False, zeroline=False, showgrid=False, scaleanchor="x", scaleratio=1)
-    return _finish(fig, 620, dragmode="pan")
+        chosen = alt.Chart(points[points["pair"] == selected]).encode(x=x, y=y)
+        layers += [chosen.mark_line(color="#111111", strokeWidth=2),
+                   chosen.mark_point(shape="circle", size=260, color="#111111", strokeWidth=2, filled=False)]
+    return alt.layer(*layers).properties(width=size, height=size)
+
+
+def picked_pair(event: Mapping[str, Any] | None) -> int | None:
+    """The pair a click on the embedding chart selected, from Streamlit's selection event (or None)."""
+    for point in ((event or {}).get("selection") or {}).get(PICK_PARAM) or []:
+        if isinstance(point, Mapping) and _is_whole_number(point.get("pair")):
+            return int(point["pair"])
+    return None
+
+
+def _is_whole_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def thumbnail_uri(image: Image.Image) -> str:
+    """A small image as a data: URI, which the embedding chart's tooltip shows. WebP: an 80-pixel photo
+    takes ~2 KB (PNG ~10 KB), and the chart carries one for each of the evaluation set's images."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="WEBP", quality=80)
+    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 # --- images ------------------------------------------------------------------------------------

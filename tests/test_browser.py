@@ -36,7 +36,7 @@ PAGES = {
     "": '[data-testid="stDataFrame"]',  # Runs (home): the runs table
     "Training": ".js-plotly-plot",
     "Alignment": ".js-plotly-plot",
-    "Embeddings": ".js-plotly-plot",
+    "Embeddings": '[data-testid="stVegaLiteChart"] .mark-symbol path',
     "Attention": ".js-plotly-plot",
     "Decoding_lab": '[data-testid="stDataFrame"]',  # its first tab: the captions side by side
     "Caption": '[data-testid="stTable"]',
@@ -180,6 +180,24 @@ def test_a_lazy_tab_draws_its_section_when_clicked(server: str, page: Page, path
     page.wait_for_selector('[data-testid="stMain"] .js-plotly-plot', timeout=PAGE_TIMEOUT_MS)  # its chart drawn
     settle(page)
     assert_no_error(page, f"/{path}, tab {tab}")
+
+
+def test_embeddings_hover_shows_the_image_and_a_click_picks_the_pair(server: str, page: Page) -> None:
+    page.goto(f"{server}/Embeddings")
+    page.wait_for_selector(PAGES["Embeddings"], timeout=PAGE_TIMEOUT_MS)
+    settle(page)
+    dots = page.locator('[data-testid="stVegaLiteChart"] .mark-symbol').first.locator("path")
+    tooltip = page.locator("#vg-tooltip-element")
+    dot = dots.nth(dots.count() - 1)  # the last caption drawn: on top of everything else of its layer
+    dot.hover()
+    tooltip.locator("img").wait_for(timeout=PAGE_TIMEOUT_MS)  # the thumbnail of the pair's image
+    assert tooltip.locator("img").get_attribute("src").startswith("data:image/webp;base64,")
+    pair = int(re.search(r"pair\s*(\d+)", tooltip.inner_text()).group(1))
+    assert pair != 0  # the inspector starts on pair 0; the click must move it
+    dot.click()
+    page.get_by_text(f"image {pair}", exact=True).wait_for(timeout=PAGE_TIMEOUT_MS)  # the inspector follows
+    settle(page)
+    assert_no_error(page, "/Embeddings after a click")
 
 
 def test_caption_page_captions_an_uploaded_photo(server: str, page: Page) -> None:

@@ -130,20 +130,56 @@ def test_similarity_bands_histogram_and_retrieval_figures():
 
 
 # --- embeddings --------------------------------------------------------------------------------
-def test_embedding_scatter_colours_links_and_selection():
+def _layers(chart) -> list[dict]:
+    """The chart's layers with their rows (Altair keeps each layer's data in the spec's datasets)."""
+    spec = chart.to_dict()
+    return [{**layer, "rows": spec["datasets"][layer.get("data", spec.get("data"))["name"]]} for layer in spec["layer"]]
+
+
+def test_embedding_chart_links_pairs_shows_thumbnails_on_hover_and_marks_the_selection():
     rng = np.random.default_rng(0)
-    image_xy, text_xy = rng.normal(size=(5, 2)), rng.normal(size=(5, 2))
+    image_xy, text_xy = rng.normal(size=(5, 2)), rng.normal(size=(5, 2)) * 3
     captions, names = [f"caption {i}" for i in range(5)], [f"{i}.png" for i in range(5)]
-    fig = figures.embedding_scatter(image_xy, text_xy, captions, names, links=True, selected=3)
-    link, images, texts, selected = fig.data
-    assert np.isnan(np.asarray(link.x, dtype=float)).sum() == 5  # one segment per pair
-    assert list(link.x[:2]) == [image_xy[0, 0], text_xy[0, 0]]
-    assert images.marker.color == figures.MODALITY_COLOURS["image"]
-    assert texts.marker.color == figures.MODALITY_COLOURS["text"]
-    assert list(images.customdata) == list(range(5)) and "caption 2" in images.text[2]
-    assert list(selected.x) == [image_xy[3, 0], text_xy[3, 0]]
-    assert [t.name for t in figures.embedding_scatter(image_xy, text_xy, captions, names, links=False).data] == [
-        "image", "text"]
+    pictures = [figures.thumbnail_uri(Image.new("RGB", (4, 4), (i * 50, 0, 0))) for i in range(5)]
+    chart = figures.embedding_chart(image_xy, text_xy, captions, names, pictures, links=True, selected=3)
+    link, dots, selected_line, selected_ring = _layers(chart)
+    assert link["mark"]["type"] == "line" and link["encoding"]["detail"]["field"] == "pair"  # a line per pair
+    rows = dots["rows"]
+    assert len(rows) == 10 and [r["modality"] for r in rows] == ["image"] * 5 + ["text"] * 5
+    assert (rows[2]["x"], rows[7]["y"]) == (image_xy[2, 0], text_xy[2, 1])
+    assert rows[7]["caption"] == "caption 2" and rows[7]["thumbnail"] == pictures[2]  # a caption shows its image
+    tooltip = {t["title"]: t["field"] for t in dots["encoding"]["tooltip"]}
+    assert tooltip["title"] == "caption" and tooltip["image"] == "thumbnail"  # vega-tooltip draws "image" as <img>
+    colour = dots["encoding"]["color"]["scale"]
+    assert dict(zip(colour["domain"], colour["range"])) == figures.MODALITY_COLOURS
+    assert [r["pair"] for r in selected_line["rows"]] == [3, 3]
+    spec = chart.to_dict()
+    picks = [p for p in spec["params"] if p["name"] == figures.PICK_PARAM]
+    assert picks and picks[0]["select"]["fields"] == ["pair"]
+    x_domain, y_domain = (dots["encoding"][a]["scale"]["domain"] for a in ("x", "y"))
+    assert x_domain[1] - x_domain[0] == pytest.approx(y_domain[1] - y_domain[0])  # one scale for both axes
+    unlinked = _layers(figures.embedding_chart(image_xy, text_xy, captions, names, links=False))
+    assert [layer["mark"]["type"] for layer in unlinked] == ["point"]
+    assert all(r["thumbnail"] is None for r in unlinked[0]["rows"])
+
+
+def test_picked_pair_reads_streamlit_selection_events():
+    assert figures.picked_pair({"selection": {figures.PICK_PARAM: [{"pair": 4}]}}) == 4
+    assert figures.picked_pair({"selection": {figures.PICK_PARAM: [{"pair": 2.0}]}}) == 2
+    for event in (None, {}, {"selection": {}}, {"selection": {figures.PICK_PARAM: [{"pair": "x"}]}},
+                  {"selection": {figures.PICK_PARAM: [{"pair": True}, 5]}}):
+        assert figures.picked_pair(event) is None
+
+
+def test_thumbnail_uri_is_a_webp_data_uri():
+    import base64
+    import io
+
+    uri = figures.thumbnail_uri(Image.new("RGBA", (16, 8), (0, 255, 0, 255)))
+    assert uri.startswith("data:image/webp;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert decoded.format == "WEBP" and decoded.size == (16, 8)
+    assert np.abs(np.asarray(decoded.convert("RGB"), dtype=int) - [0, 255, 0]).max() <= 8  # lossy, but green
 
 
 def test_load_thumbnail_scales_crisply_and_tolerates_missing_files(tmp_path):

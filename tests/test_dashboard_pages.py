@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
 from blipcore.runs import RunDir
@@ -187,12 +188,26 @@ def test_embeddings_page_defaults_to_pca_and_caches_it(monkeypatch, tiny_runs_di
     at = run_page(monkeypatch, tmp_path, "views/3_Embeddings.py")
     assert at.sidebar.radio[0].value == "PCA"
     assert any(b.label.startswith("Compute UMAP for all epochs") for b in at.button)
-    scatter = [t for spec in plotly_specs(at) for t in spec["data"]]
-    assert {t.get("name") for t in scatter} >= {"image", "text", "image–caption link"}
+    (chart,) = at.get("vega_lite_chart")
+    spec = json.loads(chart.proto.spec)
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["line", "point", "line", "point"]
+    frames = {d.name: dataframe_util.convert_arrow_bytes_to_pandas_df(d.data.data) for d in chart.proto.datasets}
+    points = frames[spec["layer"][1]["data"]["name"]]
+    assert len(points) == 16 and points["thumbnail"].str.startswith("data:image/webp;base64,").all()  # 8 pairs
+    assert set(frames[spec["layer"][2]["data"]["name"]]["pair"]) == {0}  # the selected pair drawn on top
     assert (run.path / "projections" / "pca_epoch_002.npz").is_file()
     at.selectbox[0].set_value(3)
     at.run()
     assert not at.exception and [caption for image in at.get("image") for caption in image.captions] == ["image 3"]
+
+
+def test_embeddings_page_a_click_on_a_point_picks_its_pair(monkeypatch, tiny_runs_dir, tmp_path):
+    copy_run(tiny_runs_dir, tmp_path)
+    at = run_page(monkeypatch, tmp_path, "views/3_Embeddings.py")
+    at.session_state["embedding_plot"] = {"selection": {"pick": [{"pair": 5}]}}  # what the chart sends on a click
+    at.run()
+    assert not at.exception and at.session_state["embedding_pair"] == 5
+    assert [caption for image in at.get("image") for caption in image.captions] == ["image 5"]
 
 
 def test_embeddings_page_uses_cached_umap_by_default(monkeypatch, tiny_runs_dir, tmp_path):

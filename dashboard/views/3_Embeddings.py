@@ -26,6 +26,13 @@ def layout(run: RunDir, epoch: int, method: str) -> np.ndarray:
     return _layout(str(run.path), epoch, method, run.embeddings_path(epoch).stat().st_mtime_ns / 1e9)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def thumbnails(paths: tuple[str, ...], size: int = 80) -> list[str | None]:
+    """The evaluation images as small data: URIs for the chart's hover (None where a file is unreadable)."""
+    return [figures.thumbnail_uri(image) if (image := figures.load_thumbnail(path, size)) is not None else None
+            for path in paths]
+
+
 def umap_button(run: RunDir, missing: list[int]) -> None:
     """Compute (and cache on disk) the UMAP layouts of the epochs that lack one, with a progress bar."""
     label = f"Compute UMAP for all epochs ({len(missing)} to go: ~15 s once, then 5-15 s each)"
@@ -96,9 +103,9 @@ if align and reference != epoch:
 image_xy, text_xy = projections.split_layout(coords)
 n = len(image_xy)
 
-clicked = figures.clicked_customdata(st.session_state.get(PLOT_KEY))
-if clicked is not None and clicked != st.session_state.get("embedding_last_click") and int(clicked[0]) < n:
-    st.session_state[PAIR_KEY] = int(clicked[0])  # a click selects the pair; the box below can still change it
+clicked = figures.picked_pair(st.session_state.get(PLOT_KEY))
+if clicked is not None and clicked != st.session_state.get("embedding_last_click") and clicked < n:
+    st.session_state[PAIR_KEY] = clicked  # a click selects the pair; the box below can still change it
     st.session_state["embedding_last_click"] = clicked
 if st.session_state.get(PAIR_KEY, 0) >= n:
     st.session_state[PAIR_KEY] = 0
@@ -110,13 +117,15 @@ with side:
                         help="Or click a point in the plot")
     inspector(data, pair, epoch)
 with plot_col:
-    fig = figures.embedding_scatter(image_xy, text_xy, list(data["captions"]),
-                                    [str(p).rsplit("/", 1)[-1] for p in data["file_paths"]], links=links, selected=pair)
-    st.plotly_chart(fig, key=PLOT_KEY, on_select="rerun", selection_mode="points", width="stretch")
+    chart = figures.embedding_chart(image_xy, text_xy, list(data["captions"]),
+                                    [str(p).rsplit("/", 1)[-1] for p in data["file_paths"]],
+                                    thumbnails(tuple(str(p) for p in data["file_paths"])), links=links, selected=pair)
+    st.altair_chart(chart, key=PLOT_KEY, on_select="rerun", selection_mode=figures.PICK_PARAM, width="content")
     st.caption(
         f"{method_label} of {n} images (circles) and their first captions (diamonds), epoch {epoch}"
         + (f", aligned to epoch {reference}" if align and reference != epoch else "")
-        + ". Short links = image and caption embedded close together. Two separate clouds are the usual "
+        + ". Hover a point for its caption and image, click it to pick its pair; scroll to zoom, drag to pan. "
+        "Short links = image and caption embedded close together. Two separate clouds are the usual "
         "'modality gap' of contrastive models; what matters is whether matching pairs are nearer each other "
         "than to the rest."
     )
