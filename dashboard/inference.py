@@ -303,12 +303,15 @@ def pick_val_image(records: Sequence[ImageRecord], key: str) -> int:
     index = st.selectbox("Validation image", range(len(records)), key=key, format_func=label)
     start = index // GALLERY_PAGE * GALLERY_PAGE
     shown = records[start : start + GALLERY_PAGE]
-    with st.expander(f"Thumbnails #{start}–#{start + len(shown) - 1}", expanded=False):
+    # Lazy: the thumbnails are decoded and sent only while the expander is open.
+    gallery = st.expander("Thumbnails of the validation images around this one", key=f"{key}_gallery",
+                          on_change="rerun")
+    if gallery.open:
         shown_ok = []  # unreadable ones are left out here; the picked one says why where it is used
         for offset, record in enumerate(shown):
             try:
                 shown_ok.append((f"#{start + offset}", thumbnail(val_image(record), 96)))
             except (ImageLoadError, OSError):
                 continue
-        st.image([image for _, image in shown_ok], caption=[label for label, _ in shown_ok], width=72)
+        gallery.image([image for _, image in shown_ok], caption=[label for label, _ in shown_ok], width=72)
     return index

@@ -255,6 +255,11 @@ def test_attention_page(page):
     app.session_state["attention_every_word"] = True  # the lazy expander opened: a map per word
     checked(app.run())
     assert len(app.get("image")) == images_before + 1  # one more image list: the strip of every word
+    assert not any("#0" in image.captions for image in app.get("image"))  # the gallery is lazy too
+    app.session_state["attention_image_tiny_gallery"] = True  # opened: the thumbnails around the image
+    checked(app.run())
+    gallery = [image for image in app.get("image") if "#0" in image.captions]
+    assert len(gallery) == 1 and gallery[0].captions[:3] == ["#0", "#1", "#2"]
     checked(app.radio(key="attention_fusion").set_value("max").run())
     checked(app.text_input[0].set_value("two orange squares").run())
     assert not app.warning
