@@ -5,16 +5,19 @@ BIN    := $(VENV)/bin
 RUNS   ?= runs
 DEMO   := $(RUNS)/demo
 
-.PHONY: demo test install train-demo dashboard clean-demo
+.PHONY: demo test lint install train-demo dashboard clean-demo
 
 install: $(VENV)/.installed
 
-# torch 2.13.0 goes in first, so that nothing in requirements.txt can pull a newer (CUDA) build.
-$(VENV)/.installed: requirements.txt
+# torch 2.13.0 goes in first, so that nothing in requirements.txt can pull a newer (CUDA) build; then the
+# exact pins of requirements.txt; then the project itself, editable (the `bliplab` command, and `blipcore`,
+# `train` and `dashboard` importable from anywhere), whose dependency ranges the pins already satisfy.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
 # Train the demo run (resuming an unfinished one, skipping a finished one), then open the dashboard.
@@ -40,6 +43,9 @@ demo: train-demo dashboard
 
 test: install
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import blipcore._torchvision  # noqa: E402,F401 - HF's BLIP imports torchvision, which needs the CPU shim
-from blipcore import BLIP, BlipConfig  # noqa: E402
-from blipcore.decoding import generate  # noqa: E402
-from blipcore.tokenizer import special_ids, tokenize_captions  # noqa: E402
+import blipcore._torchvision  # noqa: F401 - HF's BLIP imports torchvision, which needs the CPU shim
+from blipcore import BLIP, BlipConfig
+from blipcore.decoding import generate
+from blipcore.tokenizer import special_ids, tokenize_captions
 
 CAPTION = "two small red circles to the left of a large blue square on a gray background"
 
@@ -37,7 +33,8 @@ def hf_peer(cfg: BlipConfig):
     vision = {"hidden_size": m.vision_width, "intermediate_size": int(m.vision_width * m.mlp_ratio),
               "num_hidden_layers": m.vision_depth, "num_attention_heads": m.vision_heads,
               "image_size": m.image_size, "patch_size": m.patch_size}
-    text = {"vocab_size": m.vocab_size, "hidden_size": m.text_width, "intermediate_size": int(m.text_width * m.mlp_ratio),
+    text = {"vocab_size": m.vocab_size, "hidden_size": m.text_width,
+            "intermediate_size": int(m.text_width * m.mlp_ratio),
             "num_hidden_layers": m.text_decoder_depth, "num_attention_heads": m.text_heads,
             "max_position_embeddings": m.max_text_len, "encoder_hidden_size": m.vision_width,
             "bos_token_id": special_ids()["dec"], "sep_token_id": special_ids()["sep"], "pad_token_id": 0}
@@ -94,7 +91,9 @@ def main() -> None:
 
     print(f"{args.preset} size, batch {args.batch_size}, {args.device}; "
           f"ours {ours.num_parameters():,} parameters, HF {sum(p.numel() for p in theirs.parameters()):,}")
-    for name, a, b in (("train step (LM)", step_ours, step_theirs), (f"greedy decode ({args.new_tokens} tokens)", decode_ours, decode_theirs)):
+    measurements = (("train step (LM)", step_ours, step_theirs),
+                    (f"greedy decode ({args.new_tokens} tokens)", decode_ours, decode_theirs))
+    for name, a, b in measurements:
         for _ in range(2):
             a(), b()
         times_a, times_b = [], []

@@ -39,7 +39,8 @@ from pathlib import Path
 from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-REPO = Path(__file__).resolve().parents[1]
+from blipcore.paths import PROJECT_ROOT
+
 # URL path of each page (st.Page derives it from the file name) -> (its link's label in the sidebar,
 # the start of its title: how a timing knows that the new page, not the previous one, is showing)
 PAGES = {
@@ -86,7 +87,8 @@ def streamlit_server(script: Path, *extra: str, timeout_s: float = 90) -> Iterat
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
          "--server.headless", "true", "--browser.gatherUsageStats", "false", *extra],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         deadline = time.monotonic() + timeout_s
@@ -108,7 +110,9 @@ def wait_drawn(page: Page, title: str, timeout_s: float = 120) -> None:
     try:
         page.wait_for_function(ALL_DRAWN, arg=title, timeout=timeout_s * 1000, polling=20)
     except PlaywrightTimeoutError:
-        raise SystemExit(f"the page titled '{title}' was not drawn within {timeout_s:.0f} s (now at {page.url})") from None
+        raise SystemExit(
+            f"the page titled '{title}' was not drawn within {timeout_s:.0f} s (now at {page.url})"
+        ) from None
 
 
 def reload_time(page: Page, url: str, title: str) -> float:
@@ -168,7 +172,7 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         floor_reload, floor_click = floor_times(page, args.repeat)
-        with streamlit_server(REPO / "dashboard" / "app.py", "--", "--runs-dir", args.runs_dir) as url:
+        with streamlit_server(PROJECT_ROOT / "dashboard" / "app.py", "--", "--runs-dir", args.runs_dir) as url:
             for number, (path, (label, title)) in enumerate(PAGES.items(), start=1):
                 reload_time(page, f"{url}/{path}", title)  # warms every cache (model loads, decoding, projections)
                 if args.screenshots:
@@ -185,8 +189,8 @@ def main() -> None:
                     reload_time(page, f"{url}/{other}", PAGES[other][1])
                     clicks.append(click_time(page, label, title))
                 reload, click = statistics.median(reloads), statistics.median(clicks)
-                print(f"{label:14s} {reload:7.2f}s {reload / floor_reload:8.2f} {click:7.2f}s {click / floor_click:8.2f}",
-                      flush=True)
+                print(f"{label:14s} {reload:7.2f}s {reload / floor_reload:8.2f} "
+                      f"{click:7.2f}s {click / floor_click:8.2f}", flush=True)
         browser.close()
 
 

@@ -2,8 +2,13 @@
 
 A `BlipConfig` is the whole description of a run. It is written into `run.json` and into every
 checkpoint sidecar, so a checkpoint can always be rebuilt into the model that produced it.
-Presets are Python (`BlipConfig.preset("seed")`); train/configs/*.toml name a preset as `base` and
-override fields, and `--set section.field=value` overrides from the command line.
+
+Presets are TOML files in blipcore/presets/ (package data), the one place they are defined:
+`BlipConfig.preset("seed")` or `load_preset(name_or_path)` reads one, `available_presets()` lists them.
+A preset file holds [model], [data] and [train] tables of fields; `base = "<preset>"` starts from another
+preset, no `base` from the dataclass defaults below. A relative `data.root` is relative to the project
+checkout (`blipcore.paths.project_path`). `--set section.field=value` on the command line
+(`override_strings`) and `override({...})` change fields afterwards.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .paths import PRESETS_DIR, project_path
 
 # bert-base-uncased has 30,522 word pieces; BLIP adds [DEC] (decoder begin) and [ENC] (multimodal encoder).
 BERT_VOCAB_SIZE = 30522
@@ -234,7 +243,7 @@ class BlipConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "BlipConfig":
+    def from_dict(cls, values: dict[str, Any]) -> BlipConfig:
         values = dict(values)
         unknown = sorted(set(values) - {"model", "data", "train", "name"})
         if unknown:
@@ -247,11 +256,11 @@ class BlipConfig:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "BlipConfig":
+    def from_json(cls, text: str) -> BlipConfig:
         return cls.from_dict(json.loads(text))
 
     # --- overrides -----------------------------------------------------------------------------
-    def override(self, dotted: dict[str, Any]) -> "BlipConfig":
+    def override(self, dotted: dict[str, Any]) -> BlipConfig:
         """A copy with `{"train.batch_size": 16, ...}` applied; values keep the field's type."""
         values = self.to_dict()
         for key, value in dotted.items():
@@ -263,7 +272,7 @@ class BlipConfig:
             values[section][name] = value
         return BlipConfig.from_dict(values)
 
-    def override_strings(self, assignments: list[str]) -> "BlipConfig":
+    def override_strings(self, assignments: list[str]) -> BlipConfig:
         """Apply `section.field=value` strings from the command line, parsing value by the field's type."""
         current = self.to_dict()
         parsed: dict[str, Any] = {}
@@ -280,10 +289,9 @@ class BlipConfig:
 
     # --- presets -------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "BlipConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
-        return cls.from_dict({**PRESETS[name], "name": name})
+    def preset(cls, name: str) -> BlipConfig:
+        """The preset blipcore/presets/<name>.toml (see `load_preset`)."""
+        return load_preset(name)
 
 
 def _parse_like(raw: str, example: Any, key: str) -> Any:
@@ -306,53 +314,70 @@ def _parse_like(raw: str, example: Any, key: str) -> Any:
         raise ValueError(f"--set {key}={raw!r}: expected a value like {example!r}") from None
 
 
-# The seed write-up: ViT 224/16, width 512, bert-base-uncased vocabulary, ITC + LM only, captions of at
-# most 40 tokens, COCO 2017 (first 10,000 train images), batch 8, AdamW lr 5e-5, 3 epochs.
-SEED = {
-    "model": {},  # the ModelConfig defaults are the seed model
-    "data": {
-        "kind": "coco",
-        "root": "data/coco2017",
-        "train_annotations": "annotations/captions_train2017.json",
-        "val_annotations": "annotations/captions_val2017.json",
-        "train_images": "train2017",
-        "val_images": "val2017",
-        "subset": 10000,
-        "val_subset": 1000,
-        "caption_mode": "all",
-        "num_workers": 4,
-    },
-    "train": {"epochs": 3, "batch_size": 8, "lr": 5e-5, "warmup_steps": 500, "seed": 0},
-}
+# --- presets -------------------------------------------------------------------------------------
+_SECTIONS = ("model", "data", "train")
 
-# Small enough to train on 2 CPU cores in a few minutes on the generated scenes, and still learn
-# captions: 64x64 images, 8x8 patches, width 192.
-DEMO = {
-    "model": {
-        "image_size": 64,
-        "patch_size": 8,
-        "vision_width": 192,
-        "vision_depth": 4,
-        "vision_heads": 4,
-        "text_width": 192,
-        "text_encoder_depth": 2,
-        "text_decoder_depth": 3,
-        "text_heads": 4,
-        "max_text_len": 32,
-        "embed_dim": 128,
-        "itm_weight": 0.0,
-        "prompt": "a picture of ",
-    },
-    "data": {"kind": "shapes", "root": "data/shapes", "eval_images": 200},
-    "train": {
-        "epochs": 5,
-        "batch_size": 48,
-        "lr": 1e-3,
-        "warmup_steps": 40,
-        "min_lr_ratio": 0.05,
-        "log_every": 5,
-        "eval_caption_images": 60,
-    },
-}
 
-PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO}
+def available_presets() -> list[str]:
+    """The names of the presets in blipcore/presets/, sorted."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.toml"))
+
+
+def _named_preset(name: str) -> Path:
+    """The file of a preset name; ValueError listing the known presets for an unknown one."""
+    known = available_presets()
+    if name not in known:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(known)} (or a .toml path)")
+    return PRESETS_DIR / f"{name}.toml"
+
+
+def _read_preset(path: Path) -> dict[str, Any]:
+    """The TOML table of a preset file, or ValueError naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{path}: not a valid TOML preset ({err})") from None
+
+
+def _preset_config(path: Path, chain: tuple[Path, ...] = ()) -> BlipConfig:
+    """The config a preset file describes: its `base` preset (none: the dataclass defaults) with the file's
+    [model] / [data] / [train] fields applied. `chain` holds the files that named this one as base, to
+    refuse a loop. Relative data roots are left as written (load_preset resolves the final one)."""
+    if path.resolve() in chain:
+        raise ValueError(f"{path}: preset base loop ({' -> '.join(p.name for p in (*chain, path))})")
+    table = _read_preset(path)
+    base = table.pop("base", None)
+    unknown = sorted(set(table) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; a preset holds `base` and the tables "
+                         f"{', '.join(f'[{s}]' for s in _SECTIONS)}")
+    for section, fields in table.items():
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: {section} must be a table ([{section}]) of fields, got {fields!r}")
+    if base is None:
+        cfg = BlipConfig()
+    elif base in available_presets():
+        cfg = _preset_config(PRESETS_DIR / f"{base}.toml", (*chain, path.resolve()))
+    else:
+        raise ValueError(f"{path}: base must name a preset ({', '.join(available_presets())}), got {base!r}")
+    try:
+        return cfg.override({f"{section}.{key}": value for section, fields in table.items()
+                             for key, value in fields.items()})
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def load_preset(name_or_path: str | Path) -> BlipConfig:
+    """A preset by name (blipcore/presets/<name>.toml) or any .toml path, named after its file, with a
+    relative data.root made absolute under the project checkout so it works from any current folder.
+    ValueError for an unknown preset (listing the known ones), invalid TOML (naming the file) or a field of
+    the wrong type or out of range (naming the file and the field)."""
+    path = Path(name_or_path)
+    if path.suffix.lower() == ".toml":
+        if not path.is_file():
+            raise ValueError(f"preset file {path} not found")
+    else:
+        path = _named_preset(str(name_or_path))
+    cfg = _preset_config(path)
+    data = dataclasses.replace(cfg.data, root=str(project_path(cfg.data.root)))
+    return dataclasses.replace(cfg, data=data, name=path.stem)

@@ -94,7 +94,7 @@ class DecodingConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DecodingConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DecodingConfig:
         return decoding_config(cls(), **values)
 
 
@@ -245,7 +245,7 @@ class _Distributions:
         self.entropy = -(self.logp.exp() * self.logp).sum(-1)
         self.cross = cross
 
-    def pick(self, rows: Tensor, tokens: Tensor) -> "_History":
+    def pick(self, rows: Tensor, tokens: Tensor) -> _History:
         """The one-step history that gives token tokens[i] to row rows[i]."""
         return _History(
             tokens[:, None].cpu(),
@@ -267,7 +267,7 @@ class _History:
     cross: Tensor | None  # (rows, steps, layers, heads, N)
 
     @classmethod
-    def empty(cls, rows: int, cross_shape: tuple[int, ...] | None) -> "_History":
+    def empty(cls, rows: int, cross_shape: tuple[int, ...] | None) -> _History:
         values = torch.zeros(rows, 0)
         cross = None if cross_shape is None else torch.zeros(rows, 0, *cross_shape)
         return cls(values.long(), values, values, values, cross)
@@ -275,12 +275,13 @@ class _History:
     def _parts(self) -> tuple[Tensor | None, ...]:
         return self.tokens, self.logprobs, self.processed, self.entropies, self.cross
 
-    def select(self, rows: Tensor) -> "_History":
+    def select(self, rows: Tensor) -> _History:
         return _History(*(None if t is None else t[rows.cpu()] for t in self._parts()))
 
-    def append(self, step: "_History") -> "_History":
+    def append(self, step: _History) -> _History:
         """These rows followed by the steps of `step` (same rows)."""
-        return _History(*(None if t is None else torch.cat([t, u], 1) for t, u in zip(self._parts(), step._parts())))
+        pairs = zip(self._parts(), step._parts(), strict=True)
+        return _History(*(None if t is None else torch.cat([t, u], 1) for t, u in pairs))
 
     def caption(self, row: int, finished: bool, score: float | None = None) -> Caption:
         """Row `row` as a Caption; score defaults to the sum of its raw log-probabilities."""
@@ -347,7 +348,7 @@ def _greedy_or_sample(
         history = history.append(_Distributions(logits, processed, cross).pick(everyone, tokens))
         is_sep = tokens == sep
         ended = is_sep | (step == max_new - 1)
-        for row, finished in zip(ended.nonzero().flatten().tolist(), is_sep[ended].tolist()):
+        for row, finished in zip(ended.nonzero().flatten().tolist(), is_sep[ended].tolist(), strict=True):
             captions[owner[row]] = history.caption(row, finished=finished)
         live = (~ended).nonzero().flatten()
         if len(live) == 0:
@@ -389,7 +390,7 @@ def _beam_search(
         if ends:
             ends_t = torch.tensor(ends, dtype=torch.long, device=device)
             ended = history.select(source[ends_t]).append(dist.pick(source[ends_t], tokens[ends_t]))
-            for i, (position, value) in enumerate(zip(ends, best.flatten()[ends_t].tolist())):
+            for i, (position, value) in enumerate(zip(ends, best.flatten()[ends_t].tolist(), strict=True)):
                 found = hypotheses[owner[position // (2 * k)]]
                 score = value / (step + 1) ** penalty
                 found.append(ended.caption(i, finished=token_list[position] == sep, score=score))

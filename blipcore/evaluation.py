@@ -9,8 +9,9 @@ run with the same data is measured on the same images.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,9 @@ def _batches(tensor: torch.Tensor, size: int):
 
 
 @torch.no_grad()
-def validation_losses(model, dataset: CaptionDataset, cfg: BlipConfig, device: torch.device, limit: int) -> dict[str, float]:
+def validation_losses(
+    model, dataset: CaptionDataset, cfg: BlipConfig, device: torch.device, limit: int
+) -> dict[str, float]:
     """Mean of each loss term over (at most `limit` items of) the validation split."""
     subset = Subset(dataset, range(min(limit, len(dataset))))
     loader = DataLoader(subset, batch_size=cfg.train.batch_size, collate_fn=CaptionCollator(cfg.model.max_text_len))
@@ -85,7 +88,9 @@ def validation_losses(model, dataset: CaptionDataset, cfg: BlipConfig, device: t
 
 
 @torch.no_grad()
-def embed_eval_set(model, data: EvalImages, cfg: BlipConfig, device: torch.device, batch_size: int = 64) -> dict[str, np.ndarray]:
+def embed_eval_set(
+    model, data: EvalImages, cfg: BlipConfig, device: torch.device, batch_size: int = 64
+) -> dict[str, np.ndarray]:
     """ITC embeddings of the evaluation images and of every reference caption."""
     image_feats = [model.encode_image(chunk.to(device))[1].float().cpu() for chunk in _batches(data.images, batch_size)]
     captions = [caption for record in data.records for caption in record.captions]
@@ -93,7 +98,8 @@ def embed_eval_set(model, data: EvalImages, cfg: BlipConfig, device: torch.devic
     text_feats = []
     for start in range(0, len(captions), batch_size):
         tokens = tokenize_captions(captions[start : start + batch_size], cfg.model.max_text_len)
-        text_feats.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))[1].float().cpu())
+        text_feat = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))[1]
+        text_feats.append(text_feat.float().cpu())
     return {
         "image_embeds": torch.cat(image_feats).numpy(),
         "all_text_embeds": torch.cat(text_feats).numpy(),
@@ -139,7 +145,9 @@ def itm_reranked_retrieval(
     return {f"itm_{key}": value for key, value in reranked.items()}
 
 
-def embeddings_dump(embedded: dict[str, np.ndarray], data: EvalImages, temperature: float | None) -> dict[str, np.ndarray]:
+def embeddings_dump(
+    embedded: dict[str, np.ndarray], data: EvalImages, temperature: float | None
+) -> dict[str, np.ndarray]:
     """The npz the dashboard reads: one (image, first caption) pair per row, plus every caption."""
     first_caption_row = np.array([int(np.argmax(embedded["text_to_image"] == i)) for i in range(len(data.records))])
     return {
@@ -178,7 +186,7 @@ def caption_strategies(
             "samples": [
                 {"image_id": r.image_id, "file_path": r.file_path, "caption": c.text, "references": r.captions[:5],
                  "mean_entropy": float(np.mean(c.entropies)) if c.entropies else None}
-                for r, c in list(zip(data.records, captions))[:SAMPLES_PER_STRATEGY]
+                for r, c in list(zip(data.records, captions, strict=True))[:SAMPLES_PER_STRATEGY]
             ],
         }
     return results
@@ -222,7 +230,8 @@ def evaluate_model(
     val = datasets["val"]
     data = eval_images(val, cfg.data.eval_images)
     result: dict[str, Any] = {"num_images": len(data.records), "spice": M.SPICE_NOTE}
-    result["losses"] = validation_losses(model, val, cfg, device, limit=max(cfg.data.eval_images, 2 * cfg.train.batch_size))
+    loss_items = max(cfg.data.eval_images, 2 * cfg.train.batch_size)
+    result["losses"] = validation_losses(model, val, cfg, device, limit=loss_items)
     dump = None
     if model.use_itc:
         embedded = embed_eval_set(model, data, cfg, device)
@@ -244,20 +253,22 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
     """Flat numbers for metrics.jsonl, checkpoint sidecars and 'best' tracking: val_*, retrieval, strategy_metric."""
     flat: dict[str, float] = dict(result.get("losses", {}))
     flat.update(result.get("retrieval", {}))
+    per_strategy = M.summary_keys("captioning") + M.summary_keys("collapse")
     for name, entry in result.get("strategies", {}).items():
-        for key in ("bleu4", "cider", "meteor", "repetition_rate", "distinct_1", "top_caption_share", "mean_length"):
+        for key in per_strategy:
             value = entry["metrics"].get(key)
-            if isinstance(value, (int, float)):
+            if M.is_number(value):
                 flat[f"{name}_{key}"] = value
     return flat
 
 
 def evaluate_run_epoch(
     model, cfg: BlipConfig, datasets: dict[str, CaptionDataset], run: RunDir, epoch: int | None, step: int,
-    label: str, device: torch.device, progress: bool = True,
+    label: str, device: torch.device, progress: bool = True, epoch_progress: float | None = None,
 ) -> dict[str, float]:
-    """The trainer's evaluation: writes eval/<label>.json, the embeddings (at epoch ends) and a
-    split="val" line in metrics.jsonl. Returns the flat summary."""
+    """The trainer's evaluation: writes eval/<label>.json, the embeddings (with an epoch checkpoint) and a
+    split="val" line in metrics.jsonl, whose epoch is `epoch_progress` (epochs done, a fraction inside an
+    epoch). Returns the flat summary."""
     result, dump = evaluate_model(model, cfg, datasets, device, meteor=False, progress=progress)
     result.update(step=step, label=label)
     if epoch is not None:
@@ -267,5 +278,5 @@ def evaluate_run_epoch(
     else:
         run.save_step_eval(step, result)
     flat = summary_metrics(result)
-    run.append_metrics({"step": step, "epoch": epoch if epoch is not None else None, "split": "val", **flat})
+    run.append_metrics({"step": step, "epoch": epoch_progress, "split": "val", **flat})
     return flat

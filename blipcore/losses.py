@@ -127,7 +127,9 @@ def lm_loss(
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: Tensor, image_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives(
+    sim_i2t: Tensor, image_ids: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """For each image a negative text, for each text a negative image, drawn with probability
     softmax(similarity) over the batch, pairs showing the same image excluded (BLIP's ITM mining).
 

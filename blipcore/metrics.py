@@ -9,13 +9,17 @@ given to every image. Retrieval R@K is computed from an ITC similarity matrix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import math
 import numbers
 import shutil
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import groupby
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,19 +29,145 @@ SPICE_NOTE = (
     "(impossible offline) and runs a Java process with an 8 GB heap."
 )
 
-COLLAPSE_METRIC_DOCS: dict[str, str] = {
-    "repetition_rate": "share of words that repeat an earlier word of the same caption (0 = none)",
-    "longest_run": "mean over captions of the longest run of one word repeated back to back",
-    "max_longest_run": "longest run of one word repeated back to back in any caption",
-    "distinct_1": "unique words / all words over the corpus (low = few words reused everywhere)",
-    "distinct_2": "unique word pairs / all word pairs over the corpus",
-    "top_caption_share": "share of images given the single most common caption (1 = one caption for all)",
-    "top_caption": "the most common caption (normalised: lowercase, punctuation stripped)",
-    "unique_captions": "number of different captions over the corpus",
-    "vocab_used": "number of different words used over the corpus",
-    "mean_length": "mean caption length in words",
-    "mean_entropy": "mean over captions of the mean per-step entropy of the decoder (nats)",
-}
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The one declaration of a number this project logs or reports: every table, chart, 'best' record
+    and README row reads its label, direction and format from here."""
+
+    key: str
+    label: str
+    better: Literal["higher", "lower"] | None  # None: no better direction (a setting, a length, a time)
+    fmt: str  # format spec of one value, e.g. ".3f"; "d" for counts
+    doc: str  # what it means, in one line
+    group: str  # one of GROUPS
+    summary: bool = False  # copied into metrics.jsonl's val lines (per strategy for captioning / collapse)
+    headline: bool = False  # shown in run tables (the Runs page, `train info`)
+
+    def format(self, value: Any) -> str:
+        """`value` formatted for a table; "-" for a missing one."""
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "-"
+        if self.fmt == "d" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return f"{int(value):,}"
+        return format(value, self.fmt) if isinstance(value, numbers.Real) else str(value)
+
+    def improves(self, new: float, old: float | None) -> bool:
+        """Whether `new` is better than `old` (None: nothing yet, so any value is); ValueError for a metric
+        with no better direction."""
+        if self.better is None:
+            raise ValueError(f"{self.key} has no better direction")
+        if old is None:
+            return True
+        return new > old if self.better == "higher" else new < old
+
+
+GROUPS = ("record", "loss", "optimisation", "retrieval", "captioning", "collapse")
+RECALL_KS = (1, 5, 10)
+_LOSS_LABELS = {"loss": "total loss", "itc": "ITC loss (image-text contrastive)", "lm": "LM loss (captioning)",
+                "itm": "ITM loss (image-text matching)"}
+_RETRIEVAL_DIRECTIONS = {"i2t": "image→text", "t2i": "text→image"}
+
+_DECLARED: tuple[Metric, ...] = (
+    # fields of every metrics.jsonl line
+    Metric("step", "step", None, "d", "optimiser steps done when the line was logged", "record"),
+    Metric("epoch", "epoch", None, ".2f", "epochs done (a fraction inside an epoch)", "record"),
+    Metric("split", "split", None, "s", '"train" (a window of training steps) or "val" (an evaluation)', "record"),
+    Metric("time", "time", None, ".0f", "Unix time the line was written", "record"),
+    # losses: train lines hold them as named, val lines as val_<name>
+    *(Metric(key, label, "lower", ".4f", f"{label}, mean over the window or the validation items", "loss",
+             headline=key == "loss") for key, label in _LOSS_LABELS.items()),
+    # the optimiser, in train lines
+    Metric("lr", "learning rate", None, ".2e", "learning rate of the step (warm-up, then cosine)", "optimisation"),
+    Metric("temperature", "ITC temperature τ", None, ".4f", "learned temperature of the ITC softmax",
+           "optimisation"),
+    Metric("grad_norm", "gradient norm", None, ".3f", "global gradient norm before clipping, mean over the window",
+           "optimisation"),
+    Metric("samples_per_s", "throughput (samples/s)", "higher", ".1f", "training samples per second, all processes",
+           "optimisation"),
+    # retrieval from ITC embeddings (percent); itm_<key> after ITM re-ranking of ITC's top candidates
+    *(Metric(f"{d}_r{k}", f"{arrow} R@{k}", "higher", ".1f",
+             f"{arrow} retrieval: % of queries with a correct match in the top {k}", "retrieval", summary=True,
+             headline=k == 1) for d, arrow in _RETRIEVAL_DIRECTIONS.items() for k in RECALL_KS),
+    Metric("rsum", "R sum", "higher", ".1f", "sum of the six R@K", "retrieval", summary=True),
+    # captioning scores (pycocoevalcap, corpus level, fractions)
+    *(Metric(f"bleu{n}", f"BLEU-{n}", "higher", ".3f", f"BLEU-{n}: {n}-gram precision against the references",
+             "captioning", summary=n == 4) for n in range(1, 5)),
+    Metric("meteor", "METEOR", "higher", ".3f", "METEOR (Java; skipped in the trainer's evaluations)", "captioning",
+           summary=True),
+    Metric("rouge_l", "ROUGE-L", "higher", ".3f", "ROUGE-L: longest common subsequence F-score", "captioning"),
+    Metric("cider", "CIDEr", "higher", ".3f", "CIDEr: consensus with the references, TF-IDF weighted n-grams",
+           "captioning", summary=True, headline=True),
+    # collapse and diversity of the generated captions
+    Metric("repetition_rate", "repetition rate", "lower", ".3f",
+           "share of words that repeat an earlier word of the same caption (0 = none)", "collapse", summary=True),
+    Metric("longest_run", "longest run", "lower", ".2f",
+           'mean over captions of the longest run of one word repeated back to back ("a a a a" = 4)', "collapse"),
+    Metric("max_longest_run", "longest run (max)", "lower", "d",
+           "longest run of one word repeated back to back in any caption", "collapse"),
+    Metric("distinct_1", "distinct-1", "higher", ".3f",
+           "unique words / all words over the corpus (low = few words reused everywhere)", "collapse", summary=True),
+    Metric("distinct_2", "distinct-2", "higher", ".3f", "unique word pairs / all word pairs over the corpus",
+           "collapse"),
+    Metric("top_caption_share", "share of the most common caption", "lower", ".1%",
+           "share of images given the single most common caption (1 = one caption for all)", "collapse",
+           summary=True),
+    Metric("top_caption", "most common caption", None, "s",
+           "the most common caption (normalised: lowercase, punctuation stripped)", "collapse"),
+    Metric("unique_captions", "unique captions", "higher", "d", "number of different captions over the corpus",
+           "collapse"),
+    Metric("vocab_used", "vocabulary used", "higher", "d", "number of different words used over the corpus",
+           "collapse"),
+    Metric("mean_length", "mean length (words)", None, ".1f", "mean caption length in words", "collapse",
+           summary=True),
+    Metric("mean_entropy", "mean entropy (nats)", None, ".3f",
+           "mean over captions of the mean per-step entropy of the decoder's next-word distribution (nats)",
+           "collapse"),
+)
+METRICS: dict[str, Metric] = {m.key: m for m in _DECLARED}
+# The collapse metrics and their docs, in declaration order (the README's collapse table lists them).
+COLLAPSE_METRIC_DOCS: dict[str, str] = {m.key: m.doc for m in _DECLARED if m.group == "collapse"}
+
+
+def metrics_in(group: str) -> list[Metric]:
+    """The declared metrics of a group, in declaration order."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown metric group {group!r}; groups: {', '.join(GROUPS)}")
+    return [m for m in _DECLARED if m.group == group]
+
+
+def summary_keys(group: str) -> list[str]:
+    """Keys of a group that evaluations copy into metrics.jsonl (see Metric.summary)."""
+    return [m.key for m in metrics_in(group) if m.summary]
+
+
+@functools.cache
+def metric(key: str) -> Metric | None:
+    """The declaration of a logged key, or None when it is not declared. Resolves the derived keys:
+    val_<loss> (validation losses), itm_<retrieval> (after ITM re-ranking) and <strategy>_<metric>
+    (captioning and collapse per decoding strategy, e.g. greedy_cider, beam-no-repeat_top_caption_share)."""
+    if key in METRICS:
+        return METRICS[key]
+    prefix, _, rest = key.partition("_")
+    base = METRICS.get(rest)
+    if prefix == "val" and base is not None and base.group == "loss":
+        return dataclasses.replace(base, key=key, label=f"validation {base.label}")
+    if prefix == "itm" and base is not None and base.group == "retrieval":
+        return dataclasses.replace(base, key=key, label=f"{base.label} (ITM re-ranked)", headline=False)
+    from .decoding import STRATEGY_PRESETS  # the strategy names; imported here, decoding imports the model
+
+    for strategy in STRATEGY_PRESETS:
+        base = METRICS.get(key[len(strategy) + 1 :]) if key.startswith(f"{strategy}_") else None
+        if base is not None and base.group in ("captioning", "collapse"):
+            return dataclasses.replace(base, key=key, label=f"{strategy} {base.label}")
+    return None
+
+
+def is_declared(key: str) -> bool:
+    return metric(key) is not None
+
 
 _PUNCTUATION = string.punctuation
 
@@ -204,7 +334,7 @@ def collapse_metrics(
         raise ValueError(f"{len(entropies)} entropy lists for {len(captions)} captions")
     tokenized = [words(c) for c in captions]
     unigrams = [w for t in tokenized for w in t]
-    bigrams = [pair for t in tokenized for pair in zip(t, t[1:])]
+    bigrams = [pair for t in tokenized for pair in zip(t, t[1:], strict=False)]
     runs = [_longest_run(t) for t in tokenized]
     normalised = [" ".join(t) for t in tokenized]
     top_caption, top_count = _most_common(normalised)
@@ -231,7 +361,8 @@ def most_frequent_caption_baseline(
 
     Captions are counted normalised (lowercase, punctuation stripped, so "A dog." == "a dog");
     ties go to the alphabetically first. Returns {"caption": str, "metrics": caption_metrics and
-    collapse_metrics merged}. BLEU of this row is far from zero: BLEU alone hides collapse.
+    collapse_metrics merged, "notes": caption_metrics' notes}, laid out as an evaluation's strategy
+    entry. BLEU of this row is far from zero: BLEU alone hides collapse.
     """
     normalised = [n for n in map(_normalise, train_captions) if n]
     if not normalised:
@@ -241,14 +372,12 @@ def most_frequent_caption_baseline(
     caption, _ = _most_common(normalised)
     predictions = {i: caption for i in references}
     metrics = caption_metrics(predictions, references, meteor=meteor)
+    notes = metrics.pop("notes")
     metrics.update(collapse_metrics(list(predictions.values())))
-    return {"caption": caption, "metrics": metrics}
+    return {"caption": caption, "metrics": metrics, "notes": notes}
 
 
 # --------------------------------------------------------------------------- retrieval
-
-_RECALL_KS = (1, 5, 10)
-
 
 def _as_numpy(sim: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(sim, torch.Tensor):
@@ -281,8 +410,8 @@ def retrieval_metrics_from_ranks(
     i2t, t2i = np.asarray(i2t_ranks), np.asarray(t2i_ranks)
     if i2t.size == 0 or t2i.size == 0:
         raise ValueError("ranks are empty")
-    out = {f"i2t_r{k}": 100.0 * float(np.mean(i2t < k)) for k in _RECALL_KS}
-    out.update({f"t2i_r{k}": 100.0 * float(np.mean(t2i < k)) for k in _RECALL_KS})
+    out = {f"i2t_r{k}": 100.0 * float(np.mean(i2t < k)) for k in RECALL_KS}
+    out.update({f"t2i_r{k}": 100.0 * float(np.mean(t2i < k)) for k in RECALL_KS})
     out["rsum"] = sum(out.values())
     return out
 
@@ -319,8 +448,9 @@ def retrieval_metrics(
 # --------------------------------------------------------------------------- output
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A finite real number (not a bool): what a metric value or a logged step must be to be used."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _cell(value: Any) -> str:
@@ -343,13 +473,13 @@ def format_metrics_table(rows: dict[str, dict[str, Any]]) -> str:
     columns: list[str] = []
     for metrics in rows.values():
         for key, value in metrics.items():
-            if (value is None or _is_number(value)) and key not in columns:
+            if (value is None or is_number(value)) and key not in columns:
                 columns.append(key)
     table = [["strategy", *columns]]
     table += [[name, *(_cell(m.get(c)) for c in columns)] for name, m in rows.items()]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         for r in table
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -88,7 +88,7 @@ class BLIP(nn.Module):
     @torch.no_grad()
     def _momentum_update(self) -> None:
         for online, target in self.momentum_pairs:
-            for p, p_m in zip(getattr(self, online).parameters(), getattr(self, target).parameters()):
+            for p, p_m in zip(getattr(self, online).parameters(), getattr(self, target).parameters(), strict=True):
                 p_m.mul_(self.cfg.momentum).add_(p.detach(), alpha=1 - self.cfg.momentum)
 
     @torch.no_grad()
@@ -192,7 +192,8 @@ class BLIP(nn.Module):
                 out["itc"], sim_i2t = losses.contrastive_loss(image_feat, text_feat, self.temp, image_ids, distributed)
 
         if self.use_itm:
-            out["itm"] = self._itm_loss(image_embeds, input_ids, attention_mask, sim_i2t / self.temp.detach(), image_ids)
+            scaled = sim_i2t / self.temp.detach()
+            out["itm"] = self._itm_loss(image_embeds, input_ids, attention_mask, scaled, image_ids)
 
         if self.use_lm:
             dec = self.decoder_batch(input_ids, attention_mask)
@@ -204,7 +205,8 @@ class BLIP(nn.Module):
         return out
 
     def _momentum_itc(
-        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, image_feat: Tensor, text_feat: Tensor,
+        image_ids: Tensor,
     ) -> Tensor:
         with torch.no_grad():
             self._momentum_update()

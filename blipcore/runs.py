@@ -1,12 +1,18 @@
 """The run directory: the one contract between the trainer (writer) and the dashboard (reader).
 
     runs/<name>/
-      run.json                      config, versions, git revision, device, status, timestamps
-      metrics.jsonl                 one JSON object a line: step, epoch, split, loss, itc, lm, itm, ...
+      run.json                      config, versions, git revision, device, status, timestamps, best metrics
+      metrics.jsonl                 one JSON object a line: step, epoch, split, loss, itc, lm, itm, ... (every
+                                    key declared in blipcore.metrics)
       checkpoints/epoch_003.safetensors + epoch_003.json   weights + sidecar (config, step, metrics, sha256)
-      checkpoints/last/             resumable state: state.json names the weight and optimizer files
+      checkpoints/last/             resumable state: state.json (position, file names, sha256) names
+                                    model-stepN-<sha>.safetensors and optimizer-stepN-<sha>.pt
       embeddings/epoch_003.npz      image and text embeddings of the fixed evaluation set
       eval/epoch_003.json           captioning / retrieval / collapse metrics per decoding strategy
+      eval/step_00000400.json       the same, for evaluations inside an epoch (train.eval_every_steps)
+      projections/umap_epoch_003.npz  the dashboard's cache of 2-D layouts of the embeddings
+      trainer.lock                  held (fcntl lock) by the one trainer writing this run; the OS releases it
+                                    when that process ends, however it ends
 
 Every file is replaced atomically (temporary name in the same folder, fsync, rename), and a
 checkpoint's sidecar is written after its weights, so a reader never takes a half-written file for
@@ -15,22 +21,28 @@ Nothing in a run directory is ever unpickled: weights are safetensors, optimizer
 `torch.load(weights_only=True)`. Readers turn every kind of damage (truncation, bad bytes, wrong
 types, another format version) into RunError / CheckpointError naming the file; a failed write
 (disk full, read-only folder) is a RunError too, and leaves the previous version of the file intact.
+The trainer and the dashboard go through RunDir for every path here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import shutil
+import socket
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,11 +51,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import BlipConfig
+from .metrics import is_number
 
 FORMAT_VERSION = 1
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # What atomic_write_bytes leaves behind when its process is killed mid-write: ".<name>.<8 random chars>.tmp"
 STALE_TEMPORARY_PATTERN = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+# What a run folder holds (everything `--overwrite` deletes); the lock file stays, it belongs to the trainer.
+RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "embeddings", "eval", "projections")
+LOCK_FILE = "trainer.lock"
+STATE_FILE = "state.json"
 
 
 class RunError(Exception):
@@ -216,6 +233,63 @@ def encode_torch_state(value: Any) -> bytes:
     return buffer.getvalue()
 
 
+# --- one trainer per run ----------------------------------------------------------------------
+class TrainerLock:
+    """The lock a trainer holds on its run folder while it trains (see RunDir.lock_for_training).
+
+    fcntl record locks (lockf) belong to a process: they are not inherited by fork (DataLoader workers)
+    and vanish when the process ends. Within one process they do not exclude each other, so the paths
+    this process holds are also kept in `_held`."""
+
+    _held: set[Path] = set()
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def acquire(cls, path: Path) -> TrainerLock:
+        key = path.resolve()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise RunError(
+                f"{path.parent}: cannot write the run folder ({err.strerror or err}); fix permissions or free space"
+            ) from None
+        try:
+            if key in cls._held:
+                raise BlockingIOError
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise RunError(
+                f"{path.parent} is being trained right now by another trainer "
+                f"({holder or 'a process that is starting'}); "
+                "wait for it to finish, or stop it (Ctrl-C or kill -TERM saves resumable state), then --resume"
+            ) from None
+        cls._held.add(key)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {now()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+        return cls(key, fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the fcntl lock
+            self._fd = None
+            self._held.discard(self.path)
+
+
+@dataclass
+class SavedState:
+    """What RunDir.load_state read back: the position (step, epoch, ...) and the training state."""
+
+    position: dict[str, int]
+    training: dict[str, Any]
+    source: Path  # the training-state file, for error messages
+
+
 # --- the run directory -------------------------------------------------------------------------
 @dataclass
 class Checkpoint:
@@ -242,6 +316,7 @@ class RunDir:
     last_dir = property(lambda self: self.path / "checkpoints" / "last")
     embeddings_dir = property(lambda self: self.path / "embeddings")
     eval_dir = property(lambda self: self.path / "eval")
+    projections_dir = property(lambda self: self.path / "projections")
 
     def exists(self) -> bool:
         return self.run_json.is_file()
@@ -285,7 +360,7 @@ class RunDir:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop lines logged after `after_step` (a resumed run logs those steps again), and lines without
         a numeric step."""
-        kept = [r for r in self.read_metrics() if _is_number(r.get("step")) and r["step"] <= after_step]
+        kept = [r for r in self.read_metrics() if is_number(r.get("step")) and r["step"] <= after_step]
         atomic_write_bytes(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
     # --- epoch checkpoints ---------------------------------------------------------------------
@@ -293,9 +368,12 @@ class RunDir:
         stem = self.checkpoints_dir / f"epoch_{epoch:03d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
-    def save_checkpoint(self, model: torch.nn.Module, cfg: BlipConfig, epoch: int, step: int, metrics: dict) -> Checkpoint:
+    def save_checkpoint(self, model: torch.nn.Module, cfg: BlipConfig, epoch: int, step: int, metrics: dict,
+                        epoch_progress: float | None = None) -> Checkpoint:
         """Weights, then the sidecar naming their sha256. An older sidecar of the same epoch (a resumed run
-        writing the epoch again) is removed first, so it never vouches for weights it did not describe."""
+        writing the epoch again) is removed first, so it never vouches for weights it did not describe.
+        `epoch_progress` (epochs done, e.g. 0.65) is recorded for a checkpoint taken inside epoch `epoch`
+        (a step budget that ended there)."""
         weights_path, sidecar_path = self.checkpoint_paths(epoch)
         data = encode_weights(model, {"format_version": str(FORMAT_VERSION), "epoch": str(epoch), "step": str(step)})
         with _writing(sidecar_path):
@@ -308,6 +386,7 @@ class RunDir:
             "file": weights_path.name,
             "sha256": sha256_bytes(data),
             "bytes": len(data),
+            "epoch_progress": float(epoch if epoch_progress is None else epoch_progress),
             "config": cfg.to_dict(),
             "metrics": metrics,
             "created_at": now(),
@@ -339,7 +418,7 @@ class RunDir:
         if not weights.is_file():
             raise CheckpointError(f"{weights}: weights file is missing (its sidecar {sidecar.name} is there)")
         step = meta.get("step", 0)
-        if not _is_number(step):
+        if not is_number(step):
             raise CheckpointError(f"{sidecar}: step should be a number, found {step!r}")
         return Checkpoint(epoch, int(step), weights, sidecar, meta)
 
@@ -413,7 +492,7 @@ class RunDir:
         return arrays
 
     def embedding_epochs(self) -> list[int]:
-        return sorted(int(m.group(1)) for p in self.embeddings_dir.glob("epoch_*.npz") if (m := re.fullmatch(r"epoch_(\d+)\.npz", p.name)))
+        return _numbered_epochs(self.embeddings_dir, ".npz")
 
     def eval_path(self, epoch: int) -> Path:
         return self.eval_dir / f"epoch_{epoch:03d}.json"
@@ -423,19 +502,151 @@ class RunDir:
 
     def save_step_eval(self, step: int, result: dict[str, Any]) -> None:
         """An evaluation inside an epoch (train.eval_every_steps): early collapse shows up here."""
-        atomic_write_json(self.eval_dir / f"step_{step:08d}.json", {**result, "format_version": FORMAT_VERSION, "step": step})
+        path = self.eval_dir / f"step_{step:08d}.json"
+        atomic_write_json(path, {**result, "format_version": FORMAT_VERSION, "step": step})
 
     def load_eval(self, epoch: int) -> dict[str, Any]:
         return read_json(self.eval_path(epoch), f"evaluation of epoch {epoch}")
 
     def eval_epochs(self) -> list[int]:
-        return sorted(int(m.group(1)) for p in self.eval_dir.glob("epoch_*.json") if (m := re.fullmatch(r"epoch_(\d+)\.json", p.name)))
+        return _numbered_epochs(self.eval_dir, ".json")
+
+    # --- the dashboard's cache of 2-D layouts ----------------------------------------------------
+    def projection_path(self, method: str, epoch: int) -> Path:
+        if not re.fullmatch(r"[a-z0-9]+", method):
+            raise ValueError(f"projection method {method!r}: lowercase letters and digits only")
+        return self.projections_dir / f"{method}_epoch_{epoch:03d}.npz"
+
+    def save_projection(self, method: str, epoch: int, arrays: dict[str, np.ndarray]) -> None:
+        """Cache a layout (RunError when the run folder cannot be written: the caller goes on uncached)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self.projection_path(method, epoch), buffer.getvalue())
+
+    def load_projection(self, method: str, epoch: int) -> dict[str, np.ndarray] | None:
+        """A cached layout's arrays, or None when there is none or it cannot be read (then it is recomputed)."""
+        try:
+            with np.load(self.projection_path(method, epoch), allow_pickle=False) as data:
+                return {key: data[key] for key in data.files}
+        except Exception:  # noqa: BLE001 - missing, damaged or not an .npz: a cache miss
+            return None
+
+    # --- training: ownership, preparation, resumable state --------------------------------------
+    def lock_for_training(self) -> TrainerLock:
+        """Take the run's trainer lock (creating the folder), or RunError naming the process that holds it.
+        The lock is an fcntl record lock: the OS drops it when its process ends, even by kill -9, and the
+        DataLoader workers a trainer forks do not inherit it."""
+        return TrainerLock.acquire(self.path / LOCK_FILE)
+
+    def prepare_for_training(self, resume: bool, overwrite: bool) -> tuple[TrainerLock, bool]:
+        """Check the folder, take its trainer lock, then make it ready: refuse to clobber a run silently,
+        replace it under `overwrite`, remove the temporaries a killed writer left, and fail now, not after
+        an epoch, if the folder cannot be written. A run asked to resume that stopped before its first save
+        (run.json, but neither resumable state nor an epoch checkpoint) has nothing to continue from: it
+        is cleared and starts again. Returns (the lock, whether to resume from checkpoints/last/)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} exists and is not a folder")
+        if resume and not self.exists() and not self.has_state():
+            raise RunError(f"{self.path}: nothing to resume (no run.json); start it without --resume")
+        if not self.exists() and self.path.is_dir():
+            foreign = [p.name for p in self.path.iterdir()
+                       if p.name != LOCK_FILE and not STALE_TEMPORARY_PATTERN.fullmatch(p.name)]
+            if foreign:
+                raise RunError(f"{self.path} is a non-empty folder that is not a run; pick an empty or new --run-dir")
+        lock = self.lock_for_training()
+        try:
+            resume = self._make_ready(resume, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        return lock, resume
+
+    def _make_ready(self, resume: bool, overwrite: bool) -> bool:
+        if resume and not self.has_state():
+            if self.checkpoints():
+                raise RunError(f"{self.path}: nothing to resume from (checkpoints/last/{STATE_FILE} is missing); "
+                               "--overwrite starts the run again from step 0, deleting its epoch checkpoints")
+            print(f"{self.path}: stopped before its first save; starting it again from step 0", file=sys.stderr)
+            resume, overwrite = False, True
+        if not resume and self.exists():
+            if not overwrite:
+                status = self.read_info().get("status")
+                hint = "choose another --run-dir" if status == "completed" else "--resume continues it"
+                raise RunError(f"{self.path} already holds a {status} run: {hint}, or pass --overwrite to replace it")
+            for name in RUN_FILES:
+                target = self.path / name
+                with _writing(target):
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        self.remove_stale_temporaries()
+        try:
+            with tempfile.TemporaryFile(dir=self.path) as probe:  # leaves nothing behind, even if killed
+                probe.write(b"ok")
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as err:
+            raise RunError(
+                f"{self.path}: cannot write the run folder ({err.strerror or err}); fix permissions or free space"
+            ) from None
+        return resume
+
+    def has_state(self) -> bool:
+        """Whether checkpoints/last/ holds resumable state (its state.json, written after the files it names)."""
+        return (self.last_dir / STATE_FILE).is_file()
+
+    def save_state(self, model: torch.nn.Module, training: dict[str, Any], position: dict[str, int],
+                   cfg: BlipConfig) -> None:
+        """checkpoints/last/: the weights and `training` (optimizer state, RNG states: tensors and plain
+        containers) as new files first, state.json naming them with their sha256 and `position` last, then
+        older files removed. A crash at any point leaves a complete, loadable state. Files are named by step
+        and content, so a save never replaces a file the current state.json names with different bytes."""
+        weights, extra = encode_weights(model), encode_torch_state(training)
+        weights_sha, extra_sha = sha256_bytes(weights), sha256_bytes(extra)
+        step = position["step"]
+        names = {"weights": f"model-step{step:08d}-{weights_sha[:12]}.safetensors",
+                 "optimizer": f"optimizer-step{step:08d}-{extra_sha[:12]}.pt"}
+        atomic_write_bytes(self.last_dir / names["weights"], weights)
+        atomic_write_bytes(self.last_dir / names["optimizer"], extra)
+        atomic_write_json(self.last_dir / STATE_FILE, {
+            "format_version": FORMAT_VERSION, **position, **names,
+            "weights_sha256": weights_sha, "optimizer_sha256": extra_sha,
+            "config": cfg.to_dict(), "saved_at": now(),
+        })
+        for stale in self.last_dir.iterdir():
+            if stale.name not in (*names.values(), STATE_FILE) and not stale.name.startswith("."):
+                stale.unlink(missing_ok=True)
+
+    def load_state(self, model: torch.nn.Module, position_keys: tuple[str, ...]) -> SavedState:
+        """Restore checkpoints/last/'s weights into `model` and return the saved position and training state.
+        Every file is verified against the sha256 that state.json records, the training state is read
+        without unpickling; any damage is a CheckpointError naming the file."""
+        state_path = self.last_dir / STATE_FILE
+        state = read_json(state_path, "resumable state")
+        names = {key: state.get(key) for key in ("weights", "optimizer")}
+        position = {key: state.get(key) for key in position_keys}
+        bad = [f"{k}={v!r}" for k, v in names.items()
+               if not isinstance(v, str) or v in ("", ".", "..") or Path(v).name != v]  # a file of last/, nothing else
+        bad += [f"{k}={v!r}" for k, v in position.items() if type(v) is not int or v < 0]
+        if bad:
+            raise CheckpointError(f"{state_path}: damaged ({', '.join(bad)}); the run cannot be resumed")
+        weights_path, training_path = self.last_dir / names["weights"], self.last_dir / names["optimizer"]
+        load_model_state(model, read_verified_weights(weights_path, state.get("weights_sha256")), str(weights_path))
+        try:
+            actual = sha256_file(training_path)
+        except OSError as err:
+            raise CheckpointError(f"{training_path}: cannot be read ({err.strerror or err})") from None
+        if actual != state.get("optimizer_sha256"):
+            raise CheckpointError(f"{training_path}: sha256 does not match {STATE_FILE} (truncated or corrupted)")
+        training = load_torch_state(training_path)
+        if not isinstance(training, dict):
+            raise CheckpointError(f"{training_path}: not the optimizer state of this run (a {type(training).__name__})")
+        return SavedState(position, training, training_path)
 
     # --- after a crash -------------------------------------------------------------------------
     def remove_stale_temporaries(self) -> None:
         """Delete the temporary files (".<name>.XXXXXXXX.tmp") that a writer killed mid-write left in the run
         folder and its subfolders. Only the run's writer may call this, before it starts writing."""
-        for folder in (self.path, self.checkpoints_dir, self.last_dir, self.embeddings_dir, self.eval_dir):
+        for folder in (self.path, self.checkpoints_dir, self.last_dir, self.embeddings_dir, self.eval_dir,
+                       self.projections_dir):
             for path in folder.glob(".*.tmp") if folder.is_dir() else []:
                 if STALE_TEMPORARY_PATTERN.fullmatch(path.name) and path.is_file() and not path.is_symlink():
                     path.unlink(missing_ok=True)
@@ -479,10 +690,6 @@ def iter_metrics(path: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _usable_config(value: Any, source: Path, error: type[RunError]) -> BlipConfig:
     """BlipConfig.from_dict of a config read from `source`, or `error` naming the file and the problem."""
     if not isinstance(value, dict):
@@ -491,6 +698,12 @@ def _usable_config(value: Any, source: Path, error: type[RunError]) -> BlipConfi
         return BlipConfig.from_dict(value)
     except Exception as err:  # noqa: BLE001 - any field of the wrong type or value makes the file unusable
         raise error(f"{source}: config is not usable ({type(err).__name__}: {err})") from None
+
+
+def _numbered_epochs(folder: Path, suffix: str) -> list[int]:
+    """The N of the files epoch_NNN<suffix> in `folder`, sorted."""
+    pattern = re.compile(r"epoch_(\d+)" + re.escape(suffix))
+    return sorted(int(m.group(1)) for p in folder.glob(f"epoch_*{suffix}") if (m := pattern.fullmatch(p.name)))
 
 
 def now() -> str:
@@ -509,4 +722,4 @@ def list_runs(runs_dir: str | Path) -> list[RunDir]:
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    return [RunDir(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and (p / "run.json").is_file()]
+    return [RunDir(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and RunDir(p).exists()]

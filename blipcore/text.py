@@ -81,7 +81,7 @@ class KVCache:
     layers: list[dict[str, LayerCache]] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, depth: int) -> "KVCache":
+    def empty(cls, depth: int) -> KVCache:
         return cls([{"self": {}, "cross": {}} for _ in range(depth)])
 
     @property

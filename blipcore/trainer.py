@@ -2,12 +2,16 @@
 autocast on CUDA, DistributedDataParallel, exact resume, progress bars, evaluation at epoch ends.
 
 Determinism: the data order is a DistributedSampler permutation seeded by (seed, epoch), so the
-global batches are the same for any number of processes; augmentation draws from a per-sample seed
-(the dataset's job); evaluation runs under a forked RNG so it never shifts training's random stream,
-and the data loader draws from its own generator, not the global one.
-A run stopped or killed and resumed on CPU ends with the same weights as one never stopped: every
-file is replaced atomically, checkpoints/last/ files are named by step and content, and state.json
-(which names them, with their sha256) is written last.
+global batches are the same for any number of processes; captions and augmentation draw from a
+per-sample seed (the dataset's job), so DataLoader workers' own random streams never matter;
+evaluation runs under a forked RNG so it never shifts training's random stream, and the data loader
+draws from its own generator, not the global one. A run stopped or killed and resumed on CPU ends
+with the same weights as one never stopped, with or without workers: every file is replaced
+atomically and checkpoints/last/ is written state.json last (blipcore.runs).
+
+One trainer per run folder: the main process holds the run's trainer lock from before it touches
+the folder until it ends. SIGINT / SIGTERM (to the process or its whole group) finish the current
+step, save and stop; DataLoader workers ignore both, so a signal to the group cannot kill them first.
 """
 
 from __future__ import annotations
@@ -16,15 +20,14 @@ import contextlib
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,11 +38,11 @@ from tqdm.auto import tqdm
 from . import runs
 from .config import BlipConfig
 from .decoding import check_strategy_names
+from .metrics import is_number, metric
 from .model import BLIP
-from .runs import CheckpointError, RunDir, RunError
+from .runs import CheckpointError, RunDir
 
-LOSS_TERMS = ("loss", "itc", "lm", "itm")
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "embeddings", "eval", "projections")
+POSITION_KEYS = ("step", "epoch", "batch_in_epoch")  # where training stands: saved in checkpoints/last/state.json
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,6 +127,14 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGINT / SIGTERM sent to the whole process group (Ctrl-C, `timeout`,
+    `docker stop`, Slurm) are the main process's to handle. A worker killed by them would fail the run
+    before the main process could finish its step and save; the main process stops its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # --- run metadata ------------------------------------------------------------------------------
 def environment_info(device: torch.device) -> dict[str, Any]:
     import numpy
@@ -138,7 +149,10 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "numpy": numpy.__version__,
     }
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"{platform.machine()}, {os.cpu_count()} cores"
     return {"versions": versions, "device": {"type": device.type, "name": device_name}, "git_revision": git_revision()}
 
 
@@ -150,48 +164,6 @@ def git_revision() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
-
-
-def prepare_run_dir(run: RunDir, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run silently, and fail before training if the folder cannot be written.
-    Temporary files that a process killed mid-write left in the run are removed. A run asked to resume
-    that stopped before its first save (run.json, but neither checkpoints/last/state.json nor an epoch
-    checkpoint) has nothing to continue from: it is cleared and starts again from step 0."""
-    if run.path.exists() and not run.path.is_dir():
-        raise RunError(f"{run.path} exists and is not a folder")
-    if resume and not (run.last_dir / "state.json").is_file():
-        if not run.exists():
-            raise RunError(f"{run.path}: nothing to resume (no run.json); start it without --resume")
-        if run.checkpoints():
-            raise RunError(f"{run.path}: nothing to resume from (checkpoints/last/state.json is missing); "
-                           "--overwrite starts the run again from step 0, deleting its epoch checkpoints")
-        tqdm.write(f"{run.path}: stopped before its first save; starting it again from step 0")
-        resume, overwrite = False, True
-    if resume:
-        run.remove_stale_temporaries()
-    elif run.exists():
-        status = run.read_info().get("status")
-        if not overwrite:
-            hint = "--resume continues it" if status != "completed" else "choose another --run-dir"
-            raise RunError(f"{run.path} already holds a {status} run: {hint}, or pass --overwrite to replace it")
-        for name in RUN_FILES:
-            target = run.path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        run.remove_stale_temporaries()
-    elif run.path.is_dir():
-        if any(not runs.STALE_TEMPORARY_PATTERN.fullmatch(p.name) for p in run.path.iterdir()):
-            raise RunError(f"{run.path} is a non-empty folder that is not a run; pick an empty or new --run-dir")
-        run.remove_stale_temporaries()  # a first start killed while writing run.json
-    try:
-        run.path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run.path) as probe:  # leaves nothing behind, even if killed
-            probe.write(b"ok")
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as err:
-        raise RunError(
-            f"{run.path}: cannot write the run folder ({err.strerror or err}); fix permissions or free space"
-        ) from None
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -215,27 +187,34 @@ class Trainer:
 
     # The trainer is long; its parts are methods in the order fit() calls them.
     def fit(self) -> dict[str, Any]:
+        """Train to the end of the step budget (or until stopped). Returns the summary (status, step,
+        epoch, run_dir, train_seconds, best) on the main process, and {} on the other DDP ranks."""
         cfg = self.cfg
         check_strategy_names(cfg.train.eval_strategies)  # now, not after the first epoch's training
-        self.dist = init_distributed("cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+        wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.device = select_device(cfg.train.device, self.dist)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.dist.is_main:
-            prepare_run_dir(self.run, self.resume, self.overwrite)
-        barrier(self.dist)
-        self.resume = self.resume and (self.run.last_dir / "state.json").is_file()  # prepare_run_dir's decision
-        self._build()
-        if self.dist.is_main:
-            self._write_run_info()
+        lock = None
+        if self.dist.is_main:  # one trainer per run folder: the main process holds its lock until it ends
+            lock, _ = self.run.prepare_for_training(self.resume, self.overwrite)
         try:
-            with self._graceful_interrupt():
-                self._train()
-        except BaseException as err:
+            barrier(self.dist)
+            self.resume = self.resume and self.run.has_state()  # prepare_for_training's decision
+            self._build()
             if self.dist.is_main:
-                self._mark_failed(err)
-            raise
+                self._write_run_info()
+            try:
+                with self._graceful_interrupt():
+                    self._train()
+            except BaseException as err:
+                if self.dist.is_main:
+                    self._mark_failed(err)
+                raise
         finally:
+            if lock is not None:
+                lock.release()
             if self.dist.world_size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
         return self.summary
@@ -338,7 +317,7 @@ class Trainer:
             loader = DataLoader(  # its own generator: starting an epoch (or a resumed one) leaves the global RNG alone
                 self.train_set, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=self.collate,
                 num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed + self.epoch),
+                generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=ignore_stop_signals,
             )
             micro: list[dict] = []
             for batch in loader:
@@ -367,7 +346,10 @@ class Trainer:
                 self._end_of_epoch()
         bar.close()
         finished = self.step >= self.total_steps or self.epoch >= cfg.epochs
-        self._save_state()
+        if finished and self.batch_in_epoch:
+            self._end_of_epoch()  # a step budget that ends inside an epoch: its final weights are the run's result
+        else:
+            self._save_state()
         if self.dist.is_main:
             status = "completed" if finished else "interrupted"
             info = self.run.update_info(
@@ -380,7 +362,8 @@ class Trainer:
 
     def _optimizer_step(self, micro: list[dict]) -> tuple[dict[str, float], float, int]:
         """One optimiser step over the accumulated micro-batches; raises before applying a non-finite update."""
-        lr = learning_rate(self.step, self.total_steps, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.min_lr_ratio)
+        train = self.cfg.train
+        lr = learning_rate(self.step, self.total_steps, train.lr, train.warmup_steps, train.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.ddp_model.train()
@@ -430,7 +413,7 @@ class Trainer:
         elapsed = max(time.time() - window["time"], 1e-9)
         means = {k: v / window["count"] for k, v in window["sums"].items()}
         record = {
-            "step": self.step, "epoch": round(self.epoch + self.batch_in_epoch / self.batches_per_epoch, 4),
+            "step": self.step, "epoch": self._epoch_progress(),
             "split": "train", **means, "lr": self.optimizer.param_groups[0]["lr"],
             "temperature": float(self.model.temperature) if self.model.use_itc else None,
             "grad_norm": window["grad"] / window["count"], "samples_per_s": window["samples"] / elapsed,
@@ -442,12 +425,21 @@ class Trainer:
 
     # --- epoch ends, evaluation and state ------------------------------------------------------
     def _end_of_epoch(self) -> None:
-        metrics = self._evaluate(label=f"epoch_{self.epoch:03d}", epoch=self.epoch)
+        """Evaluate, write the epoch checkpoint, update the best metrics, save resumable state. A run whose
+        step budget ends inside an epoch ends here too: its checkpoint carries the number of the epoch in
+        progress (a resumed run that finishes that epoch replaces it) and `epoch_progress` in its sidecar."""
+        number = self.epoch + (1 if self.batch_in_epoch else 0)
+        metrics = self._evaluate(label=f"epoch_{number:03d}", epoch=number)
         if self.dist.is_main:
-            self.run.save_checkpoint(self.model, self.cfg, self.epoch, self.step, metrics)
+            self.run.save_checkpoint(self.model, self.cfg, number, self.step, metrics,
+                                     epoch_progress=self._epoch_progress())
             self.run.prune_checkpoints(self.cfg.train.keep_checkpoints)
-            self._update_best(metrics)
+            self._update_best(metrics, number)
         self._save_state()
+
+    def _epoch_progress(self) -> float:
+        """Epochs done, with the fraction of the epoch in progress."""
+        return round(self.epoch + self.batch_in_epoch / self.batches_per_epoch, 4)
 
     def _evaluate(self, label: str, epoch: int | None) -> dict[str, Any]:
         """Validation losses, retrieval, captioning and the embeddings dump, on the main process only,
@@ -460,90 +452,50 @@ class Trainer:
                 self.model.eval()
                 metrics = evaluate_run_epoch(
                     self.model, self.cfg, self.datasets, self.run, epoch=epoch, step=self.step, label=label,
-                    device=self.device, progress=self.progress,
+                    device=self.device, progress=self.progress, epoch_progress=self._epoch_progress(),
                 )
                 self.model.train()
         barrier(self.dist)
         return metrics
 
-    def _update_best(self, metrics: dict[str, Any]) -> None:
+    def _update_best(self, metrics: dict[str, Any], epoch: int) -> None:
+        """Record in run.json each metric's best value so far and its epoch, in the metric's declared
+        better direction (blipcore.metrics); metrics without one (lengths, settings) are not ranked."""
         best = self.run.read_info().get("best", {})
         for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or value is None:
+            declared = metric(key)
+            if declared is None or declared.better is None or not is_number(value):
                 continue
-            lower_is_better = key.startswith("val_") or key.endswith(("loss", "repetition_rate"))
             old = best.get(key)
-            if old is None or (value < old["value"] if lower_is_better else value > old["value"]):
-                best[key] = {"value": value, "epoch": self.epoch}
+            old_value = old.get("value") if isinstance(old, dict) else None
+            if declared.improves(value, old_value if is_number(old_value) else None):
+                best[key] = {"value": value, "epoch": epoch}
         self.run.update_info(best=best, epochs_done=self.epoch, steps_done=self.step)
 
     def _save_state(self) -> None:
-        """checkpoints/last/: new weight and optimizer files first, state.json (naming them) last,
-        then older files removed — a crash at any point leaves a complete, loadable state. The files
-        are named by step and content, so a save never replaces a file the current state.json names
-        with different bytes."""
-        if not self.dist.is_main:
-            barrier(self.dist)
-            return
-        last = self.run.last_dir
-        weights = runs.encode_weights(self.model)
-        optim = runs.encode_torch_state({
-            "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-        })
-        weights_sha, optim_sha = runs.sha256_bytes(weights), runs.sha256_bytes(optim)
-        weights_name = f"model-step{self.step:08d}-{weights_sha[:12]}.safetensors"
-        optim_name = f"optimizer-step{self.step:08d}-{optim_sha[:12]}.pt"
-        runs.atomic_write_bytes(last / weights_name, weights)
-        runs.atomic_write_bytes(last / optim_name, optim)
-        runs.atomic_write_json(last / "state.json", {
-            "format_version": runs.FORMAT_VERSION,
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "weights": weights_name, "weights_sha256": weights_sha,
-            "optimizer": optim_name, "optimizer_sha256": optim_sha,
-            "config": self.cfg.to_dict(), "saved_at": runs.now(),
-        })
-        for stale in last.iterdir():
-            if stale.name not in (weights_name, optim_name, "state.json") and not stale.name.startswith("."):
-                stale.unlink(missing_ok=True)
+        """checkpoints/last/ (RunDir.save_state): weights, optimizer and RNG states, and the position."""
+        if self.dist.is_main:
+            training = {
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            }
+            position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+            self.run.save_state(self.model, training, position, self.cfg)
         barrier(self.dist)
 
     def _load_state(self) -> None:
-        """Restore checkpoints/last/: every file verified against the sha256 that state.json records,
-        the optimizer file read without unpickling; any damage is a CheckpointError naming the file."""
-        last = self.run.last_dir
-        state_path = last / "state.json"
-        state = runs.read_json(state_path, "resumable state")
-        names = {key: state.get(key) for key in ("weights", "optimizer")}
-        position = {key: state.get(key) for key in ("step", "epoch", "batch_in_epoch")}
-        bad = [f"{k}={v!r}" for k, v in names.items()
-               if not isinstance(v, str) or v in ("", ".", "..") or Path(v).name != v]  # a file of last/, nothing else
-        bad += [f"{k}={v!r}" for k, v in position.items() if type(v) is not int or v < 0]
-        if bad:
-            raise CheckpointError(f"{state_path}: damaged ({', '.join(bad)}); the run cannot be resumed")
-        weights = runs.read_verified_weights(last / names["weights"], state.get("weights_sha256"))
-        runs.load_model_state(self.model, weights, str(last / names["weights"]))
-        optim_path = last / names["optimizer"]
-        expected = state.get("optimizer_sha256")
+        """Restore checkpoints/last/ (RunDir.load_state verifies every file), then the optimizer and RNGs."""
+        saved = self.run.load_state(self.model, POSITION_KEYS)
         try:
-            actual = runs.sha256_file(optim_path)
-        except OSError as err:
-            raise CheckpointError(f"{optim_path}: cannot be read ({err.strerror or err})") from None
-        if actual != expected:
-            raise CheckpointError(f"{optim_path}: sha256 does not match state.json (truncated or corrupted)")
-        saved = runs.load_torch_state(optim_path)
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{optim_path}: not the optimizer state of this run (a {type(saved).__name__})")
-        try:
-            self.optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["torch_rng"])
-            if self.device.type == "cuda" and saved.get("cuda_rng"):
-                torch.cuda.set_rng_state_all(saved["cuda_rng"])
+            self.optimizer.load_state_dict(saved.training["optimizer"])
+            torch.set_rng_state(saved.training["torch_rng"])
+            if self.device.type == "cuda" and saved.training.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(saved.training["cuda_rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             problem = f"{type(err).__name__}: {err}"
-            raise CheckpointError(f"{optim_path}: not the optimizer state of this run ({problem})") from None
-        self.step, self.epoch, self.batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
+            raise CheckpointError(f"{saved.source}: not the optimizer state of this run ({problem})") from None
+        self.step, self.epoch, self.batch_in_epoch = (saved.position[key] for key in POSITION_KEYS)
         if self.dist.is_main:
             self.run.truncate_metrics(after_step=self.step)
 

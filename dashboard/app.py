@@ -16,10 +16,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import common  # noqa: I001 - first: puts the repository on sys.path for blipcore
-import figures
-import launcher
+from blipcore.metrics import GROUPS, Metric, metric
 from blipcore.runs import RunDir
+from dashboard import common, figures, launcher
 
 # Not "pages/": Streamlit treats a folder of that name beside the main script as a v1 multipage app until
 # st.navigation has run once, so a fresh server's first request for a page URL would run that page alone,
@@ -27,7 +26,6 @@ from blipcore.runs import RunDir
 PAGES_DIR = Path(__file__).parent / "views"
 STATUS_COLOURS = {"running": "#17A398", "completed": "#2E6BE6", "interrupted": "#B7791F", "failed": "#C0392B",
                   "unreadable": "#C0392B"}
-BEST_KEYS = ("val_loss", "i2t_r1", "t2i_r1")
 STALLED_AFTER_S = 600
 POLL_S = 2.0
 
@@ -51,9 +49,17 @@ def _note(summary: common.RunSummary, run: RunDir) -> str:
     return ""
 
 
+def best_columns(summaries: list[common.RunSummary]) -> dict[str, Metric]:
+    """The headline metrics (the registry's `headline` flag: validation loss, R@1 both ways, CIDEr per
+    decoding strategy) that some run has a best value of, by group and then name."""
+    found = {key: declared for s in summaries for key in s.best
+             if (declared := metric(key)) is not None and declared.headline}
+    return {key: found[key] for key in sorted(found, key=lambda k: (GROUPS.index(found[k].group), k))}
+
+
 def runs_table(summaries: list[common.RunSummary]) -> pd.DataFrame:
     """One row per run: status, preset, checkpoints, progress, best metrics, last update, note."""
-    cider_keys = sorted({k for s in summaries for k in s.best if k.endswith("_cider")})
+    best_keys = list(best_columns(summaries))
     rows = []
     for summary in summaries:
         run = RunDir(summary.path)
@@ -68,7 +74,7 @@ def runs_table(summaries: list[common.RunSummary]) -> pd.DataFrame:
             "progress": done / total if total else None,
             "steps": f"{done} / {total}" if total else str(done or ""),
         }
-        for key in (*BEST_KEYS, *cider_keys):
+        for key in best_keys:
             best = summary.best.get(key)
             row[key] = best.get("value") if isinstance(best, dict) else None
         row["updated"] = datetime.fromtimestamp(time.time() - age) if age is not None else None
@@ -79,13 +85,14 @@ def runs_table(summaries: list[common.RunSummary]) -> pd.DataFrame:
 
 def show_runs_table(summaries: list[common.RunSummary]) -> None:
     table = runs_table(summaries)
-    metric_columns = {k: st.column_config.NumberColumn(k, help=f"best {k} over the epochs")
-                      for k in table.columns if k in BEST_KEYS or k.endswith("_cider")}
+    best = best_columns(summaries)
+    metric_columns = {
+        key: st.column_config.NumberColumn(key, help=f"{m.label}: the best over the epochs ({m.better} is better)")
+        for key, m in best.items()
+    }
     styled = table.style.map(lambda v: f"color: {STATUS_COLOURS.get(v, 'inherit')}; font-weight: 600",
                              subset=["status"])
-    recalls = [k for k in metric_columns if re.match(r"(i2t|t2i)_r\d+$", k)]
-    styled = styled.format(precision=3, na_rep="", subset=[k for k in metric_columns if k not in recalls])
-    styled = styled.format(precision=1, na_rep="", subset=recalls)
+    styled = styled.format({key: m.format for key, m in best.items()}, na_rep="")
     st.dataframe(
         styled, hide_index=True, width="stretch", placeholder="–",
         column_config={
@@ -180,7 +187,7 @@ def choose_runs(summaries: list[common.RunSummary]) -> None:
     if chosen:
         st.session_state["selected_run"] = chosen[0]
     cols = st.columns(3)
-    for col, page in zip(cols, ("1_Training.py", "2_Alignment.py", "3_Embeddings.py")):
+    for col, page in zip(cols, ("1_Training.py", "2_Alignment.py", "3_Embeddings.py"), strict=True):
         if (PAGES_DIR / page).is_file():
             col.page_link(str(PAGES_DIR / page), label=f"Open {page[2:-3]} →")
 
@@ -199,11 +206,15 @@ def latest_captions(run: RunDir, count: int = 6) -> None:
     if not samples:
         return
     metrics = entry.get("metrics", {})
+
+    def shown(key: str) -> str:
+        declared = metric(key)
+        return f"{declared.label} {declared.format(metrics.get(key))}"
+
     st.subheader(f"Latest captions: `{run.name}`, epoch {epochs[-1]}, {name} decoding")
-    st.caption(f"CIDEr {metrics.get('cider', float('nan')):.3f} · share of the most common caption "
-               f"{metrics.get('top_caption_share', float('nan')):.0%} · repetition rate "
-               f"{metrics.get('repetition_rate', float('nan')):.2f} — the Caption and Decoding pages go further.")
-    for col, sample in zip(st.columns(len(samples)), samples):
+    st.caption(f"{shown('cider')} · {shown('top_caption_share')} · {shown('repetition_rate')} — the Caption and "
+               "Decoding pages go further.")
+    for col, sample in zip(st.columns(len(samples)), samples, strict=True):
         thumbnail = figures.load_thumbnail(sample.get("file_path", ""), 128)
         if thumbnail is not None:
             col.image(thumbnail)

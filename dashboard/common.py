@@ -17,13 +17,9 @@ from typing import Any
 
 import streamlit as st
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `streamlit run dashboard/app.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+from blipcore.paths import DEFAULT_RUNS_DIR
+from blipcore.runs import CheckpointError, RunDir, RunError, list_runs
 
-from blipcore.runs import CheckpointError, RunDir, RunError, list_runs  # noqa: E402
-
-DEFAULT_RUNS_DIR = "runs"
 MAX_UPLOAD_PIXELS = 40_000_000  # refuse uploads above this many pixels with a message
 
 
@@ -177,7 +173,8 @@ def lazy_tabs(sections: Mapping[str, Callable[[], None]], key: str) -> None:
     """Tabs whose content runs only while open: switching tabs reruns the script (or fragment) and
     only the chosen section is computed, built and sent, so a page's first render draws one section
     instead of all of them. The open tab's label is kept in st.session_state[key]."""
-    for tab, section in zip(st.tabs(list(sections), key=key, on_change="rerun"), sections.values()):
+    tabs = st.tabs(list(sections), key=key, on_change="rerun")
+    for tab, section in zip(tabs, sections.values(), strict=True):
         if tab.open:
             with tab:
                 section()

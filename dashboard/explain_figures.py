@@ -18,16 +18,13 @@ from PIL import Image
 from plotly.subplots import make_subplots
 
 from blipcore.explain import TokenAttention, overlay_heatmap
-from blipcore.metrics import COLLAPSE_METRIC_DOCS
+from blipcore.metrics import COLLAPSE_METRIC_DOCS, metrics_in
 
 LOOP_COLOUR = "#d62728"
-# Collapse metrics drawn as bars: the numeric ones, in COLLAPSE_METRIC_DOCS order.
-COLLAPSE_BARS = (
-    "repetition_rate", "longest_run", "distinct_1", "distinct_2", "top_caption_share", "unique_captions",
-    "vocab_used", "mean_length", "mean_entropy",
-)
+# Collapse metrics drawn as bars: the numeric ones of the registry's "collapse" group, in declaration order.
+COLLAPSE_BARS = tuple(m.key for m in metrics_in("collapse") if m.fmt != "s")
 # Captioning scores first, then collapse metrics: the columns of a per-strategy table.
-CAPTION_SCORES = ("bleu1", "bleu4", "meteor", "rouge_l", "cider")
+CAPTION_SCORES = tuple(m.key for m in metrics_in("captioning") if m.fmt != "s")
 
 
 # --- images ----------------------------------------------------------------------------------------
@@ -214,7 +211,7 @@ def checkpoint_metrics_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     validation losses, then retrieval in reading order (image→text R@1, R@5, R@10, text→image, rsum),
     then the per-strategy captioning columns."""
     table = pd.DataFrame(list(rows)).set_index(["run", "epoch"])
-    retrieval = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]
+    retrieval = [m.key for m in metrics_in("retrieval")]  # i2t R@1/5/10, t2i R@1/5/10, rsum
     first = sorted(c for c in table.columns if c.startswith("val_")) + [c for c in retrieval if c in table.columns]
     return table[first + sorted(c for c in table.columns if c not in first)]
 
@@ -234,13 +231,14 @@ def collapse_bar_figure(metrics: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     rows = -(-len(shown) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=shown, vertical_spacing=0.14, horizontal_spacing=0.07)
     names = list(metrics)
+    formats = {m.key: m.fmt for m in metrics_in("collapse")}  # Python format specs that d3-format reads alike
     for i, metric in enumerate(shown):
         values = [metrics[n].get(metric) for n in names]
         fig.add_trace(
             go.Bar(
                 x=names, y=[v if isinstance(v, (int, float)) else None for v in values], name=metric,
                 marker={"color": [f"hsl({round(360 * k / max(1, len(names)))}, 55%, 50%)" for k in range(len(names))]},
-                hovertemplate=f"%{{x}}: %{{y:.3f}}<extra>{COLLAPSE_METRIC_DOCS[metric]}</extra>",
+                hovertemplate=f"%{{x}}: %{{y:{formats[metric]}}}<extra>{COLLAPSE_METRIC_DOCS[metric]}</extra>",
             ),
             row=i // cols + 1, col=i % cols + 1,
         )

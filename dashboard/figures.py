@@ -8,9 +8,10 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import altair as alt
 import numpy as np
@@ -18,6 +19,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
+
+from blipcore.metrics import RECALL_KS, Metric, metrics_in
+from blipcore.paths import project_path
 
 RUN_COLOURS = ("#2E6BE6", "#E4572E", "#17A398", "#8E44AD", "#F2A541", "#5D6D7E", "#C0392B", "#27AE60")
 MODALITY_COLOURS = {"image": "#E4572E", "text": "#2E6BE6"}
@@ -258,20 +262,29 @@ def similarity_histogram(sim: np.ndarray) -> go.Figure:
     return _finish(fig, 330)
 
 
-RECALL_KS = (1, 5, 10)
+def recall_metrics() -> dict[str, dict[int, Metric]]:
+    """The registry's R@K metrics by retrieval direction: {"image→text": {1: <i2t_r1>, 5: ..., 10: ...},
+    "text→image": {...}}, directions and K in declaration order."""
+    directions: dict[str, dict[int, Metric]] = {}
+    for declared in metrics_in("retrieval"):
+        for k in RECALL_KS:
+            if declared.key.endswith(f"_r{k}") and declared.label.endswith(f" R@{k}"):
+                directions.setdefault(declared.label.removesuffix(f" R@{k}"), {})[k] = declared
+    return directions
 
 
 def retrieval_figure(epochs: Sequence[int], retrieval: Sequence[Mapping[str, float]]) -> go.Figure:
     """R@1/5/10 per epoch, image→text solid and text→image dashed (percent)."""
     fig = go.Figure()
+    directions = recall_metrics()
     for k_index, k in enumerate(RECALL_KS):
         colour = run_colour(k_index)
-        for direction, dash, label in (("i2t", "solid", "image→text"), ("t2i", "dash", "text→image")):
-            key = f"{direction}_r{k}"
-            points = [(e, r[key]) for e, r in zip(epochs, retrieval) if r.get(key) is not None]
+        for dash, by_k in zip(DASHES, directions.values(), strict=False):
+            key = by_k[k].key
+            points = [(e, r[key]) for e, r in zip(epochs, retrieval, strict=True) if r.get(key) is not None]
             if points:
                 fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
-                                         name=f"{label} R@{k}", line=dict(color=colour, dash=dash, width=2)))
+                                         name=by_k[k].label, line=dict(color=colour, dash=dash, width=2)))
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_yaxes(title_text="recall (%)", range=[0, 102])
     return _finish(fig, 330)
@@ -365,7 +378,7 @@ def load_thumbnail(path: str, size: int = 192) -> Image.Image | None:
     """
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
-        candidate = Path(__file__).resolve().parents[1] / candidate
+        candidate = project_path(candidate)
     try:
         with Image.open(candidate) as opened:
             image = opened.convert("RGB")

@@ -21,7 +21,6 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from common import MAX_UPLOAD_PIXELS, guarded, load_model, select_runs, stop_with  # noqa: I001 - first: sys.path
 from blipcore.data import ImageLoadError, build_datasets, build_transform, load_image
 from blipcore.data.coco import ImageRecord
 from blipcore.decoding import Caption, DecodingConfig, generate
@@ -30,7 +29,8 @@ from blipcore.metrics import collapse_metrics
 from blipcore.model import BLIP
 from blipcore.runs import Checkpoint, RunDir, RunError
 from blipcore.tokenizer import tokenize_captions
-from explain_figures import upscale
+from dashboard.common import MAX_UPLOAD_PIXELS, guarded, load_model, select_runs, stop_with
+from dashboard.explain_figures import upscale
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "gif"]
 BATCH_SIZE = 32  # images per generate() call: batched for speed, small enough for a laptop's memory
@@ -51,7 +51,7 @@ class Loaded:
     key: tuple[str, int, str]
 
     @classmethod
-    def of(cls, run: RunDir, model: BLIP, ckpt: Checkpoint) -> "Loaded":
+    def of(cls, run: RunDir, model: BLIP, ckpt: Checkpoint) -> Loaded:
         return cls(run, ckpt.epoch, model, (str(run.path), ckpt.epoch, str(ckpt.meta.get("sha256", ""))))
 
     @property
@@ -233,7 +233,7 @@ def caption_uploads(
         readable.append((results[-1], picked))
     for loaded in checkpoints:
         texts = captions(loaded, [picked for _, picked in readable], decoding)
-        for (result, _), caption in zip(readable, texts):
+        for (result, _), caption in zip(readable, texts, strict=True):
             result.captions.append((loaded.run.name, loaded.epoch, caption.text))
     return results
 

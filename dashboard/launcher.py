@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from blipcore.paths import PROJECT_ROOT
 from blipcore.runs import RunDir, RunError, atomic_write_bytes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PID_FILE = ".demo-train.pid"
 LOCK_FILE = ".demo-train.lock"
 LOG_FILE = ".demo-train.log"
@@ -50,7 +50,8 @@ def _start_ticks(pid: int) -> int | None:
 def demo_command(root: Path) -> list[str]:
     """Train runs/demo from scratch, or resume it when an unfinished demo left resumable state."""
     run = RunDir(root / DEMO_NAME)
-    command = [sys.executable, "-m", "train", "fit", "--run-dir", str(run.path), "--no-progress"]
+    # absolute: the trainer runs in PROJECT_ROOT, the runs folder is relative to the dashboard's own folder
+    command = [sys.executable, "-m", "train", "fit", "--run-dir", str(run.path.absolute()), "--no-progress"]
     if (run.last_dir / "state.json").is_file() and run_status(run) != "completed":
         return command + ["--resume"]
     return command + ["--preset", "demo"] + (["--overwrite"] if run.path.exists() else [])
@@ -110,7 +111,7 @@ def start_demo(root: Path, command: list[str] | None = None) -> DemoJob:
         command = command or demo_command(root)
         log = root / LOG_FILE
         with open(log, "wb") as out:
-            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         job = DemoJob(process.pid, command, time.time(), log, _start_ticks(process.pid))
         record = {"pid": job.pid, "command": command, "started": job.started, "log": str(log),

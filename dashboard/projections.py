@@ -7,9 +7,10 @@ image and its caption in the picture means something. Two methods:
 * UMAP (umap-learn, cosine metric, fixed seed): neighbourhoods and clusters, but 15 s of numba JIT
   on first use and 5-15 s a fit, so it is only computed on request.
 
-Layouts are cached on disk next to the run, `runs/<name>/projections/<method>_epoch_NNN.npz`, written
-atomically and keyed by the sha256 of the embeddings file they came from: a re-evaluated epoch is
-recomputed, an unchanged one is read back in milliseconds.
+Layouts are cached on disk in the run folder (`RunDir.save_projection` / `load_projection`, which own the
+path: `runs/<name>/projections/<method>_epoch_NNN.npz`), written atomically and keyed by the sha256 of the
+embeddings file they came from: a re-evaluated epoch is recomputed, an unchanged one is read back in
+milliseconds. A run folder that cannot be written to still gets its layouts, only not cached.
 
 Comparable across epochs: each epoch's layout is fitted on its own (so it is exactly what that
 epoch's embeddings look like), then aligned to a reference epoch's layout with an orthogonal
@@ -21,14 +22,12 @@ every time one is added, and changes the picture of earlier epochs, which this m
 
 from __future__ import annotations
 
-import io
 import logging
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from blipcore.runs import RunDir, atomic_write_bytes, sha256_file
+from blipcore.runs import RunDir, RunError, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +82,18 @@ def procrustes_align(layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (s.sum() / norm) * a @ (u @ vt) + mean_r
 
 
-# --- the disk cache ----------------------------------------------------------------------------
-def cache_path(run: RunDir, method: str, epoch: int) -> Path:
-    return run.path / "projections" / f"{method}_epoch_{epoch:03d}.npz"
-
-
-def _read_cache(path: Path, key: str) -> np.ndarray | None:
+# --- the disk cache (RunDir owns its files) ----------------------------------------------------
+def _read_cache(run: RunDir, method: str, epoch: int, key: str) -> np.ndarray | None:
+    """The cached layout when it was computed from the embeddings whose sha256 is `key`, else None (none
+    cached, or damaged, or from other embeddings, or from another version of this module: recompute)."""
+    data = run.load_projection(method, epoch)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if int(data["version"]) == CACHE_VERSION and str(data["key"]) == key:
-                return np.asarray(data["layout"], dtype=np.float64)
-    except (OSError, ValueError, KeyError, EOFError):
-        pass  # missing or damaged: recompute
+        if data is not None and int(data["version"]) == CACHE_VERSION and str(data["key"]) == key:
+            layout = np.asarray(data["layout"], dtype=np.float64)
+            if layout.ndim == 2 and layout.shape[1] == 2:
+                return layout
+    except (KeyError, TypeError, ValueError):
+        pass  # arrays missing or of the wrong kind: a damaged cache
     return None
 
 
@@ -103,7 +102,7 @@ def cached_layout(run: RunDir, epoch: int, method: str) -> np.ndarray | None:
     embeddings = run.embeddings_path(epoch)
     if not embeddings.is_file():
         return None
-    return _read_cache(cache_path(run, method, epoch), sha256_file(embeddings))
+    return _read_cache(run, method, epoch, sha256_file(embeddings))
 
 
 def layout(run: RunDir, epoch: int, method: str) -> np.ndarray:
@@ -115,20 +114,18 @@ def layout(run: RunDir, epoch: int, method: str) -> np.ndarray:
         raise ValueError(f"unknown projection {method!r}; known: {', '.join(PROJECTORS)}")
     embeddings = run.embeddings_path(epoch)
     key = sha256_file(embeddings) if embeddings.is_file() else ""
-    path = cache_path(run, method, epoch)
-    found = _read_cache(path, key) if key else None
+    found = _read_cache(run, method, epoch, key) if key else None
     if found is not None:
         return found
     data = run.load_embeddings(epoch)  # raises RunError with the reason when missing or unreadable
-    coords = PROJECTORS[method](joint_embeddings(data))
-    buffer = io.BytesIO()
-    np.savez(buffer, layout=coords.astype(np.float32), key=np.array(key), version=np.array(CACHE_VERSION),
-             image_ids=data["image_ids"])
+    coords = PROJECTORS[method](joint_embeddings(data)).astype(np.float32)
+    arrays = {"layout": coords, "key": np.array(key), "version": np.array(CACHE_VERSION),
+              "image_ids": data["image_ids"]}
     try:
-        atomic_write_bytes(path, buffer.getvalue())
-    except OSError as err:
-        logger.warning("cannot cache the %s layout in %s: %s", method, path, err)
-    return coords.astype(np.float32).astype(np.float64)  # the cached precision, so cold and warm agree
+        run.save_projection(method, epoch, arrays)
+    except RunError as err:  # a read-only or full runs folder: the page still gets the layout, uncached
+        logger.warning("cannot cache the %s layout of %s epoch %d: %s", method, run.name, epoch, err)
+    return coords.astype(np.float64)  # the cached precision, so cold and warm agree
 
 
 def cached_epochs(run: RunDir, method: str) -> list[int]:

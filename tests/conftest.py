@@ -61,6 +61,16 @@ def small_cfg(shapes_root: Path, model: dict | None = None, **train) -> BlipConf
     return cfg.override({"data.root": str(shapes_root), "data.eval_images": 8, **data, **settings})
 
 
+def photos_cfg(shapes_root: Path, **train) -> BlipConfig:
+    """small_cfg on 64 real photos of coco-mini (read in place from ../shared): unlike shapes, its training
+    transform draws a random crop per image."""
+    return small_cfg(shapes_root, **train).override({
+        "data.kind": "coco", "data.root": str(SHARED / "data/coco-mini"), "data.train_annotations":
+        "annotations/captions_train.json", "data.val_annotations": "annotations/captions_val.json",
+        "data.subset": 64, "data.eval_images": 8,
+    })
+
+
 @pytest.fixture(scope="session")
 def tiny_runs_dir(tmp_path_factory, shapes_root) -> Path:
     """A runs folder holding one finished run, `tiny` (2 epochs, ITC + LM + ITM, greedy evaluation),

@@ -22,13 +22,15 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-REPO = Path(__file__).resolve().parents[1]
+from blipcore.paths import PROJECT_ROOT
+
+REPO = PROJECT_ROOT  # the checkout the installed packages come from
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
 ]
-PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/coco-mini/images"
+PHOTOS = PROJECT_ROOT.parent / "shared/data/coco-mini/images"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 # URL path (st.Page derives it from the file name: views/5_Decoding_lab.py -> /Decoding_lab) -> the
 # element that shows the page has drawn its content.

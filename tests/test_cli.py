@@ -1,14 +1,18 @@
-"""`python -m train`: help texts, presets, clear errors, and the info / eval / caption subcommands."""
+"""`python -m train`: help texts, presets, clear errors, and the fit / info / eval / caption subcommands."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
+import blipcore.trainer
 from blipcore.runs import RunDir
 from tests.conftest import REPO_ROOT, SHARED
 from train.cli import available_presets, load_preset, main
@@ -32,11 +36,13 @@ def test_presets_load_and_relative_roots_resolve_to_the_repository():
     seed = load_preset("seed")
     assert seed.model.image_size == 224 and seed.train.batch_size == 8 and seed.data.subset == 10000
     coco_mini = load_preset("coco-mini")
-    assert coco_mini.data.kind == "coco" and coco_mini.data.root == str((REPO_ROOT.parent / "shared/data/coco-mini").resolve())
+    assert coco_mini.data.kind == "coco"
+    assert coco_mini.data.root == str((REPO_ROOT.parent / "shared/data/coco-mini").resolve())
 
 
 def test_missing_dataset_stops_at_once_saying_where_it_looked(tmp_path, capsys):
-    code = main(["fit", "--preset", "seed", "--run-dir", str(tmp_path / "run"), "--data-root", str(tmp_path / "nococo")])
+    code = main(["fit", "--preset", "seed", "--run-dir", str(tmp_path / "run"),
+                 "--data-root", str(tmp_path / "nococo")])
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path / "nococo") in err and "train2017" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -74,7 +80,8 @@ def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
     result = RunDir(run_dir).load_eval(2)
     assert set(result["strategies"]) == {"greedy", "beam", "repetition-penalty"}
     for entry in result["strategies"].values():
-        assert {"bleu4", "cider", "rouge_l", "repetition_rate", "distinct_1", "top_caption_share"} <= set(entry["metrics"])
+        expected = {"bleu4", "cider", "rouge_l", "repetition_rate", "distinct_1", "top_caption_share"}
+        assert expected <= set(entry["metrics"])
         assert len(entry["samples"]) == 6 and entry["samples"][0]["references"]
     assert "retrieval" in result and "reference_row" in result
 
@@ -86,8 +93,9 @@ def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
     out = run_cli("caption", "--run-dir", str(run_dir), "--strategy", "greedy", str(target))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(str(target) + "\t")
-    bad = run_cli("caption", "--run-dir", str(run_dir), str(image))
-    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("caption", "--run-dir", str(run_dir), str(image))  # a file given by name is tried: unreadable
+    assert bad.returncode == 3 and "error:" in bad.stderr and "not an image" in bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stdout == ""
 
 
 def test_info_on_a_folder_that_is_not_a_run(tmp_path):
@@ -98,3 +106,109 @@ def test_info_on_a_folder_that_is_not_a_run(tmp_path):
 def test_info_json(tiny_runs_dir):
     out = run_cli("info", str(tiny_runs_dir / "tiny"), "--json")
     assert json.loads(out.stdout)["epochs"] == [1, 2]
+
+
+def test_info_shows_the_best_value_of_each_headline_metric(tiny_runs_dir, capsys):
+    assert main(["info", str(tiny_runs_dir / "tiny")]) == 0
+    best_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("best "))
+    best = RunDir(tiny_runs_dir / "tiny").read_info()["best"]
+    shown = dict(item.split("=", 1) for item in best_line.split()[1:])
+    assert {"val_loss", "i2t_r1", "t2i_r1", "greedy_cider"} <= set(shown)
+    assert set(shown) <= set(best) and not {"greedy_bleu4", "itm_i2t_r1", "val_itc"} & set(shown)
+    assert shown["greedy_cider"] == f"{best['greedy_cider']['value']:.3f}@{best['greedy_cider']['epoch']}"
+
+
+class _Trainer:
+    """Stands in for blipcore.trainer.Trainer: fit() returns the summary a torchrun rank gets."""
+
+    summary: dict = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def fit(self) -> dict:
+        return self.summary
+
+
+@pytest.mark.parametrize(("summary", "lines"), [
+    ({}, []),  # every torchrun rank but the first
+    ({"status": "completed", "step": 8, "epoch": 2, "train_seconds": 1.5}, ["completed: 8 steps, 2 epochs in 1.5 s"]),
+    ({"status": "interrupted", "step": 3, "epoch": 0, "train_seconds": 0.5},
+     ["interrupted: 3 steps, 0 epochs in 0.5 s", "resume with: python -m train fit"]),
+])
+def test_fit_prints_its_summary_once_per_run_not_once_per_rank(tmp_path, monkeypatch, capsys, summary, lines):
+    monkeypatch.setattr(blipcore.trainer, "Trainer", type("Trainer", (_Trainer,), {"summary": summary}))
+    assert main(["fit", "--preset", "demo", "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(lines) and all(line.startswith(start) for line, start in zip(out, lines, strict=True))
+
+
+# --- caption: files and folders ------------------------------------------------------------------
+def _photo_folder(folder: Path, corrupt: bool) -> Path:
+    """Two good images (PNG, JPEG), a text file a folder listing ignores, and with `corrupt`, a broken .jpg."""
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "a_red.png")
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(folder / "c_blue.JPG")
+    (folder / "notes.txt").write_text("not an image, and not taken from a folder")
+    if corrupt:
+        (folder / "b_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
+    return folder
+
+
+def _caption(tiny_runs_dir: Path, *args: str) -> int:
+    return main(["caption", "--run-dir", str(tiny_runs_dir / "tiny"), "--strategy", "greedy", *args])
+
+
+def _table(stdout: str) -> dict[str, str]:
+    return dict(line.split("\t", 1) for line in stdout.splitlines())
+
+
+def test_caption_a_folder_captions_every_readable_image_and_reports_the_others(tiny_runs_dir, tmp_path, capsys):
+    folder = _photo_folder(tmp_path / "photos", corrupt=True)
+    assert _caption(tiny_runs_dir, "--batch-size", "2", str(folder)) == 3
+    out, err = capsys.readouterr()
+    table = _table(out)
+    assert list(table) == [str(folder / "a_red.png"), str(folder / "c_blue.JPG")]  # sorted; notes.txt not taken
+    assert all(caption.strip() for caption in table.values())
+    assert f"error: {folder / 'b_broken.jpg'}: truncated image" in err and "notes.txt" not in err
+    assert "2 captioned, 1 unreadable" in err and "Traceback" not in err
+
+
+def test_caption_all_good_exits_0_and_writes_jsonl_and_csv(tiny_runs_dir, tmp_path, capsys):
+    folder = _photo_folder(tmp_path / "photos", corrupt=False)
+    single = tmp_path / "single.png"
+    Image.new("RGB", (20, 20), (0, 150, 0)).save(single)
+    assert _caption(tiny_runs_dir, str(single), str(folder), "--out", str(tmp_path / "out.jsonl")) == 0
+    table = _table(capsys.readouterr().out)
+    assert list(table) == [str(single), str(folder / "a_red.png"), str(folder / "c_blue.JPG")]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows == [{"file": file, "caption": caption} for file, caption in table.items()]
+
+    (folder / "b_broken.jpg").write_bytes(b"GIF89a, then nothing")
+    assert _caption(tiny_runs_dir, str(folder), "--out", str(tmp_path / "out.csv")) == 3
+    with (tmp_path / "out.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["file"] for row in rows] == [str(folder / n) for n in ("a_red.png", "b_broken.jpg", "c_blue.JPG")]
+    assert rows[0]["caption"] and not rows[0]["error"] and rows[1]["error"] and not rows[1]["caption"]
+    assert rows[2]["caption"] == table[str(folder / "c_blue.JPG")]
+
+
+def test_caption_recursive_takes_subfolders_only_when_asked(tiny_runs_dir, tmp_path, capsys):
+    folder = tmp_path / "top"
+    _photo_folder(folder / "sub", corrupt=False)
+    assert _caption(tiny_runs_dir, str(folder)) == 2
+    assert "no images in" in capsys.readouterr().err
+    assert _caption(tiny_runs_dir, "--recursive", str(folder)) == 0
+    assert len(_table(capsys.readouterr().out)) == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--out", "captions.txt"], "unknown format '.txt'; use .jsonl or .csv"),
+    (["missing.png"], "missing.png: no such file or folder"),
+])
+def test_caption_bad_arguments_exit_2_before_any_work(tiny_runs_dir, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    folder = _photo_folder(tmp_path / "photos", corrupt=False)
+    assert _caption(tiny_runs_dir, str(folder), *args) == 2
+    out, err = capsys.readouterr()
+    assert message in err and out == "" and not (tmp_path / "captions.txt").exists()

@@ -28,7 +28,7 @@ from blipcore import runs
 from blipcore.config import BlipConfig
 from blipcore.runs import CheckpointError, RunDir, RunError
 from blipcore.trainer import Trainer
-from tests.conftest import REPO_ROOT, small_cfg
+from tests.conftest import REPO_ROOT, photos_cfg, small_cfg
 from train.cli import main
 
 ITM = {"itm_weight": 0.5}  # ITM mining draws from the global RNG: resume must restore it exactly
@@ -200,6 +200,74 @@ def test_kill_9_at_random_moments_then_resume_ends_with_the_uninterrupted_weight
     assert train_steps(killed) == train_steps(straight) == list(range(2, 17, 2))
     assert val_epochs(killed) == val_epochs(straight) == [1, 2]
     assert stale_temporaries(killed) == []  # the resumes removed what the kills left
+
+
+# --- signals to the process group, and a second trainer ---------------------------------------
+def start_trainer(*args: str, log: Path) -> subprocess.Popen:
+    """`python -m train fit ARGS` in a session (process group) of its own, stderr to `log`."""
+    with open(log, "ab") as err:
+        return subprocess.Popen([sys.executable, "-m", "train", "fit", "--no-progress", *args], cwd=REPO_ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=err,
+                                text=True, start_new_session=True)
+
+
+def wait_for_a_logged_step(proc: subprocess.Popen, run_dir: Path, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while not train_steps(run_dir):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no training step logged in 3 minutes"
+        time.sleep(0.05)
+
+
+def test_sigterm_to_the_process_group_with_workers_running_saves_and_ends_interrupted(shapes_root, tmp_path):
+    # what `timeout`, `docker stop`, Kubernetes and Slurm do: the signal reaches the DataLoader workers too
+    preset = write_preset(tmp_path, photos_cfg(shapes_root, epochs=40).override({"data.num_workers": 2}))
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.log"
+    proc = start_trainer("--preset", str(preset), "--run-dir", str(run_dir), log=log)
+    try:
+        wait_for_a_logged_step(proc, run_dir, log)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    info = RunDir(run_dir).read_info()
+    assert info["status"] == "interrupted" and info["error"] is None
+    assert assert_consistent(run_dir)["step"] == info["steps_done"] > 0
+    assert "interrupted:" in stdout and "--resume" in stdout
+
+
+def test_one_trainer_per_run_folder_and_a_killed_one_frees_it_at_once(shapes_root, tmp_path):
+    preset = write_preset(tmp_path, crash_cfg(shapes_root, epochs=40))
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.log"
+    first = start_trainer("--preset", str(preset), "--run-dir", str(run_dir), log=log)
+    try:
+        wait_for_a_logged_step(first, run_dir, log)
+        for args in (["--preset", str(preset), "--run-dir", str(run_dir)],  # what a user retries first
+                     ["--run-dir", str(run_dir), "--resume"],  # what the old message advised
+                     ["--preset", str(preset), "--run-dir", str(run_dir), "--overwrite"]):
+            second = subprocess.run([sys.executable, "-m", "train", "fit", "--no-progress", *args], cwd=REPO_ROOT,
+                                    capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert f"being trained right now by another trainer (pid {first.pid} " in second.stderr, second.stderr
+        assert first.poll() is None and RunDir(run_dir).read_info()["status"] == "running"
+        steps = train_steps(run_dir)
+        assert steps == sorted(set(steps)), "only one process writes the metrics"
+        first.kill()  # kill -9: no chance to release anything
+        first.wait()
+        step = state_step(run_dir)
+        resumed = start_trainer("--run-dir", str(run_dir), "--resume", "--max-steps", str(step + 2), log=log)
+        stdout, _ = resumed.communicate(timeout=180)
+        assert resumed.returncode == 0, log.read_text()[-3000:]
+        assert f"completed: {step + 2} steps" in stdout
+    finally:
+        for proc in (first, *([resumed] if "resumed" in locals() else [])):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 # --- a crash in the middle of an atomic write, deterministically -------------------------------

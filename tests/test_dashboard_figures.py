@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,9 @@ import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
-from blipcore.runs import RunDir
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dashboard"))  # as `streamlit run` has it
-
-import figures  # noqa: E402
-import projections  # noqa: E402
-from figures import Line, Panel  # noqa: E402
+from blipcore.runs import RunDir, RunError
+from dashboard import figures, projections
+from dashboard.figures import Line, Panel
 
 
 # --- smoothing and training curves -------------------------------------------------------------
@@ -151,7 +146,7 @@ def test_embedding_chart_links_pairs_shows_thumbnails_on_hover_and_marks_the_sel
     tooltip = {t["title"]: t["field"] for t in dots["encoding"]["tooltip"]}
     assert tooltip["title"] == "caption" and tooltip["image"] == "thumbnail"  # vega-tooltip draws "image" as <img>
     colour = dots["encoding"]["color"]["scale"]
-    assert dict(zip(colour["domain"], colour["range"])) == figures.MODALITY_COLOURS
+    assert dict(zip(colour["domain"], colour["range"], strict=True)) == figures.MODALITY_COLOURS
     assert [r["pair"] for r in selected_line["rows"]] == [3, 3]
     spec = chart.to_dict()
     picks = [p for p in spec["params"] if p["name"] == figures.PICK_PARAM]
@@ -228,9 +223,9 @@ def test_layout_is_cached_on_disk_reused_and_invalidated(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(projections.PROJECTORS, "pca", lambda x: calls.append(len(x)) or projections.pca_2d(x))
     first = projections.layout(run, 1, "pca")
-    cache = projections.cache_path(run, "pca", 1)
+    cache = run.projection_path("pca", 1)
     assert first.shape == (12, 2) and cache.is_file() and calls == [12]
-    assert cache.parent == run.path / "projections" and not list(cache.parent.glob("*.tmp"))
+    assert cache.parent == run.projections_dir and not list(cache.parent.glob("*.tmp"))
     written = cache.stat().st_mtime_ns
     again = projections.layout(run, 1, "pca")
     assert calls == [12] and again == pytest.approx(first) and cache.stat().st_mtime_ns == written  # reused
@@ -247,15 +242,27 @@ def test_layout_is_cached_on_disk_reused_and_invalidated(tmp_path, monkeypatch):
     assert calls == [12, 12, 12]
 
 
-def test_layout_without_a_writable_runs_folder(tmp_path, monkeypatch):
-    run = embedding_run(tmp_path / "run", epochs=1)
+def test_layout_without_a_writable_runs_folder(tmp_path, monkeypatch, caplog):
+    """A run folder where the cache cannot be written (read-only, full; tests run as root, so the write is
+    made to fail otherwise) still gets its layout, equal to the cached one's, and a warning in the log."""
+    expected = projections.layout(embedding_run(tmp_path / "writable", epochs=1), 1, "pca")  # computed and cached
 
-    def refuse(path, data):
-        raise PermissionError(13, "Permission denied", str(path))
+    blocked = embedding_run(tmp_path / "blocked", epochs=1)
+    blocked.projections_dir.write_text("a file where the cache folder should be")  # so its mkdir fails
+    with caplog.at_level("WARNING", logger=projections.logger.name):
+        layout = projections.layout(blocked, 1, "pca")
+    np.testing.assert_array_equal(layout, expected)
+    assert blocked.projections_dir.is_file() and "cannot cache the pca layout" in caplog.text
+    assert projections.cached_layout(blocked, 1, "pca") is None and projections.cached_epochs(blocked, "pca") == []
 
-    monkeypatch.setattr(projections, "atomic_write_bytes", refuse)
-    assert projections.layout(run, 1, "pca").shape == (12, 2)
-    assert not projections.cache_path(run, "pca", 1).exists()
+    refused = embedding_run(tmp_path / "refused", epochs=1)
+
+    def refuse(self, method, epoch, arrays):
+        raise RunError(f"{self.projection_path(method, epoch)}: cannot be written (Read-only file system)")
+
+    monkeypatch.setattr(RunDir, "save_projection", refuse)
+    np.testing.assert_array_equal(projections.layout(refused, 1, "pca"), expected)
+    assert not refused.projection_path("pca", 1).exists()
 
 
 def test_layout_errors_name_the_problem(tmp_path):

@@ -4,12 +4,10 @@ against the tiny run."""
 
 from __future__ import annotations
 
-import json
-
 import io
+import json
 import shutil
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,15 +20,14 @@ from streamlit.testing.v1 import AppTest
 from blipcore.data import ImageLoadError
 from blipcore.decoding import decoding_config
 from blipcore.explain import TokenAttention
+from blipcore.paths import PROJECT_ROOT
 from blipcore.runs import RunDir
+from dashboard import explain_figures as figs
+from dashboard import inference as inf
+from dashboard.common import MAX_UPLOAD_PIXELS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = PROJECT_ROOT  # the checkout the installed packages come from
 PAGES = REPO / "dashboard" / "views"
-sys.path.insert(0, str(REPO / "dashboard"))  # the pages import their helpers as `streamlit run` has them
-
-import explain_figures as figs  # noqa: E402
-import inference as inf  # noqa: E402
-from common import MAX_UPLOAD_PIXELS  # noqa: E402
 
 
 # --- image bytes -----------------------------------------------------------------------------------

@@ -14,13 +14,12 @@ import pytest
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
+from blipcore.paths import PROJECT_ROOT
 from blipcore.runs import RunDir
+from dashboard import launcher, projections
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = PROJECT_ROOT  # the checkout the installed packages come from
 DASHBOARD = REPO / "dashboard"
-sys.path.insert(0, str(DASHBOARD))  # the pages import their helpers as `streamlit run` has them
-
-import launcher  # noqa: E402
 
 TIMEOUT = 60
 
@@ -100,7 +99,8 @@ def test_training_page_draws_one_section_per_tab(monkeypatch, tiny_runs_dir):
     at = run_page(monkeypatch, tiny_runs_dir, "views/1_Training.py")
     assert [t.label for t in at.tabs] == ["Losses", "Optimisation", "Retrieval", "Captioning and collapse"]
     assert len(at.get("plotly_chart")) == 1  # lazy tabs: only the open one is drawn
-    assert {"total loss", "ITM (image-text matching)"} <= chart_titles(at) and "learning rate" not in chart_titles(at)
+    titles = chart_titles(at)
+    assert {"total loss", "ITM loss (image-text matching)"} <= titles and "learning rate" not in titles
     for tab, title in (("Optimisation", "learning rate"), ("Captioning and collapse", "CIDEr"),
                        ("Retrieval", "image→text retrieval R@K (%)")):
         at.session_state["training_section"] = tab
@@ -211,8 +211,6 @@ def test_embeddings_page_a_click_on_a_point_picks_its_pair(monkeypatch, tiny_run
 
 
 def test_embeddings_page_uses_cached_umap_by_default(monkeypatch, tiny_runs_dir, tmp_path):
-    import projections
-
     run = copy_run(tiny_runs_dir, tmp_path)
     monkeypatch.setitem(projections.PROJECTORS, "umap", projections.pca_2d)  # stands in for the slow fit
     for epoch in run.embedding_epochs():

@@ -115,7 +115,7 @@ def test_greedy_equals_argmax_of_full_forwards(model, images):
 @pytest.mark.parametrize("strategy", ["greedy", "top-k", "nucleus", "beam"])
 def test_cached_decoding_equals_uncached(model, images, strategy):
     cached, uncached = (generate(model, images, strategy, max_length=8, use_cache=c) for c in (True, False))
-    for a, b in zip(cached, uncached):
+    for a, b in zip(cached, uncached, strict=True):
         assert a.tokens == b.tokens
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
         assert a.entropies == pytest.approx(b.entropies, abs=1e-4)
@@ -130,7 +130,7 @@ def test_sampling_is_reproducible_with_a_seed(model, images):
 def test_beam_of_one_equals_greedy(model, images):
     greedy = generate(model, images, "greedy", max_length=8)
     beam = generate(model, images, "beam", num_beams=1, max_length=8)
-    for g, b in zip(greedy, beam):
+    for g, b in zip(greedy, beam, strict=True):
         assert b.tokens == g.tokens
         assert b.logprobs == pytest.approx(g.logprobs, abs=1e-5)
 
@@ -142,7 +142,7 @@ def test_beam_finds_a_likelier_caption_than_greedy(seed):
     model, images = tiny_model(seed), torch.randn(4, 3, 32, 32)
     greedy = generate(model, images, "greedy", max_length=6)
     beam = generate(model, images, "beam", num_beams=4, length_penalty=0.0, early_stopping=False, max_length=6)
-    for g, b in zip(greedy, beam):
+    for g, b in zip(greedy, beam, strict=True):
         assert sum(b.logprobs) >= sum(g.logprobs) - 1e-5
         assert b.score == pytest.approx(sum(b.logprobs), abs=1e-4)  # no rules, no length penalty
 
@@ -160,8 +160,8 @@ def reference_beam(model: BLIP, image: torch.Tensor, k: int, penalty: float, ear
             values, ids = logits[:, -1].log_softmax(-1).topk(2 * k)
             candidates = [
                 (total + v, tokens + [t])
-                for (total, tokens), vs, ts in zip(running, values.tolist(), ids.tolist())
-                for v, t in zip(vs, ts)
+                for (total, tokens), vs, ts in zip(running, values.tolist(), ids.tolist(), strict=True)
+                for v, t in zip(vs, ts, strict=True)
             ]
             candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * k]
             last, running = step == max_new - 1, []
@@ -184,7 +184,7 @@ def test_beam_equals_reference_beam_search(penalty, early):
         model.text_decoder.lm_head.bias[model.ids["sep"]] += 0.3
     images = torch.randn(3, 3, 32, 32)
     captions = generate(model, images, "beam", num_beams=3, length_penalty=penalty, early_stopping=early, max_length=7)
-    for image, caption in zip(images, captions):
+    for image, caption in zip(images, captions, strict=True):
         score, tokens = reference_beam(model, image, 3, penalty, early, 7)
         assert caption.tokens + [model.ids["sep"]] * caption.finished == tokens
         assert caption.score == pytest.approx(score, abs=1e-4)
@@ -200,7 +200,7 @@ def test_batch_equals_one_image_at_a_time(strategy):
     batch = generate(model, images, strategy, max_length=8)
     alone = [generate(model, images[i : i + 1], strategy, max_length=8)[0] for i in range(len(images))]
     assert len({len(c.tokens) for c in batch}) > 1, "captions should end at different steps"
-    for b, a in zip(batch, alone):
+    for b, a in zip(batch, alone, strict=True):
         assert b.tokens == a.tokens
         assert b.score == pytest.approx(a.score, abs=1e-4)
 

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from blipcore import BLIP
-from blipcore.data import build_datasets
 from blipcore import metrics as M
+from blipcore.data import build_datasets
 from blipcore.evaluation import eval_images, evaluate_model, reference_row, rerank_top_k, summary_metrics
 from tests.conftest import small_cfg
 

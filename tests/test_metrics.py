@@ -16,7 +16,6 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from blipcore import metrics
 from blipcore.metrics import (
-    COLLAPSE_METRIC_DOCS,
     SPICE_NOTE,
     caption_metrics,
     collapse_metrics,
@@ -169,7 +168,7 @@ def test_collapse_repeated_word():
     assert result["distinct_2"] == pytest.approx(1 / 3)
     assert result["vocab_used"] == 1 and result["mean_length"] == 4
     assert result["mean_entropy"] is None
-    assert set(result) == set(COLLAPSE_METRIC_DOCS)
+    assert set(result) == {m.key for m in metrics.metrics_in("collapse")}
 
 
 def test_collapse_identical_and_distinct_corpora():
@@ -213,6 +212,7 @@ def test_most_frequent_caption_baseline():
     assert result["metrics"]["top_caption"] == "a dog runs"
     assert result["metrics"]["unique_captions"] == 1
     assert result["metrics"]["bleu1"] > 0
+    assert "notes" not in result["metrics"] and result["notes"] == ["METEOR skipped on request (meteor=False)"]
     with pytest.raises(ValueError):
         most_frequent_caption_baseline(["", "..."], REFERENCES, meteor=False)
 
@@ -256,7 +256,7 @@ def test_retrieval_matches_blip_itm_eval_on_random_scores():
 
     def blip_ranks(scores, correct_sets):  # BLIP's itm_eval: argsort, best correct position
         return np.array([min(np.where(np.argsort(s)[::-1] == c)[0][0] for c in cs)
-                         for s, cs in zip(scores, correct_sets)])
+                         for s, cs in zip(scores, correct_sets, strict=True)])
 
     i2t = blip_ranks(sim, [np.where(owner == i)[0] for i in range(15)])
     t2i = blip_ranks(sim.T, [[o] for o in owner])
@@ -301,10 +301,49 @@ def test_format_metrics_table():
         format_metrics_table({})
 
 
-def test_readme_explains_every_collapse_metric():
+def test_readme_collapse_table_is_the_registrys():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for name in COLLAPSE_METRIC_DOCS:
-        if name != "top_caption":  # the caption itself, not a metric
-            assert f"| `{name}` |" in readme, name
+    for m in metrics.metrics_in("collapse"):
+        if m.better is not None or m.fmt != "s":  # every collapse number, not the caption itself
+            assert f"| `{m.key}` | {m.doc} |" in readme, m.key
+
+
+def test_registry_resolves_derived_keys_with_the_base_metrics_direction():
+    from blipcore.decoding import STRATEGY_PRESETS
+
+    assert metrics.metric("val_lm").better == "lower" and metrics.metric("val_lm").group == "loss"
+    assert metrics.metric("itm_t2i_r5").better == "higher" and not metrics.metric("itm_t2i_r5").headline
+    for strategy in STRATEGY_PRESETS:
+        assert metrics.metric(f"{strategy}_top_caption_share").better == "lower"
+        assert metrics.metric(f"{strategy}_cider").headline
+    for undeclared in ("val_lr", "itm_cider", "nucleus_loss", "greedy_", "cider_greedy", "nope"):
+        assert metrics.metric(undeclared) is None, undeclared
+    assert metrics.metric("top_caption_share").format(0.25) == "25.0%"
+    assert metrics.metric("unique_captions").format(1234) == "1,234" and metrics.metric("cider").format(None) == "-"
+    assert metrics.metric("cider").improves(0.3, 0.2) and metrics.metric("repetition_rate").improves(0.1, 0.2)
+    with pytest.raises(ValueError, match="no better direction"):
+        metrics.metric("mean_length").improves(1.0, 2.0)
+
+
+def test_every_key_a_run_writes_is_declared(tiny_runs_dir):
+    """metrics.jsonl lines and every metric section of an evaluation file, for every decoding strategy."""
+    from blipcore.data import build_datasets
+    from blipcore.decoding import STRATEGY_PRESETS
+    from blipcore.evaluation import evaluate_model, summary_metrics
+    from blipcore.runs import RunDir
+
+    run = RunDir(tiny_runs_dir / "tiny")
+    logged = {key for record in run.read_metrics() for key in record}
+    assert {"loss", "itm", "val_itm", "itm_i2t_r1", "greedy_cider"} <= logged
+    model, cfg, _ = run.load_model()
+    result, _ = evaluate_model(model, cfg, build_datasets(cfg), "cpu", list(STRATEGY_PRESETS), caption_images=4,
+                               meteor=False, progress=False)
+    evaluation = run.load_eval(run.epochs()[-1])
+    written = logged | set(summary_metrics(result))
+    for source in (evaluation, result):
+        written |= set(source["losses"]) | set(source["retrieval"]) | set(source["reference_row"]["metrics"])
+        written |= {key for entry in source["strategies"].values() for key in entry["metrics"]}
+    undeclared = sorted(key for key in written if not metrics.is_declared(key))
+    assert undeclared == []

@@ -1,9 +1,13 @@
 """BLIP model: shapes, the public API, causality, the KV cache, presets and config round-trip."""
 
+import ast
+
 import pytest
 import torch
 
 from blipcore import BLIP, BlipConfig, load_tokenizer
+from blipcore.config import available_presets, load_preset
+from blipcore.paths import PRESETS_DIR, PROJECT_ROOT
 from blipcore.tokenizer import tokenize_captions
 from tests.conftest import tiny_config
 
@@ -110,10 +114,74 @@ def test_seed_preset_is_the_seed_write_up():
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs, cfg.data.subset) == (8, 5e-5, 3, 10000)
 
 
+# Key fields of every preset as the Python dicts + train/configs/*.toml gave them before the presets moved
+# into blipcore/presets/: (model), (data, root relative to the checkout), (train).
+PRESET_KEY_FIELDS = {
+    "demo": ((64, 8, 192, 3, 32, 0.0, 0.0), ("shapes", "data/shapes", 0, "random", 0, 200),
+             (5, 48, 1e-3, 40, 0.05, 60)),
+    "seed": ((224, 16, 512, 4, 40, 0.0, 0.0), ("coco", "data/coco2017", 10000, "all", 4, 200),
+             (3, 8, 5e-5, 500, 0.0, 100)),
+    "coco-mini": ((96, 12, 192, 3, 32, 0.0, 0.0), ("coco", "../shared/data/coco-mini", 0, "all", 0, 66),
+                  (5, 32, 5e-4, 40, 0.05, 66)),
+    "flickr8k": ((224, 16, 384, 4, 40, 0.0, 0.1), ("coco", "../shared/data/flickr8k", 0, "all", 4, 500),
+                 (10, 64, 3e-4, 500, 0.0, 200)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_KEY_FIELDS))
+def test_presets_are_the_configs_they_were(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative data roots are the checkout's, whatever the current folder
+    cfg = load_preset(name)
+    m, d, t = cfg.model, cfg.data, cfg.train
+    model, (kind, root, *data), train = PRESET_KEY_FIELDS[name]
+    assert (m.image_size, m.patch_size, m.vision_width, m.text_decoder_depth, m.max_text_len, m.itm_weight,
+            m.label_smoothing) == model
+    assert (d.kind, d.root, d.subset, d.caption_mode, d.num_workers, d.eval_images) == (
+        kind, str((PROJECT_ROOT / root).resolve()), *data)
+    assert (t.epochs, t.batch_size, t.lr, t.warmup_steps, t.min_lr_ratio, t.eval_caption_images) == train
+    assert cfg.name == name and BlipConfig.preset(name) == cfg
+
+
+def test_presets_live_in_blipcore_and_blipcore_never_imports_train():
+    assert set(PRESET_KEY_FIELDS) <= set(available_presets())
+    assert {p.stem for p in PRESETS_DIR.glob("*.toml")} == set(available_presets())
+    for source in (PROJECT_ROOT / "blipcore").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not [n for n in names if n.split(".")[0] in ("train", "dashboard")], source
+
+
+def test_preset_files_chain_through_base_and_keep_absolute_roots(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(f'base = "coco-mini"\n[data]\nroot = "{tmp_path.as_posix()}"\n[train]\nepochs = 1\n')
+    cfg = load_preset(path)
+    assert cfg.name == "mine" and cfg.data.root == tmp_path.as_posix()
+    assert (cfg.model.image_size, cfg.model.vision_width, cfg.train.epochs) == (96, 192, 1)  # coco-mini, then demo
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, r"unknown preset 'nope'; presets: coco-mini, demo, flickr8k, seed"),
+    ("[model\n", r"mine\.toml: not a valid TOML preset"),
+    ('base = "demo"\n[model]\nimage_size = "big"\n', r"mine\.toml: model\.image_size must be a whole number"),
+    ('base = "nope"\n', r"mine\.toml: base must name a preset \(coco-mini, demo, flickr8k, seed\), got 'nope'"),
+    ("[modle]\nx = 1\n", r"mine\.toml: unknown key\(s\) modle"),
+    ("[train]\nbatchsize = 1\n", r"mine\.toml: unknown field 'train\.batchsize'"),
+])
+def test_preset_errors_are_clear(tmp_path, text, message):
+    path = tmp_path / "mine.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_preset(path if text is not None else "nope")
+
+
 def test_config_json_round_trip_and_overrides():
     cfg = BlipConfig.preset("demo")
     assert BlipConfig.from_json(cfg.to_json()) == cfg
-    changed = cfg.override_strings(["train.batch_size=16", "model.tie_lm_head=false", "train.eval_strategies=greedy,beam"])
+    changed = cfg.override_strings(
+        ["train.batch_size=16", "model.tie_lm_head=false", "train.eval_strategies=greedy,beam"]
+    )
     assert changed.train.batch_size == 16 and changed.model.tie_lm_head is False
     assert changed.train.eval_strategies == ("greedy", "beam")
     with pytest.raises(ValueError, match="unknown field"):

@@ -17,7 +17,8 @@ from blipcore import losses
 from blipcore.config import BlipConfig
 from blipcore.runs import RunDir, RunError
 from blipcore.trainer import NonFiniteLossError, Trainer
-from tests.conftest import REPO_ROOT, small_cfg, tiny_config
+from tests.conftest import REPO_ROOT, photos_cfg, small_cfg, tiny_config
+
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     model, _, _ = RunDir(run_dir).load_model()
@@ -53,15 +54,20 @@ def test_fit_writes_a_complete_run_directory(shapes_root, tmp_path):
     assert len(emb["captions"]) == len(emb["file_paths"]) == len(emb["image_ids"]) == 8
     evaluation = run.load_eval(2)
     assert evaluation["strategies"]["greedy"]["samples"] and "cider" in evaluation["strategies"]["greedy"]["metrics"]
-    assert "caption" in evaluation["reference_row"] and evaluation["retrieval"]["i2t_r10"] >= evaluation["retrieval"]["i2t_r1"]
+    assert "caption" in evaluation["reference_row"]
+    assert evaluation["retrieval"]["i2t_r10"] >= evaluation["retrieval"]["i2t_r1"]
     state = json.loads((run.last_dir / "state.json").read_text())
     assert state["step"] == 16 and (run.last_dir / state["weights"]).is_file()
     model, loaded_cfg, ckpt = run.load_model(1)
     assert ckpt.epoch == 1 and loaded_cfg.model == cfg.model and not model.training
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, tmp_path, monkeypatch):
-    cfg = small_cfg(shapes_root)
+@pytest.mark.parametrize("data", ["shapes, no workers", "photos, 2 workers"])
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, tmp_path, monkeypatch, data):
+    # Photos with workers: every sample's random crop must not depend on which worker made it, nor on how
+    # far that worker's random stream had advanced before the interruption.
+    cfg = small_cfg(shapes_root) if data.startswith("shapes") else photos_cfg(shapes_root).override(
+        {"data.num_workers": 2})
     Trainer(cfg, tmp_path / "straight", progress=False).fit()
 
     original = Trainer._optimizer_step
@@ -83,6 +89,60 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, 
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
     steps = [r["step"] for r in RunDir(tmp_path / "resumed").read_metrics() if r["split"] == "train"]
     assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
+
+
+def test_a_training_sample_is_the_same_tensor_in_any_worker(shapes_root):
+    from blipcore.data import build_datasets
+
+    train = build_datasets(photos_cfg(shapes_root), splits=("train",))["train"]
+    train.set_epoch(1)
+    first = train[3]["image"]
+    torch.manual_seed(123)  # another process state: a worker that has already drawn other numbers
+    torch.rand(1000)
+    assert torch.equal(train[3]["image"], first)
+    train.set_epoch(2)
+    assert not torch.equal(train[3]["image"], first), "each epoch draws a new crop"
+
+
+def test_best_metrics_follow_each_metrics_declared_direction(shapes_root, tmp_path):
+    trainer = Trainer(small_cfg(shapes_root), tmp_path / "run", progress=False)
+    trainer.run.write_info({"status": "running"})
+    trainer.step = 0
+    for epoch, (share, run_length, cider, loss, length) in enumerate(
+        [(0.9, 8.0, 0.1, 3.0, 5.0), (0.2, 1.0, 0.3, 2.0, 9.0), (0.95, 12.0, 0.05, 4.0, 2.0)], start=1
+    ):
+        trainer.epoch = epoch
+        trainer._update_best({"greedy_top_caption_share": share, "greedy_longest_run": run_length,
+                              "greedy_cider": cider, "val_loss": loss, "greedy_mean_length": length,
+                              "greedy_top_caption": "a a a"}, epoch)
+    best = trainer.run.read_info()["best"]
+    # the most collapsed epoch (3) is never "best": lower is better for collapse, higher for CIDEr
+    assert best["greedy_top_caption_share"] == {"value": 0.2, "epoch": 2}
+    assert best["greedy_longest_run"] == {"value": 1.0, "epoch": 2}
+    assert best["greedy_cider"] == {"value": 0.3, "epoch": 2} and best["val_loss"] == {"value": 2.0, "epoch": 2}
+    assert "greedy_mean_length" not in best and "greedy_top_caption" not in best  # no better direction
+
+
+def test_a_step_budget_ending_inside_an_epoch_ends_with_its_weights_saved_and_evaluated(shapes_root, tmp_path):
+    from train.cli import main
+
+    cfg = small_cfg(shapes_root, max_steps=5, eval_strategies=["greedy"])  # 8 steps an epoch
+    summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    run = RunDir(tmp_path / "run")
+    assert summary["status"] == "completed" and summary["step"] == 5
+    ckpt = run.checkpoint()
+    assert ckpt.epoch == 1 and ckpt.step == 5 and ckpt.meta["epoch_progress"] == pytest.approx(5 / 8)
+    assert run.load_eval(1)["step"] == 5 and run.embedding_epochs() == [1]
+    val = [r for r in run.read_metrics() if r["split"] == "val"]
+    assert [(r["step"], r["epoch"]) for r in val] == [(5, pytest.approx(5 / 8))]
+    assert run.read_info()["best"]["greedy_cider"]["epoch"] == 1
+    assert main(["eval", "--run-dir", str(run.path), "--strategies", "greedy", "--no-meteor"]) == 0
+
+    # a larger budget resumes it: the partial epoch's checkpoint is replaced by the complete one
+    summary = Trainer(cfg.override({"train.max_steps": 12}), run.path, resume=True, progress=False).fit()
+    assert summary["step"] == 12 and run.epochs() == [1, 2]
+    assert run.checkpoint(1).step == 8 and run.checkpoint(1).meta["epoch_progress"] == 1.0
+    assert run.checkpoint(2).step == 12 and run.checkpoint(2).meta["epoch_progress"] == pytest.approx(1.5)
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(shapes_root, tmp_path, monkeypatch):
@@ -153,6 +213,8 @@ def test_two_process_ddp_equals_single_process_on_the_same_global_batch(shapes_r
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    summary_lines = [line for line in out.stdout.splitlines() if line.startswith("completed:")]
+    assert len(summary_lines) == 1 and "8 steps" in summary_lines[0], out.stdout  # the other rank prints none
     info = RunDir(tmp_path / "ddp").read_info()
     assert info["status"] == "completed" and info["world_size"] == 2
     assert_same_weights(final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp"), atol=2e-5)
@@ -164,7 +226,7 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
     lrs = [learning_rate(s, total_steps=100, base_lr=1.0, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55, abs=0.01)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] >= 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] >= 0.1
 
 
 def test_no_weight_decay_on_norms_biases_embeddings_and_temperature():

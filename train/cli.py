@@ -3,6 +3,7 @@
     python -m train fit --preset demo --run-dir runs/demo
     python -m train eval --run-dir runs/demo --epoch all --strategies greedy,beam,nucleus
     python -m train caption --run-dir runs/demo --strategy beam photo.jpg
+    python -m train caption --run-dir runs/demo photos/ --out captions.csv
     python -m train info runs/demo
     python -m train data shapes --out data/shapes
 """
@@ -10,44 +11,22 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
-import tomllib
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from blipcore.config import BlipConfig, available_presets, load_preset
 
-
-# --- presets -----------------------------------------------------------------------------------
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what `caption` takes from a folder
+CAPTION_OUT_FORMATS = (".jsonl", ".csv")
 
 
-def load_preset(name_or_path: str):
-    """A train/configs/<name>.toml (or any TOML path): `base` preset plus [model]/[data]/[train] overrides.
-    Relative data roots in a preset file are relative to the repository root."""
-    from blipcore import BlipConfig
-
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(available_presets())} (or a .toml path)")
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid TOML ({err})") from None
-    cfg = BlipConfig.preset(table.pop("base", "demo"))
-    overrides = {f"{section}.{key}": value for section, fields in table.items() for key, value in fields.items()}
-    cfg = cfg.override(overrides)
-    cfg.name = path.stem
-    if not Path(cfg.data.root).is_absolute():
-        cfg.data.root = str((REPO_ROOT / cfg.data.root).resolve())
-    return cfg
-
-
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> BlipConfig:
+    """The preset of `--preset` with --epochs, --max-steps, --device, --data-root and --set applied."""
     cfg = load_preset(args.preset)
     sets = list(args.set or [])
     if args.epochs is not None:
@@ -63,26 +42,29 @@ def build_config(args: argparse.Namespace):
 
 # --- subcommands -------------------------------------------------------------------------------
 def cmd_fit(args: argparse.Namespace) -> int:
+    """Train (or with --resume continue) a run; one summary line, printed by the first torchrun rank only."""
     from blipcore.runs import RunDir
     from blipcore.trainer import Trainer
 
     run_dir = Path(args.run_dir or f"runs/{Path(args.preset).stem}")
     if args.resume:
         cfg = RunDir(run_dir).config()
-        sets = list(args.set or []) + [f"train.{k}={v}" for k, v in
-                                        (("epochs", args.epochs), ("max_steps", args.max_steps), ("device", args.device)) if v is not None]
+        given = (("epochs", args.epochs), ("max_steps", args.max_steps), ("device", args.device))
+        sets = list(args.set or []) + [f"train.{k}={v}" for k, v in given if v is not None]
         cfg = cfg.override_strings(sets) if sets else cfg
     else:
         cfg = build_config(args)
     summary = Trainer(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress).fit()
-    print(f"{summary.get('status', 'done')}: {summary.get('step')} steps, {summary.get('epoch')} epochs in "
-          f"{summary.get('train_seconds')} s -> {run_dir}")
-    if summary.get("status") == "interrupted":
-        print(f"resume with: python -m train fit --run-dir {run_dir} --resume")
+    if summary:  # empty on every torchrun rank but the first: one summary line per run, not one per process
+        print(f"{summary.get('status', 'done')}: {summary.get('step')} steps, {summary.get('epoch')} epochs in "
+              f"{summary.get('train_seconds')} s -> {run_dir}")
+        if summary.get("status") == "interrupted":
+            print(f"resume with: python -m train fit --run-dir {run_dir} --resume")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """A run's config, status, progress, best headline metrics and last logged line."""
     from blipcore.runs import RunDir
 
     run = RunDir(args.run_dir)
@@ -102,17 +84,30 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{m.get('vision_depth')}; text width {m.get('text_width')} enc {m.get('text_encoder_depth')} dec "
           f"{m.get('text_decoder_depth')}; {info.get('parameters', 0):,} parameters")
     print(f"losses     itc {m.get('itc_weight')}  lm {m.get('lm_weight')}  itm {m.get('itm_weight')}")
-    print(f"data       {cfg.get('data', {}).get('kind')} {cfg.get('data', {}).get('root')} ({info.get('train_items')} train items)")
-    print(f"progress   {info.get('steps_done', 0)}/{info.get('total_steps')} steps, epochs {', '.join(str(c.epoch) for c in checkpoints) or 'none yet'}"
+    data = cfg.get("data", {})
+    print(f"data       {data.get('kind')} {data.get('root')} ({info.get('train_items')} train items)")
+    epochs = ", ".join(str(c.epoch) for c in checkpoints) or "none yet"
+    print(f"progress   {info.get('steps_done', 0)}/{info.get('total_steps')} steps, epochs {epochs}"
           + (f", {info['train_seconds']} s" if info.get("train_seconds") else ""))
-    best = info.get("best", {})
+    best = _headline_best(info.get("best", {}))
     if best:
-        print("best       " + "  ".join(f"{k}={v['value']:.4g}@{v['epoch']}" for k, v in sorted(best.items())
-                                        if k in ("val_loss", "i2t_r1", "t2i_r1", "greedy_cider", "beam_cider", "greedy_bleu4")))
+        print(f"best       {best}")
     last = run.read_metrics()[-1:] if run.metrics_file.exists() else []
     if last:
         print(f"last line  {json.dumps(last[0], sort_keys=True)[:200]}")
     return 0
+
+
+def _headline_best(best: dict[str, Any]) -> str:
+    """run.json's best values of the headline metrics (the registry's `headline` flag), as `key=value@epoch`."""
+    from blipcore.metrics import metric
+
+    shown = []
+    for key, entry in sorted(best.items()):
+        declared = metric(key)
+        if declared is not None and declared.headline and isinstance(entry, dict):
+            shown.append(f"{key}={declared.format(entry.get('value'))}@{entry.get('epoch')}")
+    return "  ".join(shown)
 
 
 def _epochs_to_evaluate(run, spec: str | None) -> list[int]:
@@ -149,9 +144,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run.save_eval(epoch, result)
         if dump is not None:
             run.save_embeddings(epoch, dump)
-        rows = {name: {**entry["metrics"], "notes": entry["notes"]} for name, entry in result.get("strategies", {}).items()}
+        rows = {name: {**entry["metrics"], "notes": entry["notes"]}
+                for name, entry in result.get("strategies", {}).items()}
         if "reference_row" in result:
-            rows["(most frequent caption)"] = result["reference_row"]["metrics"]
+            reference = result["reference_row"]
+            rows["(most frequent caption)"] = {**reference["metrics"], "notes": reference.get("notes", [])}
         print(f"\nepoch {epoch} ({result['num_images']} images) -> {run.eval_path(epoch)}")
         print(metrics.format_metrics_table(rows))
         retrieval = result.get("retrieval")
@@ -161,25 +158,99 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class CaptionResult:
+    """One file given to `caption`: its caption, or why it could not be read (then caption is None)."""
+
+    file: str
+    caption: str | None = None
+    error: str | None = None
+
+
+def _images_to_caption(paths: list[str], recursive: bool) -> list[Path]:
+    """The files to caption, in order and each once: a file as given (whatever its extension: it is tried),
+    a folder's files with an image extension, sorted (with `recursive`, those of its subfolders too).
+    ValueError for a path that is neither a file nor a folder, or when no image is found at all."""
+    found: list[Path] = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            children = path.rglob("*") if recursive else path.iterdir()
+            found += sorted(c for c in children if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ValueError(f"{arg}: no such file or folder")
+    if not found:
+        raise ValueError(f"no images in {', '.join(paths)} (a folder gives its files named "
+                         f"{' '.join('*' + e for e in IMAGE_EXTENSIONS)}"
+                         f"{', subfolders included' if recursive else '; --recursive to search subfolders'})")
+    return list(dict.fromkeys(found))
+
+
+def _caption_file_format(out: str | None) -> str | None:
+    """The format (a CAPTION_OUT_FORMATS extension) of `--out`, checked before any work; ValueError otherwise."""
+    if out is None:
+        return None
+    suffix = Path(out).suffix.lower()
+    if suffix not in CAPTION_OUT_FORMATS:
+        raise ValueError(f"--out {out}: unknown format {suffix or '(no extension)'!r}; "
+                         f"use {' or '.join(CAPTION_OUT_FORMATS)}")
+    return suffix
+
+
+def _caption_files_bytes(results: list[CaptionResult], suffix: str) -> bytes:
+    """The results as .jsonl (one object a file: file + caption, or file + error) or .csv (file, caption, error)."""
+    if suffix == ".jsonl":
+        lines = (json.dumps({k: v for k, v in asdict(r).items() if v is not None}, ensure_ascii=False) for r in results)
+        return "".join(line + "\n" for line in lines).encode()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["file", "caption", "error"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in results)
+    return buffer.getvalue().encode()
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption every readable image of the files and folders given; exit 3 when some could not be read."""
     import torch
+    from tqdm.auto import tqdm
 
-    from blipcore.data import build_transform, load_image
+    from blipcore.data import ImageLoadError, build_transform, load_image
     from blipcore.decoding import generate
-    from blipcore.runs import RunDir
+    from blipcore.runs import RunDir, atomic_write_bytes
 
+    out_format = _caption_file_format(args.out)
+    files = _images_to_caption(args.images, args.recursive)
     run = RunDir(args.run_dir)
     model, cfg, ckpt = run.load_model(args.epoch, device=args.device)
     transform = build_transform(cfg.model.image_size, train=False)
-    images, names = [], []
-    for path in args.images:
-        images.append(transform(load_image(path)))
-        names.append(path)
-    captions = generate(model, torch.stack(images).to(args.device), args.strategy)
-    for name, caption in zip(names, captions):
-        print(f"{name}\t{caption.text}")
-    print(f"(epoch {ckpt.epoch} of {run.path}, strategy {args.strategy})", file=sys.stderr)
-    return 0
+
+    results = [CaptionResult(str(path)) for path in files]
+    batches = [results[i:i + args.batch_size] for i in range(0, len(results), args.batch_size)]
+    for batch in tqdm(batches, desc="caption", unit="batch", disable=len(batches) < 2, file=sys.stderr):
+        readable, images = [], []
+        for result in batch:
+            try:
+                images.append(transform(load_image(result.file)))
+                readable.append(result)
+            except ImageLoadError as err:  # reported, and the others are still captioned
+                result.error = str(err).removeprefix(f"{result.file}: ")
+                tqdm.write(f"error: {result.file}: {result.error}", file=sys.stderr)
+        if images:
+            captions = generate(model, torch.stack(images).to(args.device), args.strategy)
+            for result, caption in zip(readable, captions, strict=True):
+                result.caption = caption.text
+
+    for result in results:
+        if result.caption is not None:
+            print(f"{result.file}\t{result.caption}")
+    if out_format is not None:
+        atomic_write_bytes(args.out, _caption_files_bytes(results, out_format))
+    failed = sum(result.error is not None for result in results)
+    print(f"(epoch {ckpt.epoch} of {run.path}, strategy {args.strategy}: {len(results) - failed} captioned, "
+          f"{failed} unreadable{f'; results in {args.out}' if args.out else ''})", file=sys.stderr)
+    return 3 if failed else 0
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
@@ -191,12 +262,26 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _program_name() -> str:
+    """How the user called us, for usage lines: `python -m train` or the `bliplab` console command."""
+    name = Path(sys.argv[0]).name
+    return "python -m train" if name in ("__main__.py", "") else name
+
+
 # --- parser ------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blipcore.decoding import STRATEGY_PRESETS
 
     parser = argparse.ArgumentParser(
-        prog="python -m train", description="Train and inspect BLIP models from random initialisation.",
+        prog=_program_name(), description="Train and inspect BLIP models from random initialisation.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -206,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train a BLIP model from random initialisation into a run directory "
                                      "(run.json, metrics.jsonl, checkpoints/, embeddings/, eval/).")
     fit.add_argument("--preset", default="demo",
-                     help=f"train/configs/<name>.toml or a .toml path (presets: {', '.join(available_presets())}; default demo)")
+                     help=f"a preset of blipcore/presets/ ({', '.join(available_presets())}; default demo) "
+                          "or the path of a .toml file in that format")
     fit.add_argument("--run-dir", help="where the run is written (default runs/<preset>)")
     fit.add_argument("--data-root", help="dataset folder in COCO caption format (overrides the preset's data.root)")
     fit.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
@@ -232,12 +318,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
 
-    cap = sub.add_parser("caption", help="caption image files with a checkpoint")
-    cap.add_argument("--run-dir", required=True)
+    cap = sub.add_parser(
+        "caption", help="caption image files and folders with a checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Caption images with a checkpoint of a run. Each PATH is an image file (tried whatever its\n"
+            f"extension) or a folder, which gives its files named {' '.join('*' + e for e in IMAGE_EXTENSIONS)}\n"
+            "(any case), sorted; subfolders only with --recursive.\n\n"
+            "Every readable image is captioned; an unreadable one (corrupt, truncated, not an image) is\n"
+            "reported on stderr with the reason and the others are still captioned.\n\n"
+            "stdout: one line per captioned image, FILE<TAB>CAPTION (no header line).\n"
+            "--out FILE.jsonl: one JSON object per image, {\"file\", \"caption\"} or {\"file\", \"error\"}.\n"
+            "--out FILE.csv: columns file, caption, error (one of the last two empty).\n\n"
+            "exit status: 0 every image captioned; 3 some unreadable (the others captioned);\n"
+            "2 bad arguments: a PATH that is neither file nor folder, no images found at all, an --out\n"
+            "extension other than .jsonl or .csv, no such run or checkpoint."
+        ),
+    )
+    cap.add_argument("--run-dir", required=True, help="the run whose checkpoint captions")
     cap.add_argument("--epoch", type=int, help="epoch checkpoint (default: the newest)")
-    cap.add_argument("--strategy", default="beam", help=f"decoding strategy (known: {strategies})")
-    cap.add_argument("--device", default="cpu")
-    cap.add_argument("images", nargs="+", metavar="IMAGE")
+    cap.add_argument("--strategy", default="beam", choices=list(STRATEGY_PRESETS), metavar="STRATEGY",
+                     help=f"decoding strategy (default beam; known: {strategies})")
+    cap.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    cap.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                     help="images captioned at once (default 16); a progress bar shows when there are several batches")
+    cap.add_argument("--recursive", action="store_true", help="also take images from the subfolders of a folder")
+    cap.add_argument("--out", metavar="FILE", help="also write the results to FILE.jsonl or FILE.csv (atomically)")
+    cap.add_argument("images", nargs="+", metavar="PATH", help="image files and folders of images")
     cap.set_defaults(func=cmd_caption)
 
     info = sub.add_parser("info", help="summary of a run: config, status, epochs, best metrics")

@@ -12,9 +12,10 @@ import json
 import logging
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,6 +146,11 @@ class CaptionDataset(Dataset):
     """Images with captions. "random": one item per image, caption chosen from (seed, epoch, index);
     "all": one item per (image, caption) pair.
 
+    Every random draw of an item (its caption, its augmentation) is a function of (seed, epoch, item)
+    alone, never of a process's random stream: the same item is the same tensor in the main process or
+    in any DataLoader worker, so a run resumed in the middle of an epoch sees exactly the data it would
+    have seen uninterrupted, whatever `num_workers` is.
+
     An item is {image, caption, image_id, index (record index), file_path}, or None when the image
     cannot be read: the collator drops it, and `skipped` (file -> reason, this process only) counts it.
     """
@@ -182,6 +188,12 @@ class CaptionDataset(Dataset):
         choice = random.Random(f"{self.seed}:{self.epoch}:{item}").randrange(len(self.records[item].captions))
         return item, choice
 
+    def _augment(self, image: Any, item: int) -> torch.Tensor:
+        """The transform, its random draws (crop) seeded by (seed, epoch, item); the process's RNG is left alone."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random.Random(f"{self.seed}:{self.epoch}:{item}:augment").getrandbits(63))
+            return self.transform(image)
+
     def __getitem__(self, item: int) -> dict[str, Any] | None:
         if not 0 <= item < len(self):
             raise IndexError(f"item {item} out of range for a dataset of {len(self)}")
@@ -195,7 +207,7 @@ class CaptionDataset(Dataset):
                 warnings.warn(f"skipping image: {exc}", ImageSkippedWarning, stacklevel=2)
             return None
         return {
-            "image": self.transform(image),
+            "image": self._augment(image, item),
             "caption": record.captions[caption],
             "image_id": record.image_id,
             "index": index,

@@ -12,14 +12,14 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 MAX_PIXELS = 50_000_000  # ~7,000 x 7,000; COCO's largest image is 640 x 640
 
-ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
+ImageSource = str | os.PathLike | bytes | BinaryIO
 
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}

@@ -125,7 +125,7 @@ def _sample_scene(rng: random.Random, allowed: list[Combo], required: list[Combo
         near, far = sorted(rng.sample(range(3), 2))
         horizontal = rng.random() < 0.5
         cells = [(near, line), (far, line)] if horizontal else [(line, near), (line, far)]
-        objects = [_object(rng, combo, rng.choice(sizes), cell) for combo, cell in zip(pair, cells)]
+        objects = [_object(rng, combo, rng.choice(sizes), cell) for combo, cell in zip(pair, cells, strict=True)]
         layout = "pair_horizontal" if horizontal else "pair_vertical"
     elif layout == "count":
         size, cells = rng.choice(sizes), rng.sample(CELLS, rng.choice((2, 2, 3)))

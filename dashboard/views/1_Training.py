@@ -9,43 +9,40 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-import common
-import figures
-import launcher
+from blipcore.metrics import metrics_in
 from blipcore.runs import RunDir
-from figures import Line, Panel
+from dashboard import common, figures, launcher
+from dashboard.figures import Line, Panel
 
 REFRESH_S = 5.0
 SECTION_KEY = "training_section"  # session-state key of the open tab
 
+# Every panel comes from the metric registry (blipcore.metrics): its groups, keys and labels.
 LOSS_PANELS = tuple(
-    Panel(title, (Line(key, "train"), Line(f"val_{key}", "validation", smooth=False, dash="dot")))
-    for title, key in (("total loss", "loss"), ("ITC (image-text contrastive)", "itc"),
-                       ("LM (captioning)", "lm"), ("ITM (image-text matching)", "itm"))
+    Panel(m.label, (Line(m.key, "train"), Line(f"val_{m.key}", "validation", smooth=False, dash="dot")))
+    for m in metrics_in("loss")
 )
-OPTIMISER_PANELS = tuple(
-    Panel(title, (Line(key, title),)) for title, key in (
-        ("learning rate", "lr"), ("ITC temperature τ", "temperature"),
-        ("gradient norm (before clipping)", "grad_norm"), ("throughput (samples/s)", "samples_per_s"),
-    )
-)
+OPTIMISER_PANELS = tuple(Panel(m.label, (Line(m.key, m.label),)) for m in metrics_in("optimisation"))
 RETRIEVAL_PANELS = tuple(
-    Panel(f"{title} retrieval R@K (%)", tuple(Line(f"{d}_r{k}", f"R@{k}", smooth=False, dash=figures.DASHES[i])
-                                             for i, k in enumerate(figures.RECALL_KS)))
-    for d, title in (("i2t", "image→text"), ("t2i", "text→image"))
+    Panel(f"{direction} retrieval R@K (%)", tuple(Line(m.key, f"R@{k}", smooth=False, dash=figures.DASHES[i])
+                                                 for i, (k, m) in enumerate(by_k.items())))
+    for direction, by_k in figures.recall_metrics().items()
 )
-CAPTION_METRICS = (("cider", "CIDEr"), ("bleu4", "BLEU-4"), ("repetition_rate", "repetition rate (collapse ↑)"),
-                   ("distinct_1", "distinct-1 (diversity)"), ("top_caption_share", "share of the most common caption"))
+# The captioning and collapse metrics that val lines hold per decoding strategy (`<strategy>_<key>`) and that
+# have a better direction (the mean length has none): one panel each.
+CAPTION_METRICS = tuple(m for group in ("captioning", "collapse") for m in metrics_in(group)
+                        if m.summary and m.better is not None)
 
 
 def caption_panels(frames: dict[str, pd.DataFrame]) -> tuple[Panel, ...]:
     """One panel per captioning metric, one dash per decoding strategy found in the val lines."""
-    pattern = re.compile(r"^(.+)_(" + "|".join(m for m, _ in CAPTION_METRICS) + r")$")
+    pattern = re.compile(r"^(.+)_(" + "|".join(m.key for m in CAPTION_METRICS) + r")$")
     strategies = sorted({m.group(1) for f in frames.values() for c in f.columns if (m := pattern.match(c))})
+    dashes = figures.DASHES
     return tuple(
-        Panel(title, tuple(Line(f"{s}_{metric}", s, smooth=False, dash=figures.DASHES[i % len(figures.DASHES)])
-                           for i, s in enumerate(strategies)))
-        for metric, title in CAPTION_METRICS
+        Panel(metric.label, tuple(Line(f"{s}_{metric.key}", s, smooth=False, dash=dashes[i % len(dashes)])
+                                  for i, s in enumerate(strategies)))
+        for metric in CAPTION_METRICS
     )
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-import common
-import figures
 from blipcore.runs import RunDir
-from figures import Line, Panel
+from dashboard import common, figures
+from dashboard.figures import Line, Panel
 
 DEFAULT_PAIRS = 32  # 32x32 cells draw fast; the slider goes up to every evaluation pair
 CLICKABLE_PAIRS = 64  # above this many pairs the heatmap's click layer (N² invisible markers) is left out
@@ -108,7 +107,7 @@ def separation_section(run: RunDir, epochs: list[int], data: dict) -> None:
 def retrieval_section(run: RunDir, n: int) -> None:
     eval_epochs = run.eval_epochs()
     results = [common.guarded(common.load_eval, run, e, what=f"the evaluation of epoch {e}") for e in eval_epochs]
-    pairs = [(e, r["retrieval"]) for e, r in zip(eval_epochs, results) if r and r.get("retrieval")]
+    pairs = [(e, r["retrieval"]) for e, r in zip(eval_epochs, results, strict=True) if r and r.get("retrieval")]
     if not pairs:
         st.info("No retrieval results yet (eval/epoch_NNN.json is written at the end of each epoch).")
         return

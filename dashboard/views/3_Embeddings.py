@@ -7,10 +7,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-import common
-import figures
-import projections
 from blipcore.runs import RunDir, RunError
+from dashboard import common, figures, projections
 
 PLOT_KEY = "embedding_plot"
 PAIR_KEY = "embedding_pair"

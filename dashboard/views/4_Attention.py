@@ -2,19 +2,15 @@
 decoder's cross-attention for each generated word, and Grad-CAM of the image-text matching score.
 Every map comes from blipcore.explain (through inference's caches); this page only lays them out."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dashboard/, as `streamlit run dashboard/app.py` has it
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-import common  # noqa: E402
-import explain_figures as figs  # noqa: E402
-import inference as inf  # noqa: E402
-from blipcore.data import ImageLoadError  # noqa: E402
-from blipcore.decoding import STRATEGY_PRESETS, decoding_config  # noqa: E402
-from blipcore.explain import HEAD_FUSIONS, attention_rollout, cls_attention_maps, overlay_heatmap  # noqa: E402
+from blipcore.data import ImageLoadError
+from blipcore.decoding import STRATEGY_PRESETS, decoding_config
+from blipcore.explain import HEAD_FUSIONS, attention_rollout, cls_attention_maps, overlay_heatmap
+from dashboard import common
+from dashboard import explain_figures as figs
+from dashboard import inference as inf
 
 st.set_page_config(page_title="Attention · BLIP Lab", layout="wide")
 st.title("Attention: where the model looks")

@@ -2,21 +2,17 @@
 no-repeat n-gram side by side — the captions, each step's probability and entropy (where the loop
 starts), and the collapse metrics of each strategy on a validation subset."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dashboard/, as `streamlit run dashboard/app.py` has it
+import pandas as pd
+import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-from streamlit.delta_generator import DeltaGenerator  # noqa: E402
-
-import common  # noqa: E402
-import explain_figures as figs  # noqa: E402
-import inference as inf  # noqa: E402
-from blipcore.decoding import STRATEGY_PRESETS, DecodingConfig, decoding_config  # noqa: E402
-from blipcore.metrics import COLLAPSE_METRIC_DOCS  # noqa: E402
-from blipcore.tokenizer import load_tokenizer  # noqa: E402
+from blipcore.decoding import STRATEGY_PRESETS, DecodingConfig, decoding_config
+from blipcore.metrics import COLLAPSE_METRIC_DOCS
+from blipcore.tokenizer import load_tokenizer
+from dashboard import common
+from dashboard import explain_figures as figs
+from dashboard import inference as inf
 
 # The parameters worth editing per preset, and each one's widget range (min, max, step).
 EDITABLE = {

@@ -1,17 +1,14 @@
 """Caption: upload pictures and read what each checkpoint says about them — one epoch, several runs,
 or every epoch of a run to watch the captions form (or collapse) as training goes."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dashboard/, as `streamlit run dashboard/app.py` has it
+import pandas as pd
+import streamlit as st
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-import common  # noqa: E402
-import inference as inf  # noqa: E402
-from blipcore.decoding import STRATEGY_PRESETS, decoding_config  # noqa: E402
+from blipcore.decoding import STRATEGY_PRESETS, decoding_config
+from dashboard import common
+from dashboard import inference as inf
 
 st.set_page_config(page_title="Caption · BLIP Lab", layout="wide")
 st.title("Caption your images")

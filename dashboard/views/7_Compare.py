@@ -2,20 +2,17 @@
 random validation images next to the ground truth, and how far their embeddings moved per epoch."""
 
 import random
-import sys
-from pathlib import Path
+from itertools import pairwise
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dashboard/, as `streamlit run dashboard/app.py` has it
+import numpy as np
+import pandas as pd
+import streamlit as st
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-import common  # noqa: E402
-import explain_figures as figs  # noqa: E402
-import inference as inf  # noqa: E402
-from blipcore.decoding import STRATEGY_PRESETS, decoding_config  # noqa: E402
-from blipcore.runs import RunDir, RunError  # noqa: E402
+from blipcore.decoding import STRATEGY_PRESETS, decoding_config
+from blipcore.runs import RunDir, RunError
+from dashboard import common
+from dashboard import explain_figures as figs
+from dashboard import inference as inf
 
 SECTION_KEY = "compare_section"  # session-state key of the open tab
 
@@ -94,7 +91,7 @@ def drift_section(checkpoints: list[tuple[RunDir, int]]) -> None:
     for run in dict.fromkeys(run for run, _ in checkpoints):
         picked = [e for r, e in checkpoints if r == run]
         epochs = [e for e in run.embedding_epochs() if min(picked) <= e <= max(picked)]
-        for before, after in zip(epochs, epochs[1:]):
+        for before, after in pairwise(epochs):
             what = f"the embeddings of {run.name} epochs {before} and {after}"
             moved = common.guarded(drift, run, before, after, what=what)
             if moved is not None:
