@@ -274,6 +274,24 @@ class TrainerLock:
         os.pwrite(fd, holder.encode() + b"\n", 0)
         return cls(key, fd)
 
+    @classmethod
+    def is_held(cls, path: Path) -> bool:
+        """Whether some process holds the lock at `path` now (False when there is no lock file, or it cannot
+        be opened for the test, e.g. in a read-only folder)."""
+        if path.resolve() in cls._held:
+            return True
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the lock just taken
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the fcntl lock
@@ -537,6 +555,12 @@ class RunDir:
         The lock is an fcntl record lock: the OS drops it when its process ends, even by kill -9, and the
         DataLoader workers a trainer forks do not inherit it."""
         return TrainerLock.acquire(self.path / LOCK_FILE)
+
+    def trainer_running(self) -> bool | None:
+        """Whether a trainer holds this run's lock now; None when the run has no lock file (never trained
+        by this version). A run.json saying "running" without a trainer means the trainer was killed."""
+        path = self.path / LOCK_FILE
+        return TrainerLock.is_held(path) if path.is_file() else None
 
     def prepare_for_training(self, resume: bool, overwrite: bool) -> tuple[TrainerLock, bool]:
         """Check the folder, take its trainer lock, then make it ready: refuse to clobber a run silently,

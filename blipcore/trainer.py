@@ -36,11 +36,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import runs
-from .config import BlipConfig
+from .config import BlipConfig, TrainConfig
 from .decoding import check_strategy_names
 from .metrics import is_number, metric
 from .model import BLIP
 from .runs import CheckpointError, RunDir
+from .speed import autocast_dtype, describe
 
 POSITION_KEYS = ("step", "epoch", "batch_in_epoch")  # where training stands: saved in checkpoints/last/state.json
 
@@ -102,6 +103,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """The trainer's AdamW over `model` (see parameter_groups); benchmarks build theirs here too."""
+    return torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas))
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -247,9 +253,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         self.model = BLIP(cfg).to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas)
-        )
+        self.optimizer = build_optimizer(self.model, cfg.train)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.started = time.time()
         if self.resume:
@@ -258,13 +262,17 @@ class Trainer:
         if self.dist.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        precision = cfg.train.precision
-        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.autocast = autocast_dtype(self.device, cfg.train.precision)  # measured on this machine for "auto"
+        if self.dist.world_size > 1 and self.device.type == "cpu":  # every rank follows the first's measurement
+            choice = torch.tensor([self.autocast is not None], dtype=torch.uint8)
+            dist.broadcast(choice, src=0)
+            self.autocast = torch.bfloat16 if choice.item() else None
         self.summary: dict[str, Any] = {}
 
     def _write_run_info(self) -> None:
         if self.resume and self.run.exists():
-            self.run.update_info(status="running", config=self.cfg.to_dict(), error=None, resumed_at=runs.now())
+            self.run.update_info(status="running", config=self.cfg.to_dict(), error=None, resumed_at=runs.now(),
+                                 autocast=describe(self.autocast))
             return
         self.run.write_info({
             "name": self.run.name,
@@ -278,6 +286,7 @@ class Trainer:
             "train_items": len(self.train_set),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
+            "autocast": describe(self.autocast),  # what train.precision came to on this machine
             **environment_info(self.device),
         })
 
@@ -372,7 +381,9 @@ class Trainer:
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or self.dist.world_size == 1
             context = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
-            with context, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            autocast = torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                                      enabled=self.autocast is not None)
+            with context, autocast:
                 out = self.ddp_model(
                     batch["images"].to(self.device, non_blocking=True),
                     batch["input_ids"].to(self.device),

@@ -43,9 +43,13 @@ def _note(summary: common.RunSummary, run: RunDir) -> str:
         return summary.error
     if summary.status == "interrupted":
         return f"resume: python -m train fit --run-dir {run.path} --resume"
+    if summary.status != "running":
+        return ""
+    if run.trainer_running() is False:  # run.json says running, but no process holds the run's lock
+        return f"its trainer is gone (killed?): resume: python -m train fit --run-dir {run.path} --resume"
     age = _age(run.metrics_file)
-    if summary.status == "running" and age is not None and age > STALLED_AFTER_S:
-        return f"no new metrics for {age / 60:.0f} min: the trainer may have been killed"
+    if age is not None and age > STALLED_AFTER_S:
+        return f"no new metrics for {age / 60:.0f} min: the trainer may be stuck"
     return ""
 
 

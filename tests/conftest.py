@@ -56,6 +56,7 @@ def small_cfg(shapes_root: Path, model: dict | None = None, **train) -> BlipConf
     settings = {
         "train.epochs": 2, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 2, "train.log_every": 2,
         "train.eval_strategies": [], "train.eval_caption_images": 4, "train.device": "cpu", "train.save_state_every": 0,
+        "train.precision": "fp32",  # exactness tests compare weights bit for bit: no bf16 where "auto" would pick it
         **{f"train.{k}": v for k, v in train.items()},
     }
     return cfg.override({"data.root": str(shapes_root), "data.eval_images": 8, **data, **settings})

@@ -254,10 +254,12 @@ def test_one_trainer_per_run_folder_and_a_killed_one_frees_it_at_once(shapes_roo
             assert second.returncode == 2, second.stderr
             assert f"being trained right now by another trainer (pid {first.pid} " in second.stderr, second.stderr
         assert first.poll() is None and RunDir(run_dir).read_info()["status"] == "running"
+        assert RunDir(run_dir).trainer_running() is True
         steps = train_steps(run_dir)
         assert steps == sorted(set(steps)), "only one process writes the metrics"
         first.kill()  # kill -9: no chance to release anything
         first.wait()
+        assert RunDir(run_dir).read_info()["status"] == "running" and RunDir(run_dir).trainer_running() is False
         step = state_step(run_dir)
         resumed = start_trainer("--run-dir", str(run_dir), "--resume", "--max-steps", str(step + 2), log=log)
         stdout, _ = resumed.communicate(timeout=180)

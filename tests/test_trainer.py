@@ -250,6 +250,30 @@ def test_gradient_accumulation_counts_optimizer_steps(shapes_root, tmp_path):
     assert RunDir(tmp_path / "run").read_info()["steps_per_epoch"] == 8
 
 
+def test_precision_auto_follows_the_bf16_speedup_measured_on_this_machine(monkeypatch):
+    from blipcore import speed
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(speed, "bf16_speedup", lambda device_type="cpu": 4.0)  # AMX-class: bf16 wins
+    assert speed.autocast_dtype(cpu, "auto") == torch.bfloat16 and speed.autocast_dtype(cpu, "fp32") is None
+    monkeypatch.setattr(speed, "bf16_speedup", lambda device_type="cpu": 0.01)  # emulated bf16: 100x slower
+    assert speed.autocast_dtype(cpu, "auto") is None and speed.autocast_dtype(cpu, "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        speed.autocast_dtype(cpu, "fp16")
+    monkeypatch.undo()
+    measured = speed.bf16_speedup()
+    assert measured > 0 and speed.bf16_speedup() == measured  # measured once per process
+
+
+def test_bf16_autocast_trains_on_a_cpu_and_says_so_in_run_json(shapes_root, tmp_path):
+    summary = Trainer(small_cfg(shapes_root, epochs=1, precision="bf16"), tmp_path / "run", progress=False).fit()
+    run = RunDir(tmp_path / "run")
+    assert summary["status"] == "completed" and run.read_info()["autocast"] == "bf16"
+    assert all(np.isfinite(r["loss"]) for r in run.read_metrics() if r["split"] == "train")
+    model, _, _ = run.load_model(1)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
 def test_cuda_without_a_gpu_is_a_clear_error(shapes_root, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

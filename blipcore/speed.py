@@ -1,0 +1,65 @@
+"""Speed choices made on the machine at hand, measured, never assumed from one CPU.
+
+bf16 autocast is the one that matters on CPUs: where the processor multiplies bf16 matrices natively
+(AMX or AVX512-BF16, e.g. recent Xeons) a bf16 matmul is several times faster than fp32 and a
+training step runs 1.1-1.6x faster; where it does not (many AMD EPYC and older Intel parts) bf16 is
+emulated and can be a hundred times slower. So `precision = "auto"` asks `bf16_speedup()`: one timed
+512 x 512 matmul in each precision (milliseconds), once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+PROBE_SIZE = 512
+# bf16 autocast also pays casts and keeps norms and softmax in fp32: it wins a whole step only when the
+# matmuls themselves are clearly faster.
+BF16_MIN_SPEEDUP = 2.0
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocation and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def bf16_speedup(device_type: str = "cpu") -> float:
+    """How many times faster a bf16 matmul runs than an fp32 one on this machine (below 1: slower)."""
+    if device_type != "cpu":
+        raise ValueError(f"bf16_speedup probes the CPU; got {device_type!r}")
+    a = torch.randn(PROBE_SIZE, PROBE_SIZE)
+    b = a.bfloat16()
+    fp32 = _best_time(lambda: a @ a, repeats=3)
+    bf16 = _best_time(lambda: b @ b, repeats=3)
+    return fp32 / bf16
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for `precision` ("auto" | "bf16" | "fp32") on `device`, None for plain fp32.
+
+    auto: bf16 on a CUDA device that supports it; on the CPU, bf16 when its matmuls are at least
+    BF16_MIN_SPEEDUP times faster than fp32 here (see bf16_speedup)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if bf16_speedup("cpu") >= BF16_MIN_SPEEDUP else None
+    return None
+
+
+def describe(dtype: torch.dtype | None) -> str:
+    """How run.json names the choice."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
