@@ -21,6 +21,9 @@ Conventions (HF `generate`'s unless said otherwise):
 - Beam search ranks hypotheses by the log-softmax of the processed logits. (HF's beam search applies
   the rules to log-softmaxed scores instead; that differs only for the repetition penalty and in not
   renormalising after a ban. Ours keeps beam search with one beam identical to greedy decoding.)
+- precision "auto" (the default) decodes with a bf16 copy of the weights where this machine's bf16
+  matmuls win (blipcore.speed; 2.5x faster at the seed size on an AMX Xeon), in fp32 elsewhere; the
+  per-step evidence (log-probabilities, entropies, cross-attention) is always float32.
 - min_length / max_length count new tokens (HF's min_new_tokens / max_new_tokens): min_length
   tokens come before [SEP] may; max_length bounds the steps, [SEP] included (so a caption that
   reaches max_length tokens has no [SEP] and is not `finished`).
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .model import BLIP
+from .speed import PRECISIONS, autocast_dtype, inference_copy
 from .tokenizer import load_tokenizer
 
 STRATEGIES = ("greedy", "beam", "sample")
@@ -65,6 +69,8 @@ class DecodingConfig:
     use_cache: bool = True  # False re-runs the whole sequence every step (a check on the KV cache)
     seed: int | None = None  # sampling: a private torch.Generator; None uses the global RNG
     return_cross_attention: bool = False
+    # auto: a bf16 copy of the weights where this machine's bf16 matmuls win (blipcore.speed), else fp32
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,6 +83,7 @@ class DecodingConfig:
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}"),
             (self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (
                 0 <= self.min_length <= self.max_length,
                 f"min_length must be in [0, max_length={self.max_length}], got {self.min_length}",
@@ -317,7 +324,10 @@ def generate(model: BLIP, images: Tensor, cfg: DecodingConfig | str = "greedy", 
 @torch.inference_mode()
 def _generate(model: BLIP, images: Tensor, cfg: DecodingConfig) -> list[Caption]:
     device = next(model.parameters()).device
-    image_embeds, _ = model.encode_image(images.to(device))
+    dtype = autocast_dtype(device, cfg.precision)
+    if dtype is not None:
+        model = inference_copy(model, dtype)
+    image_embeds, _ = model.encode_image(images.to(device, dtype or images.dtype))
     prefix = model.decoder_prefix(len(images), device)
     if not cfg.use_prompt:
         prefix = prefix[:, :1]

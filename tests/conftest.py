@@ -14,6 +14,9 @@ from blipcore import BlipConfig
 # server) on a 2-core machine: one thread each avoids oversubscription, which made tiny fits 5x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# precision "auto" picks bf16 only on CPUs whose bf16 matmuls win (blipcore.speed): tests, subprocesses
+# included, compute in fp32 on every machine unless they ask for bf16 by name.
+os.environ["BLIPLAB_CPU_BF16"] = "0"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

@@ -291,3 +291,25 @@ def test_no_repeat_ngram_breaks_a_collapsed_model(strategy):
         for c in generate(model, x, strategy, no_repeat_ngram_size=n, max_length=12):
             assert len(c.tokens) == 12
             assert not has_repeated_ngram([model.ids["dec"], *prompt, *c.tokens], n)
+
+
+def test_bf16_decoding_uses_a_bf16_copy_kept_in_step_with_the_weights(model, images):
+    from blipcore import speed
+
+    fp32 = generate(model, images, "beam", max_length=6, precision="fp32", return_cross_attention=True)
+    bf16 = generate(model, images, "beam", max_length=6, precision="bf16", return_cross_attention=True)
+    copy = speed.inference_copy(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the model itself is left in fp32"
+    for a, b in zip(fp32, bf16, strict=True):  # the evidence stays float32, and close to fp32's
+        assert b.cross_attention.dtype == torch.float32 and len(b.entropies) == len(b.tokens) + b.finished
+        steps = min(len(a.entropies), len(b.entropies))
+        assert torch.allclose(torch.tensor(a.entropies[:steps]), torch.tensor(b.entropies[:steps]), atol=0.1)
+    assert speed.inference_copy(model, torch.bfloat16) is copy  # cached while the weights are unchanged
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # what an optimiser step does
+    try:
+        assert speed.inference_copy(model, torch.bfloat16) is not copy
+    finally:
+        with torch.no_grad():
+            next(model.parameters()).sub_(1.0)
