@@ -22,6 +22,7 @@ from . import metrics as M
 from .config import BlipConfig
 from .data import CaptionCollator, CaptionDataset
 from .runs import RunDir
+from .speed import autocast_dtype, describe
 from .tokenizer import tokenize_captions
 
 SAMPLES_PER_STRATEGY = 24
@@ -181,6 +182,7 @@ def caption_strategies(
         collapse = M.collapse_metrics([c.text for c in captions], [c.entropies for c in captions])
         results[name] = {
             "params": dcfg.to_dict(),
+            "computed_in": describe(autocast_dtype(torch.device(device), dcfg.precision)),  # what "auto" became
             "metrics": {**{k: v for k, v in scores.items() if k != "notes"}, **collapse},
             "notes": scores.get("notes", []),
             "samples": [
