@@ -15,17 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import metrics as M
 from .config import BlipConfig
-from .data import CaptionCollator, CaptionDataset
+from .data import CaptionCollator, CaptionDataset, build_transform
 from .runs import RunDir
 from .speed import autocast_dtype, describe
 from .tokenizer import tokenize_captions
 
 SAMPLES_PER_STRATEGY = 24
+NN_NEIGHBOURS = 5  # training images whose captions the nearest-neighbour row picks its consensus from
+NN_TRAIN_IMAGES = 1000  # the first training images searched (0 = all): bounds each evaluation's extra cost
 
 
 @dataclass
@@ -165,9 +168,11 @@ def embeddings_dump(
 
 
 def caption_strategies(
-    model, data: EvalImages, strategies: list[str], device: torch.device, meteor: bool, progress: bool
+    model, data: EvalImages, strategies: list[str], device: torch.device, meteor: bool, progress: bool,
+    known_captions: set[str] | None = None,
 ) -> dict[str, Any]:
-    """Captions of the evaluation images by each strategy, scored for quality and collapse."""
+    """Captions of the evaluation images by each strategy, scored for quality and collapse, and with the
+    normalised training captions `known_captions`, for memorisation."""
     from .decoding import decoding_config, generate
 
     references = {i: record.captions for i, record in enumerate(data.records)}
@@ -180,6 +185,8 @@ def caption_strategies(
         predictions = {i: c.text for i, c in enumerate(captions)}
         scores = M.caption_metrics(predictions, references, meteor=meteor)
         collapse = M.collapse_metrics([c.text for c in captions], [c.entropies for c in captions])
+        if known_captions is not None:
+            collapse["memorised_share"] = M.memorised_share([c.text for c in captions], known_captions)
         results[name] = {
             "params": dcfg.to_dict(),
             "computed_in": describe(autocast_dtype(torch.device(device), dcfg.precision)),  # what "auto" became
@@ -194,22 +201,85 @@ def caption_strategies(
     return results
 
 
-_REFERENCE_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRAIN_CAPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MOST_FREQUENT_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def reference_row(train_set: CaptionDataset, data: EvalImages, meteor: bool) -> dict[str, Any]:
+def train_captions(train_set: CaptionDataset) -> set[str]:
+    """The training captions, normalised, computed once per training set (memorisation is measured on it)."""
+    if train_set not in _TRAIN_CAPTIONS:
+        _TRAIN_CAPTIONS[train_set] = M.normalised_captions(c for record in train_set.records for c in record.captions)
+    return _TRAIN_CAPTIONS[train_set]
+
+
+def most_frequent_row(train_set: CaptionDataset, data: EvalImages, meteor: bool) -> dict[str, Any]:
     """Scores of the most frequent training caption given to every image: what 'learned nothing' scores.
 
     It depends only on the data, so it is computed once per (training set, evaluation images) and
     reused by every epoch's evaluation.
     """
     key = (tuple(r.image_id for r in data.records), meteor)
-    cached = _REFERENCE_ROWS.setdefault(train_set, {})
+    cached = _MOST_FREQUENT_ROWS.setdefault(train_set, {})
     if key not in cached:
-        train_captions = [c for record in train_set.records for c in record.captions]
+        captions = [c for record in train_set.records for c in record.captions]
         references = {i: record.captions for i, record in enumerate(data.records)}
-        cached[key] = M.most_frequent_caption_baseline(train_captions, references, meteor=meteor)
+        cached[key] = M.most_frequent_caption_baseline(captions, references, meteor=meteor)
     return cached[key]
+
+
+@torch.no_grad()
+def image_features(model, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised image embeddings (N, D): the ITC embedding, or the ViT's [CLS] token without ITC."""
+    feats = []
+    for chunk in _batches(images, batch_size):
+        tokens, feat = model.encode_image(chunk.to(device))
+        feats.append((feat if feat is not None else F.normalize(tokens[:, 0], dim=-1)).float().cpu())
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def nearest_neighbour_row(
+    model, cfg: BlipConfig, train_set: CaptionDataset, data: EvalImages, device: torch.device, meteor: bool,
+    neighbours: int = NN_NEIGHBOURS, train_images: int = NN_TRAIN_IMAGES,
+) -> dict[str, Any]:
+    """The nearest-neighbour reference row (Devlin et al. 2015): for each evaluation image, the `neighbours`
+    training images nearest by the model's image embedding (cosine), and the consensus caption among all
+    their captions. It scores what retrieving a caption, without generating one, would: a captioner below
+    it has learned less about the images than its own image encoder has. The training images are the
+    first `train_images` of the split (0 = all), decoded with the evaluation transform."""
+    records = train_set.records[:train_images] if train_images else train_set.records
+    plain = CaptionDataset(records, build_transform(cfg.model.image_size, train=False), caption_mode="random")
+    loader = DataLoader(plain, batch_size=64, collate_fn=_stack_readable)
+    feats, kept = [], []
+    for images, indices in loader:
+        feats.append(image_features(model, images, device))
+        kept += indices
+    if not kept:
+        raise ValueError("no readable training image for the nearest-neighbour row")
+    nearest = (image_features(model, data.images, device) @ torch.cat(feats).T).topk(min(neighbours, len(kept)))
+    predictions = {i: M.consensus_caption([c for j in row for c in records[kept[j]].captions])
+                   for i, row in enumerate(nearest.indices.tolist())}
+    references = {i: record.captions for i, record in enumerate(data.records)}
+    scores = M.reference_row_scores(predictions, references, train_captions(train_set), meteor=meteor)
+    samples = [{"image_id": r.image_id, "file_path": r.file_path, "caption": predictions[i],
+                "references": r.captions[:5]} for i, r in enumerate(data.records[:SAMPLES_PER_STRATEGY])]
+    return {"neighbours": neighbours, "train_images": len(kept), **scores, "samples": samples}
+
+
+def _stack_readable(items: list[dict[str, Any] | None]) -> tuple[torch.Tensor, list[int]]:
+    """collate_fn of the nearest-neighbour pass: the readable images and their record indices."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        return torch.empty(0), []
+    return torch.stack([item["image"] for item in kept]), [item["index"] for item in kept]
+
+
+def reference_rows(
+    model, cfg: BlipConfig, train_set: CaptionDataset, data: EvalImages, device: torch.device, meteor: bool
+) -> dict[str, dict[str, Any]]:
+    """Every row of metrics.REFERENCE_ROWS, scored on the evaluation images like a decoding strategy."""
+    return {"most-frequent": most_frequent_row(train_set, data, meteor),
+            "nearest-neighbour": nearest_neighbour_row(model, cfg, train_set, data, device, meteor)}
 
 
 def evaluate_model(
@@ -245,18 +315,21 @@ def evaluate_model(
     if model.use_lm and strategies:
         n = caption_images if caption_images is not None else cfg.train.eval_caption_images
         subset = EvalImages(data.images[:n], data.records[:n])
-        result["strategies"] = caption_strategies(model, subset, strategies, device, meteor, progress)
+        known = train_captions(datasets["train"]) if "train" in datasets else None
+        result["strategies"] = caption_strategies(model, subset, strategies, device, meteor, progress, known)
         if "train" in datasets:
-            result["reference_row"] = reference_row(datasets["train"], subset, meteor)
+            result["reference_rows"] = reference_rows(model, cfg, datasets["train"], subset, device, meteor)
     return result, dump
 
 
 def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """Flat numbers for metrics.jsonl, checkpoint sidecars and 'best' tracking: val_*, retrieval, strategy_metric."""
+    """Flat numbers for metrics.jsonl, checkpoint sidecars and 'best' tracking: val_*, retrieval, and
+    <strategy>_<metric> for each decoding strategy and reference row."""
     flat: dict[str, float] = dict(result.get("losses", {}))
     flat.update(result.get("retrieval", {}))
     per_strategy = M.summary_keys("captioning") + M.summary_keys("collapse")
-    for name, entry in result.get("strategies", {}).items():
+    rows = {**result.get("strategies", {}), **result.get("reference_rows", {})}
+    for name, entry in rows.items():
         for key in per_strategy:
             value = entry["metrics"].get(key)
             if M.is_number(value):

@@ -125,7 +125,17 @@ _DECLARED: tuple[Metric, ...] = (
     Metric("mean_entropy", "mean entropy (nats)", None, ".3f",
            "mean over captions of the mean per-step entropy of the decoder's next-word distribution (nats)",
            "collapse"),
+    Metric("memorised_share", "share found among the training captions", None, ".1%",
+           "share of captions found verbatim among the training captions (memorisation)", "collapse",
+           summary=True),
 )
+# Rows that every evaluation scores beside the decoding strategies, so that "learned something" is measured:
+# `<row>_<metric>` keys in metrics.jsonl, `reference_rows[<row>]` in an evaluation file.
+REFERENCE_ROWS: dict[str, str] = {
+    "most-frequent": "the most frequent training caption, given to every image (learned nothing)",
+    "nearest-neighbour": "the consensus caption of the training images nearest by the model's image embedding "
+                         "(Devlin et al. 2015: retrieval, no generation)",
+}
 METRICS: dict[str, Metric] = {m.key: m for m in _DECLARED}
 # The collapse metrics and their docs, in declaration order (the README's collapse table lists them).
 COLLAPSE_METRIC_DOCS: dict[str, str] = {m.key: m.doc for m in _DECLARED if m.group == "collapse"}
@@ -147,7 +157,8 @@ def summary_keys(group: str) -> list[str]:
 def metric(key: str) -> Metric | None:
     """The declaration of a logged key, or None when it is not declared. Resolves the derived keys:
     val_<loss> (validation losses), itm_<retrieval> (after ITM re-ranking) and <strategy>_<metric>
-    (captioning and collapse per decoding strategy, e.g. greedy_cider, beam-no-repeat_top_caption_share)."""
+    (captioning and collapse per decoding strategy or reference row, e.g. greedy_cider,
+    beam-no-repeat_top_caption_share, nearest-neighbour_cider)."""
     if key in METRICS:
         return METRICS[key]
     prefix, _, rest = key.partition("_")
@@ -158,9 +169,12 @@ def metric(key: str) -> Metric | None:
         return dataclasses.replace(base, key=key, label=f"{base.label} (ITM re-ranked)", headline=False)
     from .decoding import STRATEGY_PRESETS  # the strategy names; imported here, decoding imports the model
 
-    for strategy in STRATEGY_PRESETS:
+    for strategy in (*STRATEGY_PRESETS, *REFERENCE_ROWS):
         base = METRICS.get(key[len(strategy) + 1 :]) if key.startswith(f"{strategy}_") else None
         if base is not None and base.group in ("captioning", "collapse"):
+            if strategy in REFERENCE_ROWS:  # a yardstick: nothing to rank epochs by, no column of its own
+                return dataclasses.replace(base, key=key, label=f"{strategy} {base.label}", better=None,
+                                           headline=False)
             return dataclasses.replace(base, key=key, label=f"{strategy} {base.label}")
     return None
 
@@ -370,11 +384,54 @@ def most_frequent_caption_baseline(
     if not references:
         raise ValueError("references is empty")
     caption, _ = _most_common(normalised)
-    predictions = {i: caption for i in references}
+    scores = reference_row_scores({i: caption for i in references}, references, set(normalised), meteor=meteor)
+    return {"caption": caption, **scores}
+
+
+def memorised_share(captions: Sequence[str], train_captions: set[str]) -> float:
+    """Share of `captions` found verbatim among `train_captions` (a set of normalised training captions,
+    see `normalised_captions`): a captioner that only recites its training set scores 1."""
+    if not captions:
+        raise ValueError("captions is empty")
+    return sum(_normalise(c) in train_captions for c in captions) / len(captions)
+
+
+def normalised_captions(captions: Iterable[str]) -> set[str]:
+    """Captions as the collapse metrics compare them (lowercase, punctuation stripped), as a set."""
+    return {n for n in map(_normalise, captions) if n}
+
+
+def _ngrams(tokens: list[str]) -> Counter:
+    return Counter(tokens) + Counter(zip(tokens, tokens[1:], strict=False))
+
+
+def consensus_caption(candidates: Sequence[str]) -> str:
+    """The candidate most like the others: highest mean unigram + bigram F1 against every other candidate
+    (Devlin et al. 2015 pick the consensus caption of the nearest training images this way, with BLEU or
+    CIDEr as the similarity). Ties go to the earlier candidate, so the nearest image's captions win them."""
+    if not candidates:
+        raise ValueError("no candidate captions")
+    grams = [_ngrams(words(c)) for c in candidates]
+    sizes = [sum(g.values()) for g in grams]
+
+    def f1(i: int, j: int) -> float:
+        overlap = sum((grams[i] & grams[j]).values())
+        return 2 * overlap / (sizes[i] + sizes[j]) if sizes[i] + sizes[j] else 0.0
+
+    scores = [sum(f1(i, j) for j in range(len(candidates)) if j != i) for i in range(len(candidates))]
+    return candidates[max(range(len(candidates)), key=lambda i: (scores[i], -i))]
+
+
+def reference_row_scores(
+    predictions: dict[int, str], references: dict[int, list[str]], train_captions: set[str], *, meteor: bool
+) -> dict[str, Any]:
+    """A reference row scored like a decoding strategy: {"metrics": captioning, collapse and memorisation
+    metrics, "notes": what was skipped}."""
     metrics = caption_metrics(predictions, references, meteor=meteor)
     notes = metrics.pop("notes")
-    metrics.update(collapse_metrics(list(predictions.values())))
-    return {"caption": caption, "metrics": metrics, "notes": notes}
+    captions = list(predictions.values())
+    metrics.update(collapse_metrics(captions), memorised_share=memorised_share(captions, train_captions))
+    return {"metrics": metrics, "notes": notes}
 
 
 # --------------------------------------------------------------------------- retrieval

@@ -83,7 +83,7 @@ def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
         expected = {"bleu4", "cider", "rouge_l", "repetition_rate", "distinct_1", "top_caption_share"}
         assert expected <= set(entry["metrics"])
         assert len(entry["samples"]) == 6 and entry["samples"][0]["references"]
-    assert "retrieval" in result and "reference_row" in result
+    assert "retrieval" in result and set(result["reference_rows"]) == {"most-frequent", "nearest-neighbour"}
 
     image = next((run_dir / "checkpoints").parent.glob("embeddings/*.npz"))  # any file: not an image
     photo = SHARED / "data/coco-mini/images/000000000139.jpg"

@@ -8,7 +8,7 @@ import torch
 from blipcore import BLIP
 from blipcore import metrics as M
 from blipcore.data import build_datasets
-from blipcore.evaluation import eval_images, evaluate_model, reference_row, rerank_top_k, summary_metrics
+from blipcore.evaluation import eval_images, evaluate_model, most_frequent_row, rerank_top_k, summary_metrics
 from tests.conftest import small_cfg
 
 
@@ -36,9 +36,26 @@ def test_reference_row_is_computed_once_per_data(shapes_root):
     cfg = small_cfg(shapes_root)
     datasets = build_datasets(cfg)
     data = eval_images(datasets["val"], 6)
-    first = reference_row(datasets["train"], data, meteor=False)
-    assert reference_row(datasets["train"], data, meteor=False) is first
+    first = most_frequent_row(datasets["train"], data, meteor=False)
+    assert most_frequent_row(datasets["train"], data, meteor=False) is first
     assert first["metrics"]["top_caption_share"] == 1.0 and first["caption"]
+
+
+def test_nearest_neighbour_row_retrieves_the_captions_of_the_nearest_training_image(shapes_root):
+    from blipcore.data import CaptionDataset, build_transform
+    from blipcore.evaluation import nearest_neighbour_row
+
+    cfg = small_cfg(shapes_root)
+    torch.manual_seed(0)
+    model = BLIP(cfg).eval()
+    train = build_datasets(cfg)["train"]
+    # evaluation images that are training images: each one's nearest training image is itself
+    seen = eval_images(CaptionDataset(train.records[:6], build_transform(cfg.model.image_size, train=False)), 6)
+    row = nearest_neighbour_row(model, cfg, train, seen, torch.device("cpu"), meteor=False, neighbours=1)
+    assert row["train_images"] == len(train.records) and row["neighbours"] == 1
+    for sample, record in zip(row["samples"], seen.records, strict=True):
+        assert sample["caption"] in record.captions
+    assert row["metrics"]["memorised_share"] == 1.0 and row["metrics"]["cider"] > 1.0  # its own references
 
 
 def test_evaluation_result_and_summary(shapes_root):
@@ -51,7 +68,9 @@ def test_evaluation_result_and_summary(shapes_root):
     assert set(result["strategies"]) == {"greedy", "beam"}
     assert len(result["strategies"]["beam"]["samples"]) == 4
     flat = summary_metrics(result)
-    assert {"val_loss", "i2t_r1", "greedy_cider", "beam_repetition_rate"} <= set(flat)
+    assert {"val_loss", "i2t_r1", "greedy_cider", "beam_repetition_rate", "greedy_memorised_share",
+            "most-frequent_cider", "nearest-neighbour_cider"} <= set(flat)
+    assert set(result["reference_rows"]) == {"most-frequent", "nearest-neighbour"}
     assert dump["image_embeds"].shape == (8, 32) and np.isfinite(dump["temperature"])
     sim = dump["image_embeds"] @ dump["text_embeds"].T
     assert sim.shape == (8, 8) and np.all(np.abs(sim) <= 1.0 + 1e-5)

@@ -168,7 +168,8 @@ def test_collapse_repeated_word():
     assert result["distinct_2"] == pytest.approx(1 / 3)
     assert result["vocab_used"] == 1 and result["mean_length"] == 4
     assert result["mean_entropy"] is None
-    assert set(result) == {m.key for m in metrics.metrics_in("collapse")}
+    # every collapse metric but memorisation, which needs the training captions (evaluation adds it)
+    assert set(result) == {m.key for m in metrics.metrics_in("collapse")} - {"memorised_share"}
 
 
 def test_collapse_identical_and_distinct_corpora():
@@ -301,6 +302,23 @@ def test_format_metrics_table():
         format_metrics_table({})
 
 
+def test_consensus_caption_is_the_candidate_most_like_the_others():
+    from blipcore.metrics import consensus_caption
+
+    candidates = ["a cat sleeps on a sofa", "a dog runs on the grass", "a dog running on grass", "the dog runs"]
+    assert consensus_caption(candidates) == "a dog runs on the grass"
+    assert consensus_caption(["one", "two"]) == "one"  # a tie: the nearer image's caption
+    with pytest.raises(ValueError):
+        consensus_caption([])
+
+
+def test_memorised_share_counts_verbatim_training_captions():
+    from blipcore.metrics import memorised_share, normalised_captions
+
+    known = normalised_captions(["A dog runs.", "Two cats"])
+    assert memorised_share(["a dog runs", "A DOG RUNS!", "a dog walks", "two cats"], known) == 0.75
+
+
 def test_readme_collapse_table_is_the_registrys():
     from pathlib import Path
 
@@ -343,7 +361,8 @@ def test_every_key_a_run_writes_is_declared(tiny_runs_dir):
     evaluation = run.load_eval(run.epochs()[-1])
     written = logged | set(summary_metrics(result))
     for source in (evaluation, result):
-        written |= set(source["losses"]) | set(source["retrieval"]) | set(source["reference_row"]["metrics"])
+        written |= set(source["losses"]) | set(source["retrieval"])
+        written |= {key for row in source["reference_rows"].values() for key in row["metrics"]}
         written |= {key for entry in source["strategies"].values() for key in entry["metrics"]}
     undeclared = sorted(key for key in written if not metrics.is_declared(key))
     assert undeclared == []

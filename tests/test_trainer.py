@@ -54,7 +54,7 @@ def test_fit_writes_a_complete_run_directory(shapes_root, tmp_path):
     assert len(emb["captions"]) == len(emb["file_paths"]) == len(emb["image_ids"]) == 8
     evaluation = run.load_eval(2)
     assert evaluation["strategies"]["greedy"]["samples"] and "cider" in evaluation["strategies"]["greedy"]["metrics"]
-    assert "caption" in evaluation["reference_row"]
+    assert "caption" in evaluation["reference_rows"]["most-frequent"]
     assert evaluation["retrieval"]["i2t_r10"] >= evaluation["retrieval"]["i2t_r1"]
     state = json.loads((run.last_dir / "state.json").read_text())
     assert state["step"] == 16 and (run.last_dir / state["weights"]).is_file()

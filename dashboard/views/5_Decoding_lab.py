@@ -161,12 +161,14 @@ def stored_section() -> None:
     if not stored:
         return
     rows = {name: entry.get("metrics", {}) for name, entry in stored.get("strategies", {}).items()}
-    reference = stored.get("reference_row") or {}
-    if reference.get("metrics"):
-        rows["(most frequent caption for all)"] = reference["metrics"]
+    for name, reference in (stored.get("reference_rows") or {}).items():
+        if reference.get("metrics"):
+            rows[f"({name})"] = reference["metrics"]
     st.caption(
         f"Written by the trainer on {stored.get('num_images', '?')} validation images at the end of epoch {epoch}. "
-        "The last row gives the most frequent training caption to every image: a model that learned nothing."
+        "The last rows are yardsticks: (most-frequent) gives the most frequent training caption to every image, "
+        "a model that learned nothing; (nearest-neighbour) the consensus caption of the training images nearest "
+        "by the model's image embedding, retrieval without generation."
     )
     if rows:
         st.dataframe(figs.strategy_metrics_frame(rows), key="decoding_stored_table")
