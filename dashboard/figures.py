@@ -25,6 +25,7 @@ from blipcore.paths import project_path
 
 RUN_COLOURS = ("#2E6BE6", "#E4572E", "#17A398", "#8E44AD", "#F2A541", "#5D6D7E", "#C0392B", "#27AE60")
 MODALITY_COLOURS = {"image": "#E4572E", "text": "#2E6BE6"}
+REFERENCE_COLOUR = "#7f7f7f"  # the reference rows' yardsticks, whatever run they belong to
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 TEMPLATE = "plotly_white"
 PANEL_HEIGHT = 240  # pixels of one subplot
@@ -76,6 +77,7 @@ class Line:
     label: str
     smooth: bool = True
     dash: str = "solid"
+    reference: bool = False  # a yardstick (a reference row): thin, grey, steps between evaluations
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,11 @@ def metric_grid(
                 if smoothed:  # the raw curve stays visible behind the smoothed one, as in TensorBoard
                     fig.add_trace(go.Scatter(y=raw, mode="lines", opacity=0.25, showlegend=False,
                                              line=dict(color=colour, width=1, dash=line.dash), **shared), row, col)
+                if line.reference:
+                    fig.add_trace(go.Scatter(y=raw, mode="lines", showlegend=legend, line_shape="hv", opacity=0.7,
+                                             line=dict(color=REFERENCE_COLOUR, width=1.5, dash=line.dash), **shared),
+                                  row, col)
+                    continue
                 fig.add_trace(go.Scatter(
                     y=ema(raw, smoothing) if smoothed else raw, mode="lines" if line.smooth else "lines+markers",
                     showlegend=legend, line=dict(color=colour, width=2, dash=line.dash), marker=dict(size=6), **shared,

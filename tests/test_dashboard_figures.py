@@ -70,6 +70,23 @@ def test_metric_grid_by_epoch_without_smoothing():
     assert list(fig.data[0].y) == [9.0, 8.0, 7.0, 6.0]
 
 
+def test_reference_rows_are_drawn_as_grey_steps_beside_the_strategies():
+    frames = {"a": figures.metrics_frame([
+        {"step": s, "epoch": s / 2, "split": "val", "greedy_cider": c, "most-frequent_cider": 0.1,
+         "nearest-neighbour_cider": nn} for s, c, nn in ((2, 0.05, 0.2), (4, 0.3, 0.25))
+    ])}
+    panel = (Panel("CIDEr", (Line("greedy_cider", "greedy", smooth=False),
+                             Line("most-frequent_cider", "most-frequent", smooth=False, reference=True),
+                             Line("nearest-neighbour_cider", "nearest-neighbour", smooth=False, reference=True))),)
+    fig = figures.metric_grid(frames, panel, x="step")
+    by_name = {t.name: t for t in fig.data}
+    assert set(by_name) == {"a · greedy", "a · most-frequent", "a · nearest-neighbour"}
+    for name in ("a · most-frequent", "a · nearest-neighbour"):
+        assert by_name[name].line.color == figures.REFERENCE_COLOUR and by_name[name].line.shape == "hv"
+    assert list(by_name["a · most-frequent"].y) == [0.1, 0.1]
+    assert by_name["a · greedy"].line.color != figures.REFERENCE_COLOUR
+
+
 # --- alignment ---------------------------------------------------------------------------------
 def test_similarity_heatmap_shows_the_matrix_and_marks_the_selected_cell():
     images = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-from blipcore.metrics import metrics_in
+from blipcore.metrics import REFERENCE_ROWS, metrics_in
 from blipcore.runs import RunDir
 from dashboard import common, figures, launcher
 from dashboard.figures import Line, Panel
@@ -35,13 +35,21 @@ CAPTION_METRICS = tuple(m for group in ("captioning", "collapse") for m in metri
 
 
 def caption_panels(frames: dict[str, pd.DataFrame]) -> tuple[Panel, ...]:
-    """One panel per captioning metric, one dash per decoding strategy found in the val lines."""
+    """One panel per captioning metric, one dash per decoding strategy found in the val lines, and the
+    reference rows (most frequent caption, nearest neighbour) as grey yardsticks: a strategy drawn below
+    them has learned less than "nothing" or than retrieval."""
     pattern = re.compile(r"^(.+)_(" + "|".join(m.key for m in CAPTION_METRICS) + r")$")
-    strategies = sorted({m.group(1) for f in frames.values() for c in f.columns if (m := pattern.match(c))})
+    found = {m.group(1) for f in frames.values() for c in f.columns if (m := pattern.match(c))}
+    strategies = sorted(found - set(REFERENCE_ROWS))
+    references = [row for row in REFERENCE_ROWS if row in found]
     dashes = figures.DASHES
     return tuple(
-        Panel(metric.label, tuple(Line(f"{s}_{metric.key}", s, smooth=False, dash=dashes[i % len(dashes)])
-                                  for i, s in enumerate(strategies)))
+        Panel(metric.label, (
+            *(Line(f"{s}_{metric.key}", s, smooth=False, dash=dashes[i % len(dashes)])
+              for i, s in enumerate(strategies)),
+            *(Line(f"{row}_{metric.key}", row, smooth=False, dash=dashes[(i + 1) % len(dashes)], reference=True)
+              for i, row in enumerate(references)),
+        ))
         for metric in CAPTION_METRICS
     )
 
