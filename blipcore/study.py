@@ -1,0 +1,321 @@
+"""Studies: a plan of stages run into one folder of ordinary run directories, and one table of the results.
+
+A plan is a TOML file:
+
+    name = "recipes"
+    preset = "flickr8k-cpu"             # every run starts from this preset ...
+    seeds = [0, 1, 2]
+    [set]                               # ... with these fields set (like --set on the command line)
+    "train.max_steps" = 3000
+
+    [[stage]]                           # a training stage: variants x seeds
+    name = "ablation"
+    [stage.variants]
+    original = { "train.lr" = 5e-5, "train.batch_size" = 8 }
+    tuned = {}
+
+    [[stage]]                           # a command stage: `python -m train ARGS`, which makes a dataset
+    name = "noisy"
+    command = ["data", "noise", "--from", "{data_root}", "--out", "{study}/data/noisy", "--fraction", "0.3"]
+    produces = "{study}/data/noisy"
+
+    [[stage]]                           # trains on the dataset that stage "noisy" produced
+    name = "on-noise"
+    data = "noisy"
+    [stage.variants]
+    tuned = {}
+
+Each run is `<study>/<stage>-<variant>-seed<seed>`, an ordinary run directory: the Runs, Training and
+Compare pages list it, and `python -m train fit --run-dir ... --resume` continues it. Running the
+plan again skips what is complete and resumes what is not, so a study spreads over sessions. A command
+stage is done when its `produces` folder holds a `.complete` marker, which this module writes after
+the command succeeded.
+
+The table (study.json / study.csv / study.md): one row per (stage, variant, decoding strategy), the
+mean and the spread (sample standard deviation) over seeds of each run's final evaluation, with the
+minutes each run took. Placeholders in commands: {study} (the study folder), {data_root} (the preset's
+data folder after `set`), {run:<stage>/<variant>/<seed>} (a run folder of an earlier stage).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import statistics
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import metrics as M
+from .config import BlipConfig, load_preset
+from .runs import RunDir, RunError, atomic_write_bytes, atomic_write_json
+
+PLAN_FILE = "plan.toml"
+# The table's columns, from the registry: what evaluations log per strategy, and R@1 both ways.
+TABLE_METRICS = tuple(m.key for group in ("captioning", "collapse") for m in M.metrics_in(group) if m.summary)
+RETRIEVAL_METRICS = tuple(m.key for m in M.metrics_in("retrieval") if m.headline)
+COMPLETE_MARKER = ".complete"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class PlanError(ValueError):
+    """A study plan that cannot be run: what is wrong and where."""
+
+
+@dataclass
+class Stage:
+    name: str
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # training stage: name -> overrides
+    data: str | None = None  # train on the dataset this earlier command stage produced
+    command: list[str] | None = None  # command stage: `python -m train` arguments
+    produces: str | None = None  # command stage: the folder it makes
+
+    @property
+    def trains(self) -> bool:
+        return self.command is None
+
+
+@dataclass
+class Plan:
+    name: str
+    preset: str
+    seeds: list[int]
+    overrides: dict[str, Any]
+    stages: list[Stage]
+
+    def base_config(self) -> BlipConfig:
+        return load_preset(self.preset).override(self.overrides)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan; PlanError names the file and the problem."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such plan file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise PlanError(f"{path}: not valid TOML ({err})") from None
+    return parse_plan(table, str(path))
+
+
+def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
+    def fail(message: str) -> PlanError:
+        return PlanError(f"{source}: {message}")
+
+    unknown = sorted(set(table) - {"name", "preset", "seeds", "set", "stage"})
+    if unknown:
+        raise fail(f"unknown key(s) {', '.join(unknown)} (known: name, preset, seeds, set, stage)")
+    seeds = table.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise fail(f"seeds must be a non-empty list of whole numbers >= 0, got {seeds!r}")
+    stages, produced = [], set()
+    for index, raw in enumerate(table.get("stage", [])):
+        stage = _parse_stage(raw, index, produced, fail)
+        if stage.name in {s.name for s in stages}:
+            raise fail(f"two stages are named {stage.name!r}")
+        stages.append(stage)
+        if not stage.trains:
+            produced.add(stage.name)
+    if not any(stage.trains for stage in stages):
+        raise fail("no training stage ([[stage]] with [stage.variants])")
+    plan = Plan(str(table.get("name", Path(source).stem)), str(table.get("preset", "demo")), seeds,
+                dict(table.get("set", {})), stages)
+    try:
+        base = plan.base_config()
+    except ValueError as err:
+        raise fail(f"preset / set: {err}") from None
+    for stage in stages:
+        for variant, overrides in stage.variants.items():
+            try:
+                base.override(overrides)
+            except ValueError as err:
+                raise fail(f"variant {variant!r} of stage {stage.name!r}: {err}") from None
+    return plan
+
+
+def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str], PlanError]) -> Stage:
+    if not isinstance(raw, dict):
+        raise fail(f"stage {index + 1} must be a table")
+    name = raw.get("name", "")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise fail(f"stage {index + 1}: name {name!r}: letters, digits, '_' and '-'")
+    unknown = sorted(set(raw) - {"name", "variants", "data", "command", "produces"})
+    if unknown:
+        raise fail(f"stage {name!r}: unknown key(s) {', '.join(unknown)}")
+    if "command" in raw:
+        command, produces = raw["command"], raw.get("produces")
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+            raise fail(f"stage {name!r}: command must be a list of `python -m train` arguments")
+        if not isinstance(produces, str) or "variants" in raw:
+            raise fail(f"stage {name!r}: a command stage names the folder it `produces` and has no variants")
+        return Stage(name, command=command, produces=produces)
+    variants = raw.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise fail(f"stage {name!r}: a training stage needs [stage.variants] (name = {{ overrides }})")
+    for variant, overrides in variants.items():
+        if not _NAME.fullmatch(variant) or not isinstance(overrides, dict):
+            raise fail(f"stage {name!r}: variant {variant!r} must be a name with a table of overrides")
+    data = raw.get("data")
+    if data is not None and data not in produced:
+        raise fail(f"stage {name!r}: data = {data!r} is not an earlier command stage")
+    return Stage(name, variants=dict(variants), data=data)
+
+
+# --- running ------------------------------------------------------------------------------------
+TrainFn = Callable[[BlipConfig, Path, bool], dict[str, Any]]  # (config, run folder, resume) -> summary
+CommandFn = Callable[[list[str]], int]  # `python -m train` arguments -> exit code
+
+
+def run_dir(study: Path, stage: str, variant: str, seed: int) -> Path:
+    return study / f"{stage}-{variant}-seed{seed}"
+
+
+def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage of `plan` into `study` (skipping what is complete, resuming what is not), then
+    write and return the table. `train` trains one run (blipcore.trainer.Trainer in the CLI); `command`
+    runs `python -m train ARGS` (the CLI passes its own main, so blipcore never imports train)."""
+    study.mkdir(parents=True, exist_ok=True)
+    produced: dict[str, Path] = {}
+    base = plan.base_config()
+    for stage in plan.stages:
+        if not stage.trains:
+            produced[stage.name] = _run_command(stage, plan, study, base, command, log)
+            continue
+        for variant, overrides in stage.variants.items():
+            for seed in plan.seeds:
+                cfg = base.override({**overrides, "train.seed": seed})
+                if stage.data is not None:
+                    cfg = cfg.override({"data.root": str(produced[stage.data])})
+                cfg.name = f"{plan.name}/{stage.name}/{variant}"
+                target = run_dir(study, stage.name, variant, seed)
+                status = _status(target)
+                if status == "completed":
+                    log(f"{target.name}: completed, skipped")
+                    continue
+                log(f"{target.name}: {'resuming' if status else 'training'}")
+                train(cfg, target, status is not None)
+    return write_table(plan, study)
+
+
+def _status(folder: Path) -> str | None:
+    run = RunDir(folder)
+    if not run.exists():
+        return None
+    try:
+        return str(run.read_info().get("status"))
+    except RunError:
+        return None
+
+
+def _run_command(stage: Stage, plan: Plan, study: Path, base: BlipConfig, command: CommandFn,
+                 log: Callable[[str], None]) -> Path:
+    values = {"study": str(study), "data_root": base.data.root}
+    output = Path(_fill(stage.produces or "", values, plan, study))
+    if (output / COMPLETE_MARKER).is_file():
+        log(f"{stage.name}: {output} is complete, skipped")
+        return output
+    args = [_fill(arg, values, plan, study) for arg in stage.command or []]
+    log(f"{stage.name}: python -m train {' '.join(args)}")
+    code = command(args)
+    if code != 0:
+        raise RunError(f"stage {stage.name!r}: `python -m train {' '.join(args)}` exited with {code}")
+    if not output.is_dir():
+        raise RunError(f"stage {stage.name!r}: the command succeeded but did not make {output}")
+    atomic_write_bytes(output / COMPLETE_MARKER, b"")
+    return output
+
+
+def _fill(text: str, values: dict[str, str], plan: Plan, study: Path) -> str:
+    def replace(match: re.Match) -> str:
+        key = match.group(1)
+        if key.startswith("run:"):
+            stage, variant, seed = key[4:].split("/")
+            return str(run_dir(study, stage, variant, int(seed)))
+        if key not in values:
+            known = ", ".join([*values, "run:<stage>/<variant>/<seed>"])
+            raise PlanError(f"unknown placeholder {{{key}}} (known: {known})")
+        return values[key]
+
+    return re.sub(r"\{([^{}]+)\}", replace, text)
+
+
+# --- the table ----------------------------------------------------------------------------------
+def final_evaluation(run: RunDir) -> tuple[int, dict[str, Any]] | None:
+    """(epoch, evaluation) of a run's last evaluated epoch, or None before its first."""
+    epochs = run.eval_epochs()
+    return (epochs[-1], run.load_eval(epochs[-1])) if epochs else None
+
+
+def study_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
+    """One row per (stage, variant, strategy or reference row): mean and spread over the seeds' runs."""
+    rows = []
+    for stage in (s for s in plan.stages if s.trains):
+        for variant in stage.variants:
+            found = []
+            for seed in plan.seeds:
+                run = RunDir(run_dir(study, stage.name, variant, seed))
+                if run.exists() and (evaluated := final_evaluation(run)) is not None:
+                    found.append((run, *evaluated))
+            by_row: dict[str, list[dict[str, Any]]] = {}
+            for run, _, result in found:
+                entries = {**result.get("strategies", {}), **result.get("reference_rows", {})}
+                for name, entry in entries.items():
+                    values = {**entry.get("metrics", {}), **result.get("retrieval", {}),
+                              "minutes": (run.read_info().get("train_seconds") or 0) / 60}
+                    by_row.setdefault(name, []).append(values)
+            for name, values in by_row.items():
+                row: dict[str, Any] = {"stage": stage.name, "variant": variant, "decoding": name,
+                                       "seeds": len(values)}
+                for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes"):
+                    numbers = [v[key] for v in values if M.is_number(v.get(key))]
+                    row[key] = statistics.fmean(numbers) if numbers else None
+                    row[f"{key}_sd"] = statistics.stdev(numbers) if len(numbers) > 1 else None
+                rows.append(row)
+    return rows
+
+
+def write_table(plan: Plan, study: Path) -> dict[str, Any]:
+    """study.json, study.csv and study.md in `study`; returns the JSON content."""
+    rows = study_rows(plan, study)
+    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows}
+    atomic_write_json(study / "study.json", table)
+    columns = ["stage", "variant", "decoding", "seeds"] + [
+        k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(study / "study.csv", buffer.getvalue().encode())
+    atomic_write_bytes(study / "study.md", markdown_table(rows).encode())
+    return table
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The study as a Markdown table: mean ± sd over seeds, in each metric's declared format."""
+    keys = [*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes"]
+    labels = [M.metric(k).label if M.metric(k) else k for k in keys]
+    lines = ["| stage | variant | decoding | seeds | " + " | ".join(labels) + " |",
+             "|" + "---|" * (4 + len(keys))]
+    for row in rows:
+        cells = []
+        for key in keys:
+            declared = M.metric(key)
+            show = declared.format if declared else (lambda v: "-" if v is None else f"{v:.1f}")
+            value, spread = row.get(key), row.get(f"{key}_sd")
+            shown_spread = spread is not None and not math.isnan(spread)
+            cells.append(show(value) + (f" ± {show(spread)}" if shown_spread else ""))
+        head = f"| {row['stage']} | {row['variant']} | {row['decoding']} | {row['seeds']} | "
+        lines.append(head + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_plan_copy(plan_path: Path, study: Path) -> None:
+    """Keep the plan beside its runs (study/plan.toml), so the folder says how it was made."""
+    atomic_write_bytes(study / PLAN_FILE, Path(plan_path).read_bytes())
+

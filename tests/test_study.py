@@ -1,0 +1,84 @@
+"""Studies: a tiny two-stage plan (make a dataset, train two variants x two seeds on it) runs end to end,
+skips what is done when run again, and writes one table; bad plans are refused before anything runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from blipcore.config import BlipConfig
+from blipcore.study import PlanError, load_plan, parse_plan, run_study
+from blipcore.trainer import Trainer
+from tests.conftest import SHAPES_PARAMS, small_cfg
+from train.cli import main
+
+
+def tiny_plan(shapes_root: Path) -> dict:
+    """A plan whose runs are small_cfg's tiny model, trained 4 steps, on a dataset its first stage makes."""
+    demo, tiny = BlipConfig.preset("demo").to_dict(), small_cfg(shapes_root, epochs=1, max_steps=4,
+                                                                eval_strategies=["greedy"]).to_dict()
+    overrides = {f"{section}.{key}": value for section in ("model", "data", "train")
+                 for key, value in tiny[section].items() if demo[section][key] != value and key != "root"}
+    make_data = ["data", "shapes", "--out", "{study}/shapes", "--image-size", str(SHAPES_PARAMS["image_size"]),
+                 *(f"--{k.replace('_', '-')}={v}" for k, v in SHAPES_PARAMS.items() if k.startswith("n_"))]
+    return {
+        "name": "tiny", "preset": "demo", "seeds": [0, 1], "set": overrides,
+        "stage": [
+            {"name": "make-data", "command": make_data, "produces": "{study}/shapes"},
+            {"name": "recipes", "data": "make-data",
+             "variants": {"fast": {"train.lr": 1e-3}, "slow": {"train.lr": 1e-4}}},
+        ],
+    }
+
+
+def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_root, tmp_path):
+    plan, study = parse_plan(tiny_plan(shapes_root)), tmp_path / "study-tiny"
+    trained, log = [], []
+
+    def train(cfg, folder, resume):
+        trained.append(folder.name)
+        return Trainer(cfg, folder, resume=resume, progress=False).fit()
+
+    table = run_study(plan, study, train, main, log=log.append)
+    assert sorted(trained) == ["recipes-fast-seed0", "recipes-fast-seed1", "recipes-slow-seed0", "recipes-slow-seed1"]
+    assert (study / "shapes" / ".complete").is_file()
+    rows = {(r["variant"], r["decoding"]): r for r in table["rows"]}
+    assert set(rows) == {(v, d) for v in ("fast", "slow") for d in ("greedy", "most-frequent", "nearest-neighbour")}
+    greedy = rows[("fast", "greedy")]
+    assert greedy["seeds"] == 2 and greedy["cider"] is not None and greedy["cider_sd"] is not None
+    assert rows[("fast", "most-frequent")]["top_caption_share"] == 1.0
+    assert (study / "study.csv").read_text().startswith("stage,variant,decoding,seeds,")
+    assert "| recipes | fast | greedy | 2 |" in (study / "study.md").read_text()
+
+    # again: nothing to do; a run that went missing is trained again, the rest skipped
+    trained.clear()
+    run_study(plan, study, train, main, log=log.append)
+    assert trained == [] and any("make-data" in line and "skipped" in line for line in log)
+    shutil.rmtree(study / "recipes-slow-seed1")
+    run_study(plan, study, train, main, log=log.append)
+    assert trained == ["recipes-slow-seed1"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": "blue"}, "unknown key"),
+        ({"seeds": []}, "seeds must be"),
+        ({"stage": [{"name": "a", "data": "nowhere", "variants": {"x": {}}}]}, "not an earlier command stage"),
+        ({"stage": [{"name": "a", "variants": {"x": {"train.lr": -1.0}}}]}, "variant 'x' of stage 'a'"),
+        ({"stage": [{"name": "a", "command": ["data"]}]}, "produces"),
+        ({"stage": [{"name": "make", "command": ["data"], "produces": "x"}]}, "no training stage"),
+    ],
+)
+def test_a_bad_plan_is_refused_with_what_is_wrong(shapes_root, change, message):
+    with pytest.raises(PlanError, match=message):
+        parse_plan({**tiny_plan(shapes_root), **change})
+
+
+def test_a_plan_file_that_is_not_toml_names_itself(tmp_path):
+    path = tmp_path / "plan.toml"
+    path.write_text("name = [unclosed")
+    with pytest.raises(PlanError, match="plan.toml: not valid TOML"):
+        load_plan(path)
