@@ -61,6 +61,9 @@ STALE_TEMPORARY_PATTERN = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "embeddings", "eval", "projections")
 LOCK_FILE = "trainer.lock"
 STATE_FILE = "state.json"
+# A study folder (runs/study-<name>/, blipcore.study) holds run folders, its plan and its table.
+STUDY_TABLE = "study.json"
+STUDY_PLAN = "plan.toml"
 
 
 class RunError(Exception):
@@ -326,7 +329,9 @@ class RunDir:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The folder's name; for a run inside a study folder, "<study>/<run>" (unique in a runs folder)."""
+        parent = self.path.parent
+        return f"{parent.name}/{self.path.name}" if is_study(parent) else self.path.name
 
     run_json = property(lambda self: self.path / "run.json")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
@@ -741,9 +746,23 @@ def resolve_run_dir(runs_dir: str | Path, name: str) -> RunDir:
     return RunDir(Path(runs_dir) / name)
 
 
+def is_study(folder: Path) -> bool:
+    return (folder / STUDY_TABLE).is_file()
+
+
 def list_runs(runs_dir: str | Path) -> list[RunDir]:
-    """Folders of `runs_dir` that hold a run.json, sorted by name."""
+    """Folders of `runs_dir` that hold a run.json, and the runs inside its study folders, sorted by name.
+    Symlinked folders are not followed."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    return [RunDir(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.is_symlink() and RunDir(p).exists()]
+    found = []
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        if RunDir(folder).exists():
+            found.append(RunDir(folder))
+        elif is_study(folder):
+            found += [RunDir(p) for p in sorted(folder.iterdir())
+                      if p.is_dir() and not p.is_symlink() and RunDir(p).exists()]
+    return found

@@ -52,9 +52,8 @@ from typing import Any
 
 from . import metrics as M
 from .config import BlipConfig, load_preset
-from .runs import RunDir, RunError, atomic_write_bytes, atomic_write_json
+from .runs import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, atomic_write_bytes, atomic_write_json
 
-PLAN_FILE = "plan.toml"
 # The table's columns, from the registry: what evaluations log per strategy, and R@1 both ways.
 TABLE_METRICS = tuple(m.key for group in ("captioning", "collapse") for m in M.metrics_in(group) if m.summary)
 RETRIEVAL_METRICS = tuple(m.key for m in M.metrics_in("retrieval") if m.headline)
@@ -181,6 +180,7 @@ def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
     write and return the table. `train` trains one run (blipcore.trainer.Trainer in the CLI); `command`
     runs `python -m train ARGS` (the CLI passes its own main, so blipcore never imports train)."""
     study.mkdir(parents=True, exist_ok=True)
+    write_table(plan, study)  # from the start: the folder is a study, its finished runs already in the table
     produced: dict[str, Path] = {}
     base = plan.base_config()
     for stage in plan.stages:
@@ -284,7 +284,7 @@ def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     """study.json, study.csv and study.md in `study`; returns the JSON content."""
     rows = study_rows(plan, study)
     table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows}
-    atomic_write_json(study / "study.json", table)
+    atomic_write_json(study / STUDY_TABLE, table)
     columns = ["stage", "variant", "decoding", "seeds"] + [
         k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
     buffer = io.StringIO()
@@ -317,5 +317,5 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def save_plan_copy(plan_path: Path, study: Path) -> None:
     """Keep the plan beside its runs (study/plan.toml), so the folder says how it was made."""
-    atomic_write_bytes(study / PLAN_FILE, Path(plan_path).read_bytes())
+    atomic_write_bytes(study / STUDY_PLAN, Path(plan_path).read_bytes())
 

@@ -51,6 +51,10 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     assert rows[("fast", "most-frequent")]["top_caption_share"] == 1.0
     assert (study / "study.csv").read_text().startswith("stage,variant,decoding,seeds,")
     assert "| recipes | fast | greedy | 2 |" in (study / "study.md").read_text()
+    from blipcore.runs import list_runs
+
+    listed = [run.name for run in list_runs(tmp_path)]  # study runs are runs: the dashboard lists them
+    assert listed == [f"study-tiny/recipes-{v}-seed{s}" for v in ("fast", "slow") for s in (0, 1)]
 
     # again: nothing to do; a run that went missing is trained again, the rest skipped
     trained.clear()
