@@ -26,7 +26,10 @@ from .paths import PRESETS_DIR, project_path
 # bert-base-uncased has 30,522 word pieces; BLIP adds [DEC] (decoder begin) and [ENC] (multimodal encoder).
 BERT_VOCAB_SIZE = 30522
 VOCAB_SIZE = BERT_VOCAB_SIZE + 2
-DATA_KINDS = ("shapes", "coco")
+DATA_KINDS = ("shapes", "coco", "webdataset")
+# Where a dataset comes from, for the message when it is missing (blipcore.data.fetch.fetch_hint): "" none,
+# "coco2017" / "flickr8k" name the `python -m train data ...` command that fetches it, "test-fixture" has none.
+DATA_SOURCES = ("", "coco2017", "flickr8k", "test-fixture")
 CAPTION_MODES = ("random", "all")  # one random caption per image per epoch, or every caption a sample
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -117,10 +120,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the captioned images come from. One on-disk format: COCO caption JSON + image folder."""
+    """Where the captioned images come from. One on-disk format: COCO caption JSON + image folder; to stream
+    past one machine's disk, WebDataset shards of one (kind "webdataset": the layout of `python -m train data
+    shards`, so the annotation and image fields below are not used)."""
 
-    kind: str = "shapes"  # "shapes" (generated synthetic scenes) or "coco" (any COCO-caption-format folder)
-    root: str = "data/shapes"
+    kind: str = "shapes"  # "shapes" (generated scenes), "coco" (a COCO-caption-format folder) or "webdataset"
+    root: str = "data/shapes"  # for "webdataset": the folder `python -m train data shards` wrote (shards.json)
+    source: str = ""  # one of DATA_SOURCES: when root is missing, the error names the command that fetches it
     train_annotations: str = "annotations/captions_train.json"
     val_annotations: str = "annotations/captions_val.json"
     train_images: str = "images"
@@ -129,6 +135,11 @@ class DataConfig:
     val_subset: int = 0
     caption_mode: str = "random"  # "random": one caption per image per epoch; "all": every caption a sample
     num_workers: int = 0
+    # WebDataset shards (kind == "webdataset"): the train shards are streamed; evaluation reads the val files
+    train_shards: str = ""  # where the train shards are read from: "" = beside shards.json in root, or a brace
+    #   pattern of paths or http(s) URLs, e.g. https://host/c/train-{000000..000009}.tar (pipe: commands only with
+    #   BLIPLAB_ALLOW_PIPE_SHARDS=1 in the environment: a config in a run.json must not run commands)
+    shuffle_buffer: int = 1000  # training items shuffled in a buffer of this many per DataLoader worker
     # Synthetic scenes (kind == "shapes"): generated into `root` if it is not there yet
     shapes_n_train: int = 3000
     shapes_n_val: int = 300
@@ -140,9 +151,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_at_least("data", self, 0, "subset val_subset num_workers shapes_n_heldout")
-        _check_at_least("data", self, 1, "shapes_n_train shapes_n_val eval_images")
+        _check_at_least("data", self, 1, "shapes_n_train shapes_n_val eval_images shuffle_buffer")
         _check([
             (self.kind in DATA_KINDS, f"data.kind must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}"),
+            (self.source in DATA_SOURCES,
+             f"data.source must be one of {', '.join(map(repr, DATA_SOURCES))}, got {self.source!r}"),
             (self.caption_mode in CAPTION_MODES,
              f"data.caption_mode must be one of {', '.join(CAPTION_MODES)}, got {self.caption_mode!r}"),
             (self.shapes_image_size >= 16,

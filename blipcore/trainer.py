@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
 from . import runs
@@ -237,7 +237,8 @@ class Trainer:
         if not self.dist.is_main:
             self.datasets = build_datasets(cfg, splits=("train", "val"))
         self.train_set = self.datasets["train"]
-        self.sampler = ResumableSampler(
+        # A streamed dataset (WebDataset shards) deals its shards out to ranks and workers itself: no sampler
+        self.sampler = None if isinstance(self.train_set, IterableDataset) else ResumableSampler(
             self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.train.seed
         )
         self.collate = CaptionCollator(cfg.model.max_text_len)
@@ -319,8 +320,11 @@ class Trainer:
         )
         window = {"samples": 0, "time": time.time(), "sums": {}, "count": 0}
         while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stop_requested:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.start = self.batch_in_epoch * cfg.batch_size
+            if self.sampler is None:
+                self.train_set.start_batch = self.batch_in_epoch  # it yields the rest of this epoch's batches
+            else:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.start = self.batch_in_epoch * cfg.batch_size
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.epoch)
             loader = DataLoader(  # its own generator: starting an epoch (or a resumed one) leaves the global RNG alone

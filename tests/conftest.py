@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,20 @@ def tiny_config(**model_overrides) -> BlipConfig:
     }
     model.update(model_overrides)
     return BlipConfig.preset("demo").override({f"model.{k}": v for k, v in model.items()})
+
+
+def tiny_preset_toml(base: str, eval_images: int, **train: object) -> str:
+    """A preset file on `base` (whose data layout it keeps) with tiny_config()'s model and small, fast, fp32
+    training on the CPU: for tests that train through `python -m train fit --preset FILE` on a real layout."""
+    model = {"image_size": 32, "patch_size": 8, "vision_width": 64, "vision_depth": 1, "vision_heads": 2,
+             "text_width": 64, "text_encoder_depth": 1, "text_decoder_depth": 1, "text_heads": 2,
+             "max_text_len": 24, "embed_dim": 32}
+    settings = {"batch_size": 4, "warmup_steps": 1, "device": "cpu", "precision": "fp32", "eval_strategies": [],
+                "eval_caption_images": 2, "save_state_every": 0, **train}
+    lines = [f'base = "{base}"', "[model]", *(f"{k} = {v}" for k, v in model.items()),
+             "[data]", "num_workers = 0", f"eval_images = {eval_images}", "[train]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture

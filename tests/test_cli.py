@@ -14,7 +14,7 @@ from PIL import Image
 
 import blipcore.trainer
 from blipcore.runs import RunDir
-from tests.conftest import REPO_ROOT, SHARED
+from tests.conftest import REPO_ROOT, SHARED, small_cfg
 from train.cli import available_presets, load_preset, main
 
 
@@ -35,9 +35,9 @@ def test_presets_load_and_relative_roots_resolve_to_the_repository():
     assert {"demo", "seed", "coco-mini", "flickr8k"} <= set(available_presets())
     seed = load_preset("seed")
     assert seed.model.image_size == 224 and seed.train.batch_size == 8 and seed.data.subset == 10000
-    coco_mini = load_preset("coco-mini")
-    assert coco_mini.data.kind == "coco"
-    assert coco_mini.data.root == str((REPO_ROOT.parent / "shared/data/coco-mini").resolve())
+    for name in ("seed", "flickr8k", "coco-mini"):  # inside the repository (git-ignored data/), never ../shared
+        assert load_preset(name).data.root == str(REPO_ROOT / "data" / name.replace("seed", "coco2017"))
+    assert load_preset("coco-mini").data.kind == "coco"
 
 
 def test_missing_dataset_stops_at_once_saying_where_it_looked(tmp_path, capsys):
@@ -46,6 +46,33 @@ def test_missing_dataset_stops_at_once_saying_where_it_looked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path / "nococo") in err and "train2017" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("preset", "command"), [
+    ("seed", "\n  python -m train data coco --out data/coco2017 --first 10000 --val-first 1000\n"),
+    ("flickr8k", "\n  python -m train data flickr8k --images Flickr8k_Dataset.zip --text Flickr8k_text.zip "
+                 "--out data/flickr8k\n"),
+    ("coco-mini", "a test fixture that has no public download: pass --data-root"),
+])
+def test_missing_dataset_names_the_command_that_fetches_it(tmp_path, monkeypatch, capsys, preset, command):
+    if (REPO_ROOT / "data" / ("coco2017" if preset == "seed" else preset)).exists():
+        pytest.skip(f"this checkout has the {preset} data")
+    monkeypatch.chdir(REPO_ROOT)  # the command shows the folder relative to the current one
+    assert main(["fit", "--preset", preset, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert command in err and "Traceback" not in err
+
+
+def test_data_root_applies_on_resume(shapes_root, tmp_path):
+    before, after = tmp_path / "before", tmp_path / "after"
+    shutil.copytree(shapes_root, before)  # generated scenes are a COCO-caption-format folder like any other
+    cfg = small_cfg(shapes_root, max_steps=2).override({"data.kind": "coco", "data.root": str(before)})
+    blipcore.trainer.Trainer(cfg, tmp_path / "run", progress=False).fit()
+    before.rename(after)  # the data moved
+    assert main(["fit", "--run-dir", str(tmp_path / "run"), "--resume", "--max-steps", "3", "--no-progress",
+                 "--data-root", str(after)]) == 0
+    info = RunDir(tmp_path / "run").read_info()
+    assert info["config"]["data"]["root"] == str(after) and info["steps_done"] == 3
 
 
 def test_bad_override_is_a_clear_error(tmp_path, capsys):

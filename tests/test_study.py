@@ -86,3 +86,27 @@ def test_a_plan_file_that_is_not_toml_names_itself(tmp_path):
     path.write_text("name = [unclosed")
     with pytest.raises(PlanError, match="plan.toml: not valid TOML"):
         load_plan(path)
+
+
+def test_the_study_command_runs_a_plan_file_and_prints_its_table(shapes_root, tmp_path, capsys):
+    import json
+
+    plan = tiny_plan(shapes_root)
+    plan["seeds"] = [0]
+    plan["stage"][1]["variants"] = {"fast": {"train.lr": 1e-3}}
+
+    def toml_value(value) -> str:
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+    lines = [f'name = "{plan["name"]}"', f'preset = "{plan["preset"]}"', "seeds = [0]", "[set]"]
+    lines += [f'"{key}" = {toml_value(value)}' for key, value in plan["set"].items()]
+    lines += ["[[stage]]", 'name = "make-data"', f"command = {json.dumps(plan['stage'][0]['command'])}",
+              'produces = "{study}/shapes"', "[[stage]]", 'name = "recipes"', 'data = "make-data"',
+              "[stage.variants]", 'fast = { "train.lr" = 1e-3 }']
+    path = tmp_path / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["study", str(path), "--out", str(tmp_path / "study-tiny"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| recipes | fast | greedy | 1 |" in out and "study.json" in out
+    assert (tmp_path / "study-tiny" / "plan.toml").read_text() == path.read_text()
+    assert main(["study", str(tmp_path / "missing.toml")]) == 2

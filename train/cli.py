@@ -1,4 +1,4 @@
-"""`python -m train`: train, evaluate, caption, inspect runs, generate data.
+"""`python -m train`: train, evaluate, caption, inspect runs, generate, fetch and convert datasets.
 
     python -m train fit --preset demo --run-dir runs/demo
     python -m train eval --run-dir runs/demo --epoch all --strategies greedy,beam,nucleus
@@ -6,6 +6,9 @@
     python -m train caption --run-dir runs/demo photos/ --out captions.csv
     python -m train info runs/demo
     python -m train data shapes --out data/shapes
+    python -m train data coco --out data/coco2017 --first 10000 --val-first 1000
+    python -m train data flickr8k --images Flickr8k_Dataset.zip --text Flickr8k_text.zip --out data/flickr8k
+    python -m train data shards --from data/flickr8k --out data/flickr8k-shards
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import argparse
 import csv
 import io
 import json
+import os
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +56,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         cfg = RunDir(run_dir).config()
         given = (("epochs", args.epochs), ("max_steps", args.max_steps), ("device", args.device))
         sets = list(args.set or []) + [f"train.{k}={v}" for k, v in given if v is not None]
+        if args.data_root is not None:  # the data moved (another machine, another disk): same run, new folder
+            sets.append(f"data.root={Path(args.data_root).resolve()}")
         cfg = cfg.override_strings(sets) if sets else cfg
     else:
         cfg = build_config(args)
@@ -146,9 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             run.save_embeddings(epoch, dump)
         rows = {name: {**entry["metrics"], "notes": entry["notes"]}
                 for name, entry in result.get("strategies", {}).items()}
-        if "reference_row" in result:
-            reference = result["reference_row"]
-            rows["(most frequent caption)"] = {**reference["metrics"], "notes": reference.get("notes", [])}
+        for name, reference in result.get("reference_rows", {}).items():  # what learning nothing / retrieval score
+            rows[f"({name})"] = {**reference["metrics"], "notes": reference.get("notes", [])}
         print(f"\nepoch {epoch} ({result['num_images']} images) -> {run.eval_path(epoch)}")
         print(metrics.format_metrics_table(rows))
         retrieval = result.get("retrieval")
@@ -253,6 +259,24 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 3 if failed else 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run a study plan into its folder (skipping what is done, resuming what is not) and print its table."""
+    from blipcore.study import load_plan, run_study, save_plan_copy
+    from blipcore.trainer import Trainer
+
+    plan = load_plan(args.plan)
+    out = Path(args.out or f"runs/study-{plan.name}")
+    save_plan_copy(Path(args.plan), out)
+
+    def train(cfg, folder: Path, resume: bool) -> dict:
+        return Trainer(cfg, folder, resume=resume, progress=not args.no_progress).fit()
+
+    table = run_study(plan, out, train, main, log=lambda line: print(f"[study] {line}", file=sys.stderr))
+    print((out / "study.md").read_text(), end="")
+    print(f"{len(table['rows'])} rows -> {out / 'study.json'}, {out / 'study.csv'}, {out / 'study.md'}")
+    return 0
+
+
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     from blipcore.data import generate_shapes
 
@@ -260,6 +284,72 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
                     image_size=args.image_size, seed=args.seed)
     print(f"wrote {args.n_train}/{args.n_val}/{args.n_heldout} train/val/heldout scenes to {args.out}")
     return 0
+
+
+def _again_with_resume(args: argparse.Namespace) -> str:
+    """The command line the user gave, with --resume in place of --overwrite: how to continue a data command."""
+    words = [word for word in args.argv if word not in ("--overwrite", "--resume")]
+    return f"{_program_name()} {shlex.join(words)} --resume"
+
+
+def _http_policy(args: argparse.Namespace):
+    from blipcore.data.fetch import HttpPolicy
+
+    return HttpPolicy(timeout=args.timeout, retries=args.retries, backoff=args.backoff)
+
+
+def cmd_data_coco(args: argparse.Namespace) -> int:
+    """Fetch COCO 2017 captions and images; exit 0 when every image arrived, 3 when some did not."""
+    from blipcore.data.coco2017 import fetch_coco
+
+    try:
+        report = fetch_coco(args.out, first=args.first, val_first=args.val_first, annotations=args.annotations,
+                            image_size=args.image_size, workers=args.workers, policy=_http_policy(args),
+                            resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: every image written so far is complete and kept; continue with:\n  "
+              f"{_again_with_resume(args)}", file=sys.stderr)
+        return 130
+    print(report.summary())
+    if report.failures:
+        print(f"the dataset is usable as it is; to try the failed images again:  {_again_with_resume(args)}")
+    if args.format == "shards":  # written afresh from the folder: a resume may have added images anywhere
+        from blipcore.data.shards import write_shards
+
+        shards = write_shards(args.out, Path(args.out) / "shards", overwrite=True, progress=not args.no_progress)
+        print(shards.summary())
+        print(f"train on them with:  --set data.kind=webdataset --data-root {shards.out}")
+    return 3 if report.failures else 0
+
+
+def cmd_data_flickr8k(args: argparse.Namespace) -> int:
+    """Convert the two Flickr8k zips; exit 0 when every listed image was converted, 3 when some were not."""
+    from blipcore.data.flickr8k import convert_flickr8k
+
+    try:
+        report = convert_flickr8k(args.images, args.text, args.out, image_size=args.image_size, workers=args.workers,
+                                  policy=_http_policy(args), resume=args.resume, overwrite=args.overwrite,
+                                  progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: every image written so far is complete and kept; continue with:\n  "
+              f"{_again_with_resume(args)}", file=sys.stderr)
+        return 130
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(report.summary())
+    return 3 if report.failures else 0
+
+
+def cmd_data_shards(args: argparse.Namespace) -> int:
+    """Write a COCO-caption-format folder's train split as WebDataset shards; exit 3 when some files were unreadable."""
+    from blipcore.data.shards import write_shards
+
+    report = write_shards(args.source, args.out, shard_size=args.shard_size, train_files=args.train_files,
+                          workers=args.workers, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    print(report.summary())
+    print(f"train on them with:  --set data.kind=webdataset --data-root {report.out}")
+    return 3 if report.failures else 0
 
 
 def _program_name() -> str:
@@ -277,7 +367,52 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    value = _seconds(text)
+    if not value:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _add_download_arguments(parser: argparse.ArgumentParser) -> None:
+    """--image-size, the HTTP policy, --resume / --overwrite and --no-progress: shared by the data commands."""
+    parser.add_argument("--image-size", type=_positive_int, metavar="N",
+                        help="shrink every image whose shorter side is longer than N pixels so that side is N "
+                             "(aspect kept, JPEG quality 90); smaller images are kept as they are. Default: keep all")
+    parser.add_argument("--timeout", type=_timeout, default=30.0, metavar="S",
+                        help="seconds to wait for a connection or for the next bytes (default 30)")
+    parser.add_argument("--retries", type=_count, default=3, metavar="N",
+                        help="retries of a timed-out, dropped or HTTP 5xx/429 request (default 3)")
+    parser.add_argument("--backoff", type=_seconds, default=1.0, metavar="S",
+                        help="seconds before the first retry, doubled before each next one (default 1)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an earlier run into --out: only what is missing or failed is fetched")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start again in an --out that holds something: deletes what this command writes "
+                            "there (nothing else; downloads/ is kept)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from blipcore.data.coco2017 import OFFICIAL_ANNOTATIONS_URL
     from blipcore.decoding import STRATEGY_PRESETS
 
     parser = argparse.ArgumentParser(
@@ -294,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a preset of blipcore/presets/ ({', '.join(available_presets())}; default demo) "
                           "or the path of a .toml file in that format")
     fit.add_argument("--run-dir", help="where the run is written (default runs/<preset>)")
-    fit.add_argument("--data-root", help="dataset folder in COCO caption format (overrides the preset's data.root)")
+    fit.add_argument("--data-root", help="dataset folder in COCO caption format (overrides the preset's data.root; "
+                                         "with --resume, the run's own)")
     fit.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                      help="override any config value, e.g. --set train.batch_size=16 (repeatable)")
     fit.add_argument("--epochs", type=int, help="number of epochs")
@@ -347,12 +483,25 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("images", nargs="+", metavar="PATH", help="image files and folders of images")
     cap.set_defaults(func=cmd_caption)
 
+    study = sub.add_parser(
+        "study", help="run a study plan: stages of variants x seeds, one table",
+        description="Run a study plan (TOML; see blipcore/study.py and the README's Results) into a folder of "
+                    "ordinary run directories, one per stage x variant x seed, then write study.json, study.csv "
+                    "and study.md: one row per variant and decoding strategy (and reference row), mean and "
+                    "spread over seeds. Running it again skips completed runs and resumes interrupted ones, so "
+                    "a study can span several sessions; Ctrl-C stops the current run resumably.",
+    )
+    study.add_argument("plan", metavar="PLAN.toml")
+    study.add_argument("--out", help="the study folder (default runs/study-<plan name>)")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.set_defaults(func=cmd_study)
+
     info = sub.add_parser("info", help="summary of a run: config, status, epochs, best metrics")
     info.add_argument("run_dir", metavar="RUN_DIR")
     info.add_argument("--json", action="store_true", help="print run.json and the epochs as JSON")
     info.set_defaults(func=cmd_info)
 
-    data = sub.add_parser("data", help="generate datasets")
+    data = sub.add_parser("data", help="generate datasets, fetch and convert public ones")
     data_sub = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     shapes = data_sub.add_parser("shapes", help="captioned synthetic scenes in COCO caption format",
                                  description="Write generated scenes (shapes, colours, sizes, positions, counts, "
@@ -365,6 +514,102 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--image-size", type=int, default=64)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(func=cmd_data_shapes)
+
+    coco = data_sub.add_parser(
+        "coco", help="COCO 2017 captions and the first N images, fetched by URL",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Fetch COCO 2017's caption annotations and the first N train2017 / M val2017 images into a folder\n"
+            "that `fit --preset seed --data-root OUT` trains on at once.\n\n"
+            "\"First\" is the order of the annotation file's own `images` list: the seed write-up's \"first\n"
+            "10,000\" (and the seed preset's data.subset = 10000). The annotations come from\n"
+            "annotations_trainval2017.zip: by default its official URL, downloaded once (resumably) into\n"
+            "OUT/downloads/. Each image is fetched from its record's coco_url by --workers threads, with retries\n"
+            "and backoff, checked to decode, optionally shrunk (--image-size), and written atomically.\n\n"
+            "OUT: annotations/captions_{train,val}2017.json (the images that arrived, with their captions),\n"
+            "train2017/, val2017/, failed.tsv (url, reason) when some did not arrive, bliplab-data.json (how\n"
+            "the folder was made). Run again with --resume to fetch only what is missing or failed.\n\n"
+            "exit status: 0 every image arrived; 3 some failed (the dataset is usable; see failed.tsv);\n"
+            "2 bad arguments or input: unusable annotations, an OUT that holds something else, a full disk\n"
+            "(what was written is kept: --resume continues); 130 interrupted (--resume continues)."
+        ),
+    )
+    coco.add_argument("--out", required=True, metavar="DIR", help="output folder, e.g. data/coco2017")
+    coco.add_argument("--first", type=_count, default=10000, metavar="N",
+                      help="the first N train2017 images of the annotation file (default 10000; 0: all 118,287)")
+    coco.add_argument("--val-first", type=_count, default=1000, metavar="M",
+                      help="the first M val2017 images (default 1000; 0: all 5,000)")
+    coco.add_argument("--annotations", default=OFFICIAL_ANNOTATIONS_URL, metavar="PATH_OR_URL",
+                      help="annotations_trainval2017.zip as a URL or a local file, or a folder holding "
+                           "captions_train2017.json and captions_val2017.json (default: the official URL)")
+    coco.add_argument("--workers", type=_positive_int, default=16, metavar="N",
+                      help="images fetched at once (default 16)")
+    coco.add_argument("--format", choices=("folder", "shards"), default="folder",
+                      help="folder (default): the COCO folder; shards: also WebDataset shards of it in OUT/shards "
+                           "(as `data shards` writes them), for data.kind = \"webdataset\"")
+    _add_download_arguments(coco)
+    coco.set_defaults(func=cmd_data_coco)
+
+    flickr = data_sub.add_parser(
+        "flickr8k", help="Flickr8k from the two zips of its distribution",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Convert the Flickr8k distribution (research use only) into the folder that\n"
+            "`fit --preset flickr8k --data-root OUT` trains on at once.\n\n"
+            "--images Flickr8k_Dataset.zip holds Flicker8k_Dataset/<name>.jpg (the folder's name is misspelt\n"
+            "so); --text Flickr8k_text.zip holds Flickr8k.token.txt (lines <name>.jpg#<0-4><TAB><caption>)\n"
+            "and Flickr_8k.{train,dev,test}Images.txt. Either may be an http(s) URL (downloaded once,\n"
+            "resumably, into OUT/downloads/).\n\n"
+            "OUT: images/, annotations/captions_{train,val}.json (a hash split, about 1 image in 10 in val)\n"
+            "and annotations/captions_official_{train,dev,test}.json (the official 6,000 / 1,000 / 1,000\n"
+            "split that published results use; flickr8k_official_split on every image record). The two\n"
+            "splits cross: never train on one and test on the other.\n\n"
+            "Both zips are read and checked before anything is written. exit status: 0 done; 3 some listed\n"
+            "images could not be converted (see OUT/failed.tsv); 2 bad arguments or input (a zip without\n"
+            "Flickr8k.token.txt, a malformed line, an image listed twice, an OUT that holds something else,\n"
+            "a full disk: what was written is kept, --resume continues); 130 interrupted."
+        ),
+    )
+    flickr.add_argument("--images", required=True, metavar="ZIP_OR_URL", help="Flickr8k_Dataset.zip (path or URL)")
+    flickr.add_argument("--text", required=True, metavar="ZIP_OR_URL", help="Flickr8k_text.zip (path or URL)")
+    flickr.add_argument("--out", required=True, metavar="DIR", help="output folder, e.g. data/flickr8k")
+    flickr.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), metavar="N",
+                        help="images decoded and written at once (default: the CPU count, at most 8)")
+    _add_download_arguments(flickr)
+    flickr.set_defaults(func=cmd_data_flickr8k)
+
+    shards = data_sub.add_parser(
+        "shards", help="WebDataset tar shards of a COCO-caption-format folder, for streaming",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Write the train split of a COCO-caption-format folder (what `data coco` or `data flickr8k` writes:\n"
+            "annotations/captions_train2017.json + train2017/, or annotations/captions_train.json + images/)\n"
+            "as WebDataset tar shards, for\n"
+            "`fit --set data.kind=webdataset --data-root OUT`: every DataLoader worker and DDP rank streams its\n"
+            "own shards, from local disk or, with --set data.train_shards=URL_PATTERN, object storage.\n\n"
+            "OUT: train-000000.tar ... (<id>.jpg + <id>.json with the captions, --shard-size images each),\n"
+            "annotations/captions_{train,val}.json, val/ (the val images as files: evaluation and the\n"
+            "dashboard read them), train/ (the first --train-files train images as files, for the evaluation's\n"
+            "nearest-neighbour row), shards.json (the shards and their image counts).\n\n"
+            "exit status: 0 done; 3 some image files could not be read (left out, see OUT/failed.tsv);\n"
+            "2 bad arguments or input (what was written is kept: --resume continues)."
+        ),
+    )
+    shards.add_argument("--from", dest="source", required=True, metavar="DIR", help="a COCO-caption-format folder")
+    shards.add_argument("--out", required=True, metavar="DIR", help="output folder, e.g. data/flickr8k-shards")
+    shards.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
+                        help="images a shard (default 1000: ~100-200 MB of COCO photos). Every DDP rank x DataLoader "
+                             "worker needs at least one shard")
+    shards.add_argument("--train-files", type=_count, default=1000, metavar="N",
+                        help="the first N train images also written as files (default 1000, what the evaluation's "
+                             "nearest-neighbour row reads)")
+    shards.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), metavar="N",
+                        help="shards written at once (default: the CPU count, at most 8)")
+    again = shards.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="write only the shards that are missing")
+    again.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds something")
+    shards.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shards.set_defaults(func=cmd_data_shards)
     return parser
 
 
@@ -374,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     from blipcore.trainer import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (RunError, DatasetNotFoundError, AnnotationError, ImageLoadError, NonFiniteLossError, ValueError) as err:
