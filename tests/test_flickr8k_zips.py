@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import zipfile
@@ -14,7 +13,7 @@ from PIL import Image
 
 import blipcore.data.fetch as fetch
 from blipcore.data.flickr8k import hash_split
-from blipcore.runs import RunDir, RunError
+from blipcore.runs import RunDir
 from tests.conftest import SHARED, tiny_preset_toml
 from tests.test_fetch_coco import FakeCoco, fill_the_disk_after
 from train.cli import main
