@@ -131,6 +131,10 @@ class DataConfig:
     val_annotations: str = "annotations/captions_val.json"
     train_images: str = "images"
     val_images: str = "images"
+    # A held-out test split, read only by `python -m train eval --split test` ("" = none): the val split picks
+    # checkpoints and decoding strategies, the test split reports them
+    test_annotations: str = ""
+    test_images: str = "images"
     subset: int = 0  # use only the first N training images (0 = all); the seed used 10,000 of train2017
     val_subset: int = 0
     caption_mode: str = "random"  # "random": one caption per image per epoch; "all": every caption a sample

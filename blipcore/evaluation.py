@@ -291,15 +291,17 @@ def evaluate_model(
     caption_images: int | None = None,
     meteor: bool = False,
     progress: bool = True,
+    split: str = "val",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """Full evaluation. Returns (the eval/epoch_NNN.json content, the embeddings dump or None)."""
+    """Full evaluation on `datasets[split]` (its first data.eval_images images). Returns (the
+    eval/epoch_NNN.json content, the embeddings dump or None)."""
     strategies = list(cfg.train.eval_strategies if strategies is None else strategies)
     if strategies:
         from .decoding import check_strategy_names
 
         check_strategy_names(strategies)
     model.eval()
-    val = datasets["val"]
+    val = datasets[split]
     data = eval_images(val, cfg.data.eval_images)
     result: dict[str, Any] = {"num_images": len(data.records), "spice": M.SPICE_NOTE}
     loss_items = max(cfg.data.eval_images, 2 * cfg.train.batch_size)

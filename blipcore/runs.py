@@ -10,6 +10,7 @@
       embeddings/epoch_003.npz      image and text embeddings of the fixed evaluation set
       eval/epoch_003.json           captioning / retrieval / collapse metrics per decoding strategy
       eval/step_00000400.json       the same, for evaluations inside an epoch (train.eval_every_steps)
+      eval/epoch_003.test.json      the same on the held-out test split (`python -m train eval --split test`)
       projections/umap_epoch_003.npz  the dashboard's cache of 2-D layouts of the embeddings
       trainer.lock                  held (fcntl lock) by the one trainer writing this run; the OS releases it
                                     when that process ends, however it ends
@@ -517,19 +518,24 @@ class RunDir:
     def embedding_epochs(self) -> list[int]:
         return _numbered_epochs(self.embeddings_dir, ".npz")
 
-    def eval_path(self, epoch: int) -> Path:
-        return self.eval_dir / f"epoch_{epoch:03d}.json"
+    def eval_path(self, epoch: int, split: str = "val") -> Path:
+        """eval/epoch_003.json for the validation split (what training writes), eval/epoch_003.<split>.json
+        for another (`python -m train eval --split test`)."""
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", split):
+            raise ValueError(f"split {split!r}: lowercase letters, digits, '_' and '-'")
+        return self.eval_dir / (f"epoch_{epoch:03d}.json" if split == "val" else f"epoch_{epoch:03d}.{split}.json")
 
-    def save_eval(self, epoch: int, result: dict[str, Any]) -> None:
-        atomic_write_json(self.eval_path(epoch), {**result, "format_version": FORMAT_VERSION, "epoch": epoch})
+    def save_eval(self, epoch: int, result: dict[str, Any], split: str = "val") -> None:
+        atomic_write_json(self.eval_path(epoch, split),
+                          {**result, "format_version": FORMAT_VERSION, "epoch": epoch, "split": split})
 
     def save_step_eval(self, step: int, result: dict[str, Any]) -> None:
         """An evaluation inside an epoch (train.eval_every_steps): early collapse shows up here."""
         path = self.eval_dir / f"step_{step:08d}.json"
         atomic_write_json(path, {**result, "format_version": FORMAT_VERSION, "step": step})
 
-    def load_eval(self, epoch: int) -> dict[str, Any]:
-        return read_json(self.eval_path(epoch), f"evaluation of epoch {epoch}")
+    def load_eval(self, epoch: int, split: str = "val") -> dict[str, Any]:
+        return read_json(self.eval_path(epoch, split), f"{split} evaluation of epoch {epoch}")
 
     def eval_epochs(self) -> list[int]:
         return _numbered_epochs(self.eval_dir, ".json")

@@ -239,3 +239,24 @@ def test_caption_bad_arguments_exit_2_before_any_work(tiny_runs_dir, tmp_path, c
     assert _caption(tiny_runs_dir, str(folder), *args) == 2
     out, err = capsys.readouterr()
     assert message in err and out == "" and not (tmp_path / "captions.txt").exists()
+
+
+def test_eval_on_the_test_split_reports_every_image_beside_the_val_evaluation(shapes_root, tmp_path):
+    from blipcore.trainer import Trainer
+    from tests.conftest import SHAPES_PARAMS, small_cfg
+
+    cfg = small_cfg(shapes_root, epochs=1, eval_strategies=["greedy"]).override(
+        {"data.test_annotations": "annotations/captions_heldout.json"})  # the shapes' held-out split as a test set
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    run = RunDir(tmp_path / "run")
+    val_before = run.eval_path(1).read_bytes()
+    assert main(["eval", "--run-dir", str(run.path), "--split", "test", "--strategies", "greedy", "--no-meteor"]) == 0
+    test = run.load_eval(1, split="test")
+    assert test["split"] == "test" and test["num_images"] == SHAPES_PARAMS["n_heldout"]
+    assert len(test["strategies"]["greedy"]["samples"]) == SHAPES_PARAMS["n_heldout"]
+    assert run.eval_path(1).read_bytes() == val_before and run.eval_epochs() == [1]
+
+
+def test_eval_on_a_test_split_the_run_does_not_have_is_a_clear_error(tiny_runs_dir, capsys):
+    assert main(["eval", "--run-dir", str(tiny_runs_dir / "tiny"), "--split", "test"]) == 2
+    assert "no test split" in capsys.readouterr().err

@@ -366,3 +366,18 @@ def test_coco_mini_loads_in_place() -> None:
     assert batch["images"].shape == (8, 3, 64, 64)
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= cfg.model.max_text_len
     assert not datasets["train"].skipped
+
+
+def test_flickr8k_official_splits_are_disjoint_and_test_holds_1000_images():
+    from blipcore.config import load_preset
+    from tests.conftest import SHARED
+
+    root = SHARED / "data/flickr8k"
+    if not root.is_dir():
+        pytest.skip("../shared/data/flickr8k is not here")
+    cfg = load_preset("flickr8k").override({"data.root": str(root)})
+    splits = build_datasets(cfg, splits=("train", "val", "test"))
+    files = {name: {r.file_path for r in dataset.records} for name, dataset in splits.items()}
+    assert {name: len(paths) for name, paths in files.items()} == {"train": 6000, "val": 1000, "test": 1000}
+    assert not files["train"] & files["val"] and not files["train"] & files["test"] and not files["val"] & files["test"]
+    assert all(len(r.captions) == 5 for r in splits["test"].records)

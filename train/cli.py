@@ -141,21 +141,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     datasets = None
     for epoch in _epochs_to_evaluate(run, args.epoch):
         model, cfg, ckpt = run.load_model(epoch, device=args.device)
-        if args.images:
-            cfg.data.eval_images = max(cfg.data.eval_images, args.images)
         if datasets is None:  # every checkpoint of a run reads the same data: build it once
-            datasets = build_datasets(cfg, splits=("train", "val"))
-        result, dump = evaluate_model(model, cfg, datasets, args.device, strategies, caption_images=args.images,
-                                      meteor=not args.no_meteor, progress=True)
+            if args.split == "test" and not cfg.data.test_annotations:
+                raise ValueError(f"{run.path}: its data has no test split (data.test_annotations is empty)")
+            datasets = build_datasets(cfg, splits=("train", args.split))
+        # the test split is reported whole; on val, --images can widen the run's fixed evaluation set
+        images = args.images or (len(datasets["test"].records) if args.split == "test" else None)
+        if images:
+            cfg.data.eval_images = max(cfg.data.eval_images, images)
+        result, dump = evaluate_model(model, cfg, datasets, args.device, strategies, caption_images=images,
+                                      meteor=not args.no_meteor, progress=True, split=args.split)
         result.update(step=ckpt.step, label=f"epoch_{epoch:03d}")
-        run.save_eval(epoch, result)
-        if dump is not None:
+        run.save_eval(epoch, result, split=args.split)
+        if dump is not None and args.split == "val":  # the dashboard's embeddings are of the val set
             run.save_embeddings(epoch, dump)
         rows = {name: {**entry["metrics"], "notes": entry["notes"]}
                 for name, entry in result.get("strategies", {}).items()}
         for name, reference in result.get("reference_rows", {}).items():  # what learning nothing / retrieval score
             rows[f"({name})"] = {**reference["metrics"], "notes": reference.get("notes", [])}
-        print(f"\nepoch {epoch} ({result['num_images']} images) -> {run.eval_path(epoch)}")
+        print(f"\nepoch {epoch}, {args.split} ({result['num_images']} images) -> {run.eval_path(epoch, args.split)}")
         print(metrics.format_metrics_table(rows))
         retrieval = result.get("retrieval")
         if retrieval:
@@ -449,7 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epoch", help="an epoch number, a comma list, 'last' (default) or 'all'")
     ev.add_argument("--strategies", default="greedy,beam,nucleus,repetition-penalty,no-repeat-ngram",
                     help=f"comma-separated decoding strategies (known: {strategies})")
-    ev.add_argument("--images", type=int, help="number of validation images to caption (default: the run's setting)")
+    ev.add_argument("--split", choices=("val", "test"), default="val",
+                    help="val (default): the split training evaluates on, written to eval/epoch_NNN.json; test: "
+                         "the held-out split of data.test_annotations (e.g. Flickr8k's official 1,000 test images), "
+                         "every image and all its references, written to eval/epoch_NNN.test.json")
+    ev.add_argument("--images", type=int,
+                    help="number of images to caption (default: the run's setting on val, all of test)")
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~10 s to start)")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)

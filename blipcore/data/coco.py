@@ -299,6 +299,8 @@ def build_datasets(
                    "val": ("annotations/captions_val.json", "val", data.val_subset)}
     if data.kind == "shapes":
         sources["heldout"] = ("annotations/captions_heldout.json", data.val_images, data.val_subset)
+    if data.test_annotations:
+        sources["test"] = (data.test_annotations, data.test_images, 0)
     datasets = {}
     for split in splits:
         if split not in sources:
