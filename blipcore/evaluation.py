@@ -339,6 +339,37 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+class CheckpointEvaluator:
+    """Evaluates checkpoints of one run on one split and writes eval/epoch_NNN[.<split>].json (what
+    `python -m train eval` and the study's test report do); the data is built once for all checkpoints."""
+
+    def __init__(self, run: RunDir, split: str = "val", device: str | torch.device = "cpu") -> None:
+        self.run, self.split, self.device = run, split, device
+        self.datasets: dict[str, CaptionDataset] | None = None
+
+    def evaluate(self, epoch: int, strategies: list[str], images: int | None = None, meteor: bool = True,
+                 progress: bool = True) -> dict[str, Any]:
+        """The evaluation of `epoch` on the split: the test split whole, val on its fixed evaluation set
+        (`images` can widen it). Written to the run, embeddings too on val; returns the result."""
+        from .data import build_datasets
+
+        model, cfg, ckpt = self.run.load_model(epoch, device=self.device)
+        if self.datasets is None:
+            if self.split == "test" and not cfg.data.test_annotations:
+                raise ValueError(f"{self.run.path}: its data has no test split (data.test_annotations is empty)")
+            self.datasets = build_datasets(cfg, splits=("train", self.split))
+        images = images or (len(self.datasets["test"].records) if self.split == "test" else None)
+        if images:
+            cfg.data.eval_images = max(cfg.data.eval_images, images)
+        result, dump = evaluate_model(model, cfg, self.datasets, self.device, strategies, caption_images=images,
+                                      meteor=meteor, progress=progress, split=self.split)
+        result.update(step=ckpt.step, label=f"epoch_{epoch:03d}")
+        self.run.save_eval(epoch, result, split=self.split)
+        if dump is not None and self.split == "val":  # the dashboard's embeddings are of the val set
+            self.run.save_embeddings(epoch, dump)
+        return result
+
+
 def evaluate_run_epoch(
     model, cfg: BlipConfig, datasets: dict[str, CaptionDataset], run: RunDir, epoch: int | None, step: int,
     label: str, device: torch.device, progress: bool = True, epoch_progress: float | None = None,

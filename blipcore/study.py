@@ -31,10 +31,15 @@ plan again skips what is complete and resumes what is not, so a study spreads ov
 stage is done when its `produces` folder holds a `.complete` marker, which this module writes after
 the command succeeded.
 
-The table (study.json / study.csv / study.md): one row per (stage, variant, decoding strategy), the
-mean and the spread (sample standard deviation) over seeds of each run's final evaluation, with the
-minutes each run took. Placeholders in commands: {study} (the study folder), {data_root} (the preset's
-data folder after `set`), {run:<stage>/<variant>/<seed>} (a run folder of an earlier stage).
+The protocol: each run's checkpoint is the epoch whose validation (dev) evaluation reached the highest
+CIDEr with any strategy; when the data has a test split (data.test_annotations), that checkpoint is
+evaluated on all of it with every strategy (eval/epoch_NNN.test.json) and the table reports the test
+numbers, else the dev ones. The table (study.json / study.csv / study.md): one row per (stage, variant,
+decoding strategy or reference row), the mean and the spread (sample standard deviation) over seeds,
+how many seeds' dev choice the strategy was, and the minutes each run took.
+
+Placeholders in commands: {study} (the study folder), {data_root} (the preset's data folder after `set`),
+{run:<stage>/<variant>/<seed>} (a run folder of an earlier stage).
 """
 
 from __future__ import annotations
@@ -168,6 +173,43 @@ def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str],
 # --- running ------------------------------------------------------------------------------------
 TrainFn = Callable[[BlipConfig, Path, bool], dict[str, Any]]  # (config, run folder, resume) -> summary
 CommandFn = Callable[[list[str]], int]  # `python -m train` arguments -> exit code
+TestFn = Callable[[RunDir, int, list[str]], dict[str, Any]]  # (run, epoch, strategies) -> its test evaluation
+
+
+def evaluate_on_test(run: RunDir, epoch: int, strategies: list[str]) -> dict[str, Any]:
+    """The default TestFn: every image of the test split, METEOR included (blipcore.evaluation)."""
+    from .evaluation import CheckpointEvaluator
+
+    return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=True, progress=False)
+
+
+def dev_choice(run: RunDir) -> tuple[int, str] | None:
+    """(epoch, strategy) of the run's highest validation CIDEr over its epoch evaluations; None before one."""
+    best: tuple[float, int, str] | None = None
+    for epoch in run.eval_epochs():
+        for name, entry in run.load_eval(epoch).get("strategies", {}).items():
+            cider = entry.get("metrics", {}).get("cider")
+            if M.is_number(cider) and (best is None or cider > best[0]):
+                best = (cider, epoch, name)
+    return None if best is None else (best[1], best[2])
+
+
+def reported_evaluation(run: RunDir, test: TestFn | None = None) -> tuple[int, str, str, dict[str, Any]] | None:
+    """(epoch, split, dev-chosen strategy, evaluation) that the table reports for a run: the test evaluation of
+    its dev-chosen epoch when its data has a test split (made with `test` when missing and `test` is given),
+    else that epoch's validation evaluation. None before the run's first evaluation, or while its test
+    evaluation is missing and `test` is None."""
+    choice = dev_choice(run)
+    if choice is None:
+        return None
+    epoch, strategy = choice
+    if not run.config().data.test_annotations:
+        return epoch, "val", strategy, run.load_eval(epoch)
+    if run.eval_path(epoch, "test").is_file():
+        return epoch, "test", strategy, run.load_eval(epoch, "test")
+    if test is None:
+        return None
+    return epoch, "test", strategy, test(run, epoch, list(run.load_eval(epoch).get("strategies", {})))
 
 
 def run_dir(study: Path, stage: str, variant: str, seed: int) -> Path:
@@ -175,10 +217,11 @@ def run_dir(study: Path, stage: str, variant: str, seed: int) -> Path:
 
 
 def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage of `plan` into `study` (skipping what is complete, resuming what is not), then
-    write and return the table. `train` trains one run (blipcore.trainer.Trainer in the CLI); `command`
-    runs `python -m train ARGS` (the CLI passes its own main, so blipcore never imports train)."""
+              log: Callable[[str], None] = print, test: TestFn = evaluate_on_test) -> dict[str, Any]:
+    """Run every stage of `plan` into `study` (skipping what is complete, resuming what is not), evaluate
+    each run's dev-chosen checkpoint on the test split when there is one, then write and return the table.
+    `train` trains one run (blipcore.trainer.Trainer in the CLI); `command` runs `python -m train ARGS` (the
+    CLI passes its own main, so blipcore never imports train)."""
     study.mkdir(parents=True, exist_ok=True)
     write_table(plan, study)  # from the start: the folder is a study, its finished runs already in the table
     produced: dict[str, Path] = {}
@@ -197,9 +240,10 @@ def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
                 status = _status(target)
                 if status == "completed":
                     log(f"{target.name}: completed, skipped")
-                    continue
-                log(f"{target.name}: {'resuming' if status else 'training'}")
-                train(cfg, target, status is not None)
+                else:
+                    log(f"{target.name}: {'resuming' if status else 'training'}")
+                    train(cfg, target, status is not None)
+                reported_evaluation(RunDir(target), test)  # the test evaluation, once
     return write_table(plan, study)
 
 
@@ -246,12 +290,6 @@ def _fill(text: str, values: dict[str, str], plan: Plan, study: Path) -> str:
 
 
 # --- the table ----------------------------------------------------------------------------------
-def final_evaluation(run: RunDir) -> tuple[int, dict[str, Any]] | None:
-    """(epoch, evaluation) of a run's last evaluated epoch, or None before its first."""
-    epochs = run.eval_epochs()
-    return (epochs[-1], run.load_eval(epochs[-1])) if epochs else None
-
-
 def study_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
     """One row per (stage, variant, strategy or reference row): mean and spread over the seeds' runs."""
     rows = []
@@ -260,18 +298,21 @@ def study_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
             found = []
             for seed in plan.seeds:
                 run = RunDir(run_dir(study, stage.name, variant, seed))
-                if run.exists() and (evaluated := final_evaluation(run)) is not None:
-                    found.append((run, *evaluated))
+                if run.exists() and (reported := reported_evaluation(run)) is not None:
+                    found.append((run, *reported))
             by_row: dict[str, list[dict[str, Any]]] = {}
-            for run, _, result in found:
+            splits = {split for _, _, split, _, _ in found}
+            for run, epoch, _, chosen, result in found:
                 entries = {**result.get("strategies", {}), **result.get("reference_rows", {})}
                 for name, entry in entries.items():
-                    values = {**entry.get("metrics", {}), **result.get("retrieval", {}),
-                              "minutes": (run.read_info().get("train_seconds") or 0) / 60}
+                    values = {**entry.get("metrics", {}), **result.get("retrieval", {}), "epoch": epoch,
+                              "minutes": (run.read_info().get("train_seconds") or 0) / 60, "chosen": name == chosen}
                     by_row.setdefault(name, []).append(values)
             for name, values in by_row.items():
                 row: dict[str, Any] = {"stage": stage.name, "variant": variant, "decoding": name,
-                                       "seeds": len(values)}
+                                       "split": "/".join(sorted(splits)), "seeds": len(values),
+                                       "chosen_on_dev": sum(v["chosen"] for v in values),
+                                       "epochs": sorted({v["epoch"] for v in values})}
                 for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes"):
                     numbers = [v[key] for v in values if M.is_number(v.get(key))]
                     row[key] = statistics.fmean(numbers) if numbers else None
@@ -285,7 +326,7 @@ def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     rows = study_rows(plan, study)
     table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows}
     atomic_write_json(study / STUDY_TABLE, table)
-    columns = ["stage", "variant", "decoding", "seeds"] + [
+    columns = ["stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs"] + [
         k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
@@ -300,8 +341,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The study as a Markdown table: mean ± sd over seeds, in each metric's declared format."""
     keys = [*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes"]
     labels = [M.metric(k).label if M.metric(k) else k for k in keys]
-    lines = ["| stage | variant | decoding | seeds | " + " | ".join(labels) + " |",
-             "|" + "---|" * (4 + len(keys))]
+    lines = ["| stage | variant | decoding | split | seeds (chosen on dev) | " + " | ".join(labels) + " |",
+             "|" + "---|" * (5 + len(keys))]
     for row in rows:
         cells = []
         for key in keys:
@@ -310,7 +351,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             value, spread = row.get(key), row.get(f"{key}_sd")
             shown_spread = spread is not None and not math.isnan(spread)
             cells.append(show(value) + (f" ± {show(spread)}" if shown_spread else ""))
-        head = f"| {row['stage']} | {row['variant']} | {row['decoding']} | {row['seeds']} | "
+        head = (f"| {row['stage']} | {row['variant']} | {row['decoding']} | {row['split']} | "
+                f"{row['seeds']} ({row['chosen_on_dev']}) | ")
         lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from blipcore.config import BlipConfig
+from blipcore.runs import RunDir
 from blipcore.study import PlanError, load_plan, parse_plan, run_study
 from blipcore.trainer import Trainer
 from tests.conftest import SHAPES_PARAMS, small_cfg
@@ -23,6 +24,7 @@ def tiny_plan(shapes_root: Path) -> dict:
                  for key, value in tiny[section].items() if demo[section][key] != value and key != "root"}
     make_data = ["data", "shapes", "--out", "{study}/shapes", "--image-size", str(SHAPES_PARAMS["image_size"]),
                  *(f"--{k.replace('_', '-')}={v}" for k, v in SHAPES_PARAMS.items() if k.startswith("n_"))]
+    overrides["data.test_annotations"] = "annotations/captions_heldout.json"  # the held-out scenes as a test split
     return {
         "name": "tiny", "preset": "demo", "seeds": [0, 1], "set": overrides,
         "stage": [
@@ -42,6 +44,10 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
         return Trainer(cfg, folder, resume=resume, progress=False).fit()
 
     table = run_study(plan, study, train, main, log=log.append)
+    # the dev-chosen checkpoint of every run, evaluated on the whole test split (the shapes' held-out scenes)
+    for name in trained:
+        test = RunDir(study / name).load_eval(1, split="test")
+        assert test["num_images"] == SHAPES_PARAMS["n_heldout"] and "greedy" in test["strategies"]
     assert sorted(trained) == ["recipes-fast-seed0", "recipes-fast-seed1", "recipes-slow-seed0", "recipes-slow-seed1"]
     assert (study / "shapes" / ".complete").is_file()
     rows = {(r["variant"], r["decoding"]): r for r in table["rows"]}
@@ -49,8 +55,9 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     greedy = rows[("fast", "greedy")]
     assert greedy["seeds"] == 2 and greedy["cider"] is not None and greedy["cider_sd"] is not None
     assert rows[("fast", "most-frequent")]["top_caption_share"] == 1.0
-    assert (study / "study.csv").read_text().startswith("stage,variant,decoding,seeds,")
-    assert "| recipes | fast | greedy | 2 |" in (study / "study.md").read_text()
+    assert greedy["split"] == "test" and greedy["chosen_on_dev"] == 2 and greedy["epochs"] == [1]
+    assert (study / "study.csv").read_text().startswith("stage,variant,decoding,split,seeds,chosen_on_dev,epochs,")
+    assert "| recipes | fast | greedy | test | 2 (2) |" in (study / "study.md").read_text()
     from blipcore.runs import list_runs
 
     listed = [run.name for run in list_runs(tmp_path)]  # study runs are runs: the dashboard lists them
@@ -94,6 +101,7 @@ def test_the_study_command_runs_a_plan_file_and_prints_its_table(shapes_root, tm
     plan = tiny_plan(shapes_root)
     plan["seeds"] = [0]
     plan["stage"][1]["variants"] = {"fast": {"train.lr": 1e-3}}
+    del plan["set"]["data.test_annotations"]  # no test split: the table reports the dev evaluation
 
     def toml_value(value) -> str:
         return json.dumps(list(value) if isinstance(value, tuple) else value)
@@ -107,6 +115,6 @@ def test_the_study_command_runs_a_plan_file_and_prints_its_table(shapes_root, tm
     path.write_text("\n".join(lines) + "\n")
     assert main(["study", str(path), "--out", str(tmp_path / "study-tiny"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| recipes | fast | greedy | 1 |" in out and "study.json" in out
+    assert "| recipes | fast | greedy | val | 1 (1) |" in out and "study.json" in out
     assert (tmp_path / "study-tiny" / "plan.toml").read_text() == path.read_text()
     assert main(["study", str(tmp_path / "missing.toml")]) == 2

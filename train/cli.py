@@ -132,29 +132,14 @@ def _epochs_to_evaluate(run, spec: str | None) -> list[int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from blipcore import metrics
-    from blipcore.data import build_datasets
-    from blipcore.evaluation import evaluate_model, summary_metrics
+    from blipcore.evaluation import CheckpointEvaluator, summary_metrics
     from blipcore.runs import RunDir
 
     run = RunDir(args.run_dir)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    datasets = None
+    evaluator = CheckpointEvaluator(run, args.split, args.device)
     for epoch in _epochs_to_evaluate(run, args.epoch):
-        model, cfg, ckpt = run.load_model(epoch, device=args.device)
-        if datasets is None:  # every checkpoint of a run reads the same data: build it once
-            if args.split == "test" and not cfg.data.test_annotations:
-                raise ValueError(f"{run.path}: its data has no test split (data.test_annotations is empty)")
-            datasets = build_datasets(cfg, splits=("train", args.split))
-        # the test split is reported whole; on val, --images can widen the run's fixed evaluation set
-        images = args.images or (len(datasets["test"].records) if args.split == "test" else None)
-        if images:
-            cfg.data.eval_images = max(cfg.data.eval_images, images)
-        result, dump = evaluate_model(model, cfg, datasets, args.device, strategies, caption_images=images,
-                                      meteor=not args.no_meteor, progress=True, split=args.split)
-        result.update(step=ckpt.step, label=f"epoch_{epoch:03d}")
-        run.save_eval(epoch, result, split=args.split)
-        if dump is not None and args.split == "val":  # the dashboard's embeddings are of the val set
-            run.save_embeddings(epoch, dump)
+        result = evaluator.evaluate(epoch, strategies, args.images, meteor=not args.no_meteor)
         rows = {name: {**entry["metrics"], "notes": entry["notes"]}
                 for name, entry in result.get("strategies", {}).items()}
         for name, reference in result.get("reference_rows", {}).items():  # what learning nothing / retrieval score
