@@ -1,8 +1,8 @@
 """BLIP Lab dashboard: `streamlit run dashboard/app.py [-- --runs-dir DIR]`.
 
-This script registers the pages (Runs, the training-dynamics pages 1-3, the inference pages 4+ found
-in views/) and renders the home page, Runs: every run in the runs folder with its status, progress and
-best metrics, the choice of runs the other pages open, and — with no runs yet — a button that trains
+This script registers the pages (Runs, the training-dynamics pages 1-3, the inference pages 4-7 and the
+Study page 8, found in views/) and renders the home page, Runs: every run in the runs folder with its status,
+progress and best metrics, the choice of runs the other pages open, and — with no runs yet — a button that trains
 the demo run in a background process (dashboard/launcher.py) while this page shows its progress.
 """
 
@@ -266,12 +266,13 @@ def _page_order(path: Path) -> int:
 
 
 def navigation() -> None:
-    """Runs first, then pages 1-3 (training dynamics) and 4+ (inference) from views/."""
+    """Runs first, then pages 1-3 (training dynamics), 4-7 (inference) and 8+ (studies) from views/."""
     files = sorted(PAGES_DIR.glob("[0-9]*_*.py"), key=_page_order)
     sections = {
         "": [st.Page(home, title="Runs", icon=":material/folder_open:", default=True)],
         "Training dynamics": [st.Page(str(p)) for p in files if _page_order(p) <= 3],
-        "Inference": [st.Page(str(p)) for p in files if _page_order(p) > 3],
+        "Inference": [st.Page(str(p)) for p in files if 3 < _page_order(p) <= 7],
+        "Studies": [st.Page(str(p)) for p in files if _page_order(p) > 7],
     }
     st.navigation({name: pages for name, pages in sections.items() if pages}).run()
 

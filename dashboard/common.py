@@ -18,7 +18,7 @@ from typing import Any
 import streamlit as st
 
 from blipcore.paths import DEFAULT_RUNS_DIR
-from blipcore.runs import CheckpointError, RunDir, RunError, list_runs
+from blipcore.runs import STUDY_TABLE, CheckpointError, RunDir, RunError, is_study, list_runs, read_json
 
 MAX_UPLOAD_PIXELS = 40_000_000  # refuse uploads above this many pixels with a message
 
@@ -111,6 +111,62 @@ def load_model(run: RunDir, epoch: int):
     """(BLIP in eval mode, BlipConfig, Checkpoint) of an epoch, verified against its sha256, cached."""
     weights, _ = run.checkpoint_paths(epoch)
     return _model(str(run.path), epoch, _mtime(weights))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _eval_file(path: str, epoch: int, split: str, mtime: float) -> dict[str, Any]:
+    return RunDir(path).load_eval(epoch, split)
+
+
+def load_eval_file(run: RunDir, epoch: int, split: str = "val") -> dict[str, Any]:
+    """An evaluation of any split (eval/epoch_NNN.json, eval/epoch_NNN.<split>.json), cached."""
+    return _eval_file(str(run.path), epoch, split, _mtime(run.eval_path(epoch, split)))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _info(path: str, mtime: float) -> dict[str, Any]:
+    return RunDir(path).read_info()
+
+
+def load_info(run: RunDir) -> dict[str, Any]:
+    """run.json (status, config, ...), cached."""
+    return _info(str(run.path), _mtime(run.run_json))
+
+
+# --- studies -----------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=32)
+def _study_table(path: str, mtime: float) -> dict[str, Any]:
+    return read_json(Path(path) / STUDY_TABLE, "the study table")
+
+
+def load_study_table(folder: Path) -> dict[str, Any]:
+    """A study folder's study.json ({"name", "preset", "seeds", "rows"}), cached."""
+    return _study_table(str(folder), _mtime(folder / STUDY_TABLE))
+
+
+def study_folders(root: Path | None = None) -> list[Path]:
+    """The study folders of the runs folder (those holding a study.json), by name; symlinks not followed."""
+    root = root or runs_dir()
+    if not root.is_dir():
+        return []
+    return [f for f in sorted(root.iterdir()) if f.is_dir() and not f.is_symlink() and is_study(f)]
+
+
+def select_study(key: str = "study", label: str = "Study") -> Path:
+    """Sidebar study picker (the choice persists in session state as `selected_study`)."""
+    studies = study_folders()
+    if not studies:
+        stop_with(f"No study in `{runs_dir()}` yet.",
+                  "Run a plan: `python -m train study PLAN.toml --out runs/study-NAME` (README, \"Studies\"); "
+                  "its folder appears here as soon as the study starts.")
+    names = [f.name for f in studies]
+    current = st.session_state.get("selected_study")
+    index = names.index(current) if current in names else 0
+    name = st.sidebar.selectbox(label, names, index=index, key=f"{key}_select")
+    if name not in names:
+        name = names[index]
+    st.session_state["selected_study"] = name
+    return studies[names.index(name)]
 
 
 # --- selection widgets -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The whole dashboard in a real browser: `streamlit run dashboard/app.py` serving the tiny run,
-Debian's Chromium driven by Playwright visiting every page (home + pages 1-7), a real photo uploaded
+"""The whole dashboard in a real browser: `streamlit run dashboard/app.py` serving the tiny run and a tiny
+study, Debian's Chromium driven by Playwright visiting every page (home + pages 1-8), a real photo uploaded
 on the Caption page, and a screenshot of each under test-artifacts/browser/ (gitignored).
 
 Without /usr/bin/chromium the test is skipped, except under CI (env CI set), where .ci/run installs
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,6 +44,7 @@ PAGES = {
     "Decoding_lab": '[data-testid="stDataFrame"]',  # its first tab: the captions side by side
     "Caption": '[data-testid="stTable"]',
     "Compare": '[data-testid="stDataFrame"]',  # its first tab: the metrics tables
+    "Study": '[data-testid="stDataFrame"]',  # its first tab: the study table
 }
 PAGE_FILES = ("app.py", *(f"views/{n}_{p}.py" for n, p in enumerate([p for p in PAGES if p], start=1)))
 START_TIMEOUT_S = 60
@@ -108,9 +110,21 @@ def serve(runs_dir: Path, log_name: str = "streamlit.log") -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(chromium: Path, tiny_runs_dir: Path) -> Iterator[str]:
+def runs_with_study(chromium: Path, tmp_path_factory, tiny_runs_dir: Path, shapes_root: Path) -> Path:
+    """A copy of the tiny run beside a tiny study, `tiny-study` (1 seed x 2 variants, tests/test_study.py's
+    plan): sorted after `tiny`, so every run picker still opens `tiny` first."""
+    from tests.test_dashboard_study import build_tiny_study
+
+    runs = tmp_path_factory.mktemp("browser-runs")
+    shutil.copytree(tiny_runs_dir / "tiny", runs / "tiny", ignore=shutil.ignore_patterns("last"))
+    build_tiny_study(shapes_root, runs / "tiny-study")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def server(chromium: Path, runs_with_study: Path) -> Iterator[str]:
     """The dashboard served on a free port for this module."""
-    with serve(tiny_runs_dir) as url:
+    with serve(runs_with_study) as url:
         yield url
 
 
@@ -168,6 +182,7 @@ TABS = [
     ("Alignment", "Retrieval R@K", "Chance level with"),
     ("Decoding_lab", "Step by step: probability and entropy", "how unsure the model was"),
     ("Compare", "How far the embeddings moved", "Mean cosine distance between"),
+    ("Study", "Curves by variant", "One colour per variant"),
 ]
 
 

@@ -1,0 +1,186 @@
+"""Study: one study folder (`python -m train study PLAN --out runs/study-NAME`) at a glance — its table (mean ±
+sd over seeds, sortable, CSV), each variant's seeds as a band on the loss and metric curves, the config fields
+that differ between variants, one run per point on a metric-against-metric scatter, and the same evaluation
+images captioned by every variant side by side."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from blipcore.metrics import metric, metrics_in
+from blipcore.runs import RunDir
+from dashboard import common, figures
+from dashboard import study_figures as sf
+
+SECTION_KEY = "study_section"  # session-state key of the open tab
+TRAIN_KEYS = tuple(m.key for m in metrics_in("loss"))  # what the training curve can show
+MAX_IMAGES = 12
+
+
+def label(key: str) -> str:
+    declared = metric(key)
+    return f"{declared.label} ({key})" if declared is not None and declared.label != key else key
+
+
+def study_runs(folder: Path) -> list[RunDir]:
+    return [RunDir(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.is_symlink() and RunDir(p).exists()]
+
+
+def table_section(folder: Path, table: dict) -> None:
+    rows = table.get("rows") or []
+    csv = folder / "study.csv"
+    if not rows:
+        st.info("No run of this study has finished an evaluation yet: the table fills in as its runs finish "
+                "(each run's dev-chosen checkpoint, evaluated on the test split when the data has one). "
+                "The other tabs show the runs' curves while they train.")
+        return
+    numbers, texts = sf.study_table(rows)
+    st.caption("One row per variant and decoding strategy (and the reference rows): mean ± sample standard deviation "
+               "over the seeds. Click a column header to sort (by the mean). `chosen_on_dev`: how many seeds' "
+               "highest dev CIDEr was this strategy.")
+    st.dataframe(sf.styled_table(numbers, texts), hide_index=True, width="stretch", key="study_table")
+    if csv.is_file():
+        st.download_button("Download study.csv", csv.read_bytes(), file_name=f"{folder.name}.csv", mime="text/csv",
+                           key="study_csv")
+
+
+def curves_section(runs: list[RunDir], variants: dict[str, str]) -> None:
+    records = {run.name: common.guarded(common.load_metrics, run, what=f"the metrics of {run.name}") or []
+               for run in runs}
+    if not any(records.values()):
+        st.info("No metrics logged yet: the trainer writes a line every `train.log_every` steps.")
+        return
+    controls = st.columns([1, 2, 2])
+    band = controls[0].radio("Seed spread", sf.BANDS, horizontal=True, key="study_band")
+    train_keys = [k for k in TRAIN_KEYS if k in sf.logged_keys(records.values(), "train")]
+    val_keys = sf.logged_keys(records.values(), "val")
+    if train_keys:
+        train_key = controls[1].selectbox("Training curve", train_keys, format_func=label, key="study_train_key")
+        bands = sf.variant_bands(records, variants, train_key, "train")
+        st.plotly_chart(sf.band_figure(bands, f"training {label(train_key)}", band=band), key="study_train_chart")
+    if val_keys:
+        default = next((k for k in ("greedy_cider", "val_loss") if k in val_keys), val_keys[0])
+        val_key = controls[2].selectbox("Validation metric", val_keys, index=val_keys.index(default),
+                                        format_func=label, key="study_val_key")
+        bands = sf.variant_bands(records, variants, val_key, "val")
+        st.plotly_chart(sf.band_figure(bands, f"validation {label(val_key)}", band=band), key="study_val_chart")
+    else:
+        st.caption("No validation line yet: runs evaluate at the end of each epoch (or `train.eval_every_steps`).")
+    st.caption("One colour per variant: the line is the mean over its seeds at each step, the band their spread. "
+               "A band that overlaps another variant's means the difference is within the seed noise.")
+
+
+def config_section(configs: dict[str, dict], variants: dict[str, str]) -> None:
+    if not configs:
+        st.info("No run's config could be read.")
+        return
+    diff = sf.config_diff(configs, variants)
+    if diff.empty:
+        st.info("The variants' configs are identical (apart from their name and seed).")
+        return
+    st.caption("Only the config fields (run.json) whose values differ between the variants; a cell with "
+               "\" / \" holds the different values of that variant's seeds.")
+    st.dataframe(diff, width="stretch", key="study_config_table")
+
+
+def scatter_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[str, int | None]) -> None:
+    finals = {run.name: sf.final_val(common.guarded(common.load_metrics, run, what=f"the metrics of {run.name}")
+                                     or []) for run in runs}
+    points = sf.run_points(finals, variants, seeds)
+    keys = sf.numeric_keys(points) if not points.empty else []
+    if not keys:
+        st.info("No run has a validation line yet: each point is a run's last validation line.")
+        return
+    x_default = next((k for k in ("greedy_top_caption_share", "greedy_distinct_1") if k in keys), keys[0])
+    y_default = next((k for k in ("greedy_cider", "i2t_r1") if k in keys), keys[-1])
+    left, right = st.columns(2)
+    x = left.selectbox("x-axis", keys, index=keys.index(x_default), format_func=label, key="study_scatter_x")
+    y = right.selectbox("y-axis", keys, index=keys.index(y_default), format_func=label, key="study_scatter_y")
+    st.plotly_chart(sf.scatter_figure(points, x, y), key="study_scatter")
+    st.caption("One point per run (its last validation line), coloured by variant: does one number buy the other?")
+
+
+def latest_eval(run: RunDir, split: str) -> tuple[int, dict] | None:
+    """(epoch, evaluation) of the run's newest evaluation file of `split`."""
+    epochs = run.eval_epochs() if split == "val" else sorted(
+        int(p.name[6:9]) for p in run.eval_dir.glob(f"epoch_[0-9][0-9][0-9].{split}.json"))
+    if not epochs:
+        return None
+    result = common.guarded(common.load_eval_file, run, epochs[-1], split, what=f"the evaluation of {run.name}")
+    return None if result is None else (epochs[-1], result)
+
+
+def captions_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[str, int | None]) -> None:
+    has_test = all(any(run.eval_dir.glob("epoch_*.test.json")) for run in runs)
+    controls = st.columns([1, 1, 1, 1])
+    split = controls[0].radio("Split", ["test", "val"] if has_test else ["val"], horizontal=True, key="study_split")
+    seed_choices = sorted({s for s in seeds.values() if s is not None})
+    seed = controls[1].selectbox("Seed", seed_choices, key="study_seed") if seed_choices else None
+    chosen: dict[str, tuple[RunDir, int, dict]] = {}
+    for run in runs:
+        variant = variants[run.name]
+        if variant in chosen or (seed is not None and seeds.get(run.name) not in (seed, None)):
+            continue
+        found = latest_eval(run, split)
+        if found is not None:
+            chosen[variant] = (run, *found)
+    if not chosen:
+        st.info(f"No {split} evaluation with captions yet for seed {seed}: runs write one at the end of each epoch.")
+        return
+    strategies = [s for s in next(iter(chosen.values()))[2].get("strategies", {})
+                  if all(s in result.get("strategies", {}) for _, _, result in chosen.values())]
+    if not strategies:
+        st.info("These evaluations share no decoding strategy.")
+        return
+    strategy = controls[2].selectbox("Decoding", strategies, key="study_strategy")
+    count = controls[3].number_input("Images", 1, MAX_IMAGES, 4, key="study_images")
+    samples = {v: result["strategies"][strategy].get("samples") or [] for v, (_, _, result) in chosen.items()}
+    rows = sf.captions_side_by_side(samples, limit=int(count))
+    st.caption("The newest evaluation of each variant's run: " + ", ".join(
+        f"{v} = `{run.name}` epoch {epoch}" for v, (run, epoch, _) in chosen.items()))
+    if not rows:
+        st.info("The variants' evaluations share no sample image.")
+        return
+    for row in rows:
+        with st.container(border=True):
+            picture, truth, generated = st.columns([1, 2, 3])
+            thumbnail = figures.load_thumbnail(row["file_path"], 128)
+            if thumbnail is not None:
+                picture.image(thumbnail, caption=Path(row["file_path"]).name, width=128)
+            else:
+                picture.caption(f"(image not found: {row['file_path']})")
+            truth.markdown("**References**\n" + "\n".join(f"- {text}" for text in row["references"]))
+            said = pd.DataFrame({"variant": list(row["captions"]),
+                                 "caption": [c or "(empty caption)" for c in row["captions"].values()]})
+            generated.table(said.set_index("variant"))
+
+
+st.set_page_config(page_title="Study · BLIP Lab", layout="wide")  # also when opened directly by URL
+st.title("Study")
+folder = common.select_study()
+table = common.guarded(common.load_study_table, folder, what="the study table") or {}
+runs = study_runs(folder)
+infos = {run.name: common.guarded(common.load_info, run, what=f"the run.json of {run.name}") for run in runs}
+statuses = Counter(str((info or {}).get("status", "unreadable")) for info in infos.values())
+st.caption(f"`{folder}` · plan `{table.get('name', '?')}` · preset `{table.get('preset', '?')}` · seeds "
+           f"{table.get('seeds', '?')} · {len(runs)} runs" + (
+               " (" + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ")" if runs else ""))
+if not runs:
+    common.stop_with(f"The study `{folder.name}` has no run yet.",
+                     "Its runs appear here as `python -m train study` starts them; the table fills in as they finish.")
+runs = [run for run in runs if infos.get(run.name) is not None]
+configs = {run.name: infos[run.name].get("config") or {} for run in runs}
+variants = {run.name: sf.variant_of(run.name, configs[run.name]) for run in runs}
+seeds = {run.name: sf.seed_of(run.name, configs[run.name]) for run in runs}
+# Lazy tabs: the page's first render builds the table only.
+common.lazy_tabs({
+    "Table": lambda: table_section(folder, table),
+    "Curves by variant": lambda: curves_section(runs, variants),
+    "Config differences": lambda: config_section(configs, variants),
+    "Metric against metric": lambda: scatter_section(runs, variants, seeds),
+    "Captions side by side": lambda: captions_section(runs, variants, seeds),
+}, key=SECTION_KEY)
