@@ -1,31 +1,97 @@
-"""Speed of BLIP Lab's model against Hugging Face's BlipForConditionalGeneration of the same size.
+"""The speed report: BLIP Lab's model against transformers' BlipForConditionalGeneration of the same size.
 
-Both models are built from random weights (nothing is downloaded) with the same widths, depths,
-heads, image size and vocabulary, and trained on the image-grounded LM loss only (HF's captioning
-model has no ITC/ITM). Timings alternate between the two models step by step, so background load
-hits both alike; the result is printed as ratios (ours / HF), never as absolute targets.
+Both models are built from random weights (nothing is downloaded) with the same widths, depths, heads,
+image size and vocabulary. For each size (`--presets`, default demo,seed) it measures:
 
-    python benchmarks/bench_vs_hf_blip.py                 # demo size, batch 32, CPU
-    python benchmarks/bench_vs_hf_blip.py --preset seed --batch-size 8 --device cuda
+- training samples/s of a step (forward, backward, AdamW from blipcore.trainer.build_optimizer) on the
+  LM loss alone, ours against HF's (its captioning model has only LM), and of our full BLIP step (ITC + LM,
+  ITC + LM + ITM) with no peer; on full-length synthetic captions, and on real captions of
+  ../shared/data/coco-mini, a fresh batch each step, padded to its longest as the trainer's collator pads;
+- greedy and beam-3 latency of 8 images x 20 new tokens (min = max, so both generate exactly 20), ours
+  through blipcore.decoding.generate (what evaluation and the dashboard call, per-step entropies and
+  log-probabilities included) against HF's generate;
+- peak memory of each model, decoding and then training, each model in a child process of its own;
+- the training step's achieved FLOP/s (counted by blipcore.flops) over the FLOP/s of a 2048 x 2048 matmul
+  on all threads in the step's precision (on CUDA 8192 x 8192 bf16: MFU against the measured peak).
+
+Precision is the project's own choice on the machine at hand (blipcore.speed.autocast_dtype, "auto"):
+bf16 autocast for training where this CPU's bf16 matmuls win (and on CUDA), and generate()'s bf16 copy of
+the weights for decoding; HF runs under autocast of the same dtype, training and decoding.
+
+The contenders of a measurement run in turn, step by step, in one process (the order reversed every
+round), so background load falls on them in the same rounds. Ratios are HF / ours (above 1: ours faster or
+smaller), of medians; every round's time is in the JSON (`rounds_s`) to show the noise.
+
+    python benchmarks/bench_vs_hf_blip.py                            # table: demo (batch 32), seed (batch 8)
+    python benchmarks/bench_vs_hf_blip.py --json > speed.json        # the same, as one JSON object
+    python benchmarks/bench_vs_hf_blip.py --presets vit-b16 --device cuda   # ViT-B/16 size, batch 64
+    python benchmarks/bench_vs_hf_blip.py --presets tiny --steps 2 --warmup 1 --new-tokens 4   # seconds (tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import random
+import re
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
+from torch import Tensor, nn
 
 import blipcore._torchvision  # noqa: F401 - HF's BLIP imports torchvision, which needs the CPU shim
-from blipcore import BLIP, BlipConfig
-from blipcore.decoding import generate
+from blipcore import BLIP, BlipConfig, speed
+from blipcore.decoding import DecodingConfig, generate
+from blipcore.flops import training_step_flops
+from blipcore.paths import project_path
 from blipcore.tokenizer import special_ids, tokenize_captions
+from blipcore.trainer import build_optimizer
 
+# size -> (the preset it starts from, model fields changed, default batch size)
+SIZES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "demo": ("demo", {}, 32),
+    "seed": ("seed", {}, 8),
+    "vit-b16": ("seed", {"vision_width": 768, "vision_depth": 12, "vision_heads": 12, "text_width": 768,
+                         "text_encoder_depth": 12, "text_decoder_depth": 12, "text_heads": 12}, 64),
+    "tiny": ("demo", {"image_size": 32, "patch_size": 8, "vision_width": 64, "vision_depth": 1, "vision_heads": 2,
+                      "text_width": 64, "text_encoder_depth": 1, "text_decoder_depth": 1, "text_heads": 2,
+                      "max_text_len": 16, "embed_dim": 32}, 4),
+}
+# Our models: the LM-only head-to-head with HF, and the full BLIP steps tracked without a peer.
+VARIANTS: dict[str, dict[str, float]] = {
+    "ours_lm": {"model.itc_weight": 0.0, "model.lm_weight": 1.0, "model.itm_weight": 0.0},
+    "ours_itc_lm": {"model.itc_weight": 1.0, "model.lm_weight": 1.0, "model.itm_weight": 0.0},
+    "ours_itc_lm_itm": {"model.itc_weight": 1.0, "model.lm_weight": 1.0, "model.itm_weight": 1.0},
+}
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # the hardware reference: an n x n matmul, in the step's precision
 CAPTION = "two small red circles to the left of a large blue square on a gray background"
+REAL_CAPTIONS = "../shared/data/coco-mini/annotations/captions_train.json"
+BEAMS = 3
 
 
-def hf_peer(cfg: BlipConfig):
+# --- setup ---------------------------------------------------------------------------------------
+def size_config(name: str) -> BlipConfig:
+    """The BlipConfig of a size of SIZES."""
+    base, fields, _ = SIZES[name]
+    return BlipConfig.preset(base).override({f"model.{key}": value for key, value in fields.items()})
+
+
+def hf_peer(cfg: BlipConfig) -> nn.Module:
+    """transformers' BlipForConditionalGeneration with our widths, depths, heads, image size and vocabulary."""
     from transformers import BlipConfig as HFBlipConfig
     from transformers import BlipForConditionalGeneration
 
@@ -41,67 +107,418 @@ def hf_peer(cfg: BlipConfig):
     return BlipForConditionalGeneration(HFBlipConfig(text_config=text, vision_config=vision))
 
 
-def timed(fn) -> float:
+@dataclass(frozen=True)
+class Precision:
+    """The project's precision on this machine: training's autocast dtype (as the trainer decides) and
+    decoding's weights (as generate() decides); None is fp32."""
+
+    train: torch.dtype | None
+    decode: torch.dtype | None
+
+    @classmethod
+    def of(cls, cfg: BlipConfig, device: torch.device) -> Precision:
+        return cls(speed.autocast_dtype(device, cfg.train.precision),
+                   speed.autocast_dtype(device, DecodingConfig().precision))
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The dtype of the hardware reference: the training step's."""
+        return self.train or torch.float32
+
+    def to_dict(self) -> dict[str, str]:
+        return {"training": speed.describe(self.train), "decoding": speed.describe(self.decode),
+                "matmul_reference": str(self.matmul_dtype).removeprefix("torch.")}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype`, or nothing for None, as the trainer does."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Batch:
+    """One training batch in both models' form: ours reads [CLS] caption [SEP]; HF reads our decoder's
+    [DEC] prompt caption with its labels, so both models see the same tokens and targets."""
+
+    images: Tensor
+    ids: Tensor
+    mask: Tensor
+    hf_ids: Tensor
+    hf_mask: Tensor
+    hf_labels: Tensor
+
+    @classmethod
+    def of(cls, model: BLIP, images: Tensor, captions: list[str]) -> Batch:
+        tokens = tokenize_captions(captions, model.cfg.max_text_len)
+        ids, mask = tokens["input_ids"].to(images.device), tokens["attention_mask"].to(images.device)
+        dec = model.decoder_batch(ids, mask)
+        return cls(images, ids, mask, dec.input_ids, (dec.input_ids != special_ids()["pad"]).long(), dec.labels)
+
+    @property
+    def lm_targets(self) -> int:
+        return int((self.hf_labels[:, 1:] != -100).sum())
+
+    def flops(self, cfg: BlipConfig) -> int:
+        """FLOPs of one training step of a model with `cfg` on this batch (blipcore.flops)."""
+        return training_step_flops(cfg, len(self.ids), self.ids.shape[1], self.lm_targets)
+
+
+def caption_sets(cfg: BlipConfig, batch: int, count: int) -> dict[str, list[list[str]] | str]:
+    """Caption batches per set: 'full_length' (one batch, every caption max_text_len tokens long) and
+    'realistic' (`count` batches of real captions, in shuffled order as an epoch draws them), or why not."""
+    full = (CAPTION + " ") * (cfg.model.max_text_len // 8 + 1)  # more word pieces than max_text_len: cut there
+    sets: dict[str, list[list[str]] | str] = {"full_length": [[full] * batch]}
+    path = project_path(REAL_CAPTIONS)
+    if not path.is_file():
+        sets["realistic"] = f"skipped: {path} not found"
+        return sets
+    captions = [a["caption"] for a in json.loads(path.read_text(encoding="utf-8"))["annotations"]]
+    random.Random(0).shuffle(captions)
+    sets["realistic"] = [captions[i * batch:(i + 1) * batch] for i in range(min(count, len(captions) // batch))]
+    return sets
+
+
+# --- timing --------------------------------------------------------------------------------------
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
     start = time.perf_counter()
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - start
+
+
+def alternate(
+    contenders: dict[str, Callable[[int], object]], steps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each contender at each round, called with the round's index, in turn (the order reversed
+    every other round) after `warmup` untimed rounds."""
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + steps):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            seconds = timed(functools.partial(contenders[name], round_), device)
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def matmul_reference(
+    device: torch.device, dtype: torch.dtype, reps: int = 5
+) -> tuple[Callable[[int], object], int]:
+    """The hardware reference: a contender doing `reps` n x n matmuls on all threads (n = MATMUL_SIZE), and
+    the FLOPs of one call."""
+    n = MATMUL_SIZE[device.type]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    def run(_round: int) -> None:
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return run, 2 * n**3 * reps
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of the hardware reference on its own, median of 10 calls."""
+    run, flops = matmul_reference(device, dtype)
+    return flops / statistics.median(alternate({"matmul": run}, 10, 2, device)["matmul"])
+
+
+# --- what is measured ----------------------------------------------------------------------------
+def ours_step(model: BLIP, optimizer: torch.optim.Optimizer, batch: Batch, precision: Precision) -> None:
+    """The trainer's step: the model's loss dict under the trainer's autocast, backward, AdamW."""
+    with autocast(batch.images.device, precision.train):
+        loss = model(batch.images, batch.ids, batch.mask)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def hf_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, precision: Precision) -> None:
+    with autocast(batch.images.device, precision.train):
+        loss = model(pixel_values=batch.images, input_ids=batch.hf_ids, attention_mask=batch.hf_mask,
+                     labels=batch.hf_labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ours_decode(model: BLIP, images: Tensor, beams: int, new_tokens: int, precision: Precision) -> int:
+    """Caption `images` with generate()'s greedy or beam preset (in its own precision, `precision.decode`),
+    exactly `new_tokens` each; returns the shortest caption's length."""
+    captions = generate(model, images, "greedy" if beams == 1 else "beam", max_length=new_tokens,
+                        min_length=new_tokens, use_prompt=False)
+    return min(len(caption.tokens) for caption in captions)
+
+
+def hf_decode(model: nn.Module, images: Tensor, beams: int, new_tokens: int, precision: Precision) -> int:
+    with torch.no_grad(), autocast(images.device, precision.decode):
+        out = model.generate(pixel_values=images, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, num_beams=beams)
+    return out.shape[1] - 1  # without [DEC]
+
+
+def seconds_summary(times: list[float], batch: int, flops: float, matmul_rate: float) -> dict[str, Any]:
+    step = statistics.median(times)
+    return {"step_s": step, "samples_per_s": batch / step, "gflop": flops / 1e9,
+            "gflops_per_s": flops / step / 1e9, "hardware_ratio": flops / step / matmul_rate, "rounds_s": times}
+
+
+def measure_training(
+    models: dict[str, nn.Module], cfgs: dict[str, BlipConfig], batches: list[Batch], precision: Precision,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Our three variants, HF (cfgs["hf_lm"] is ours_lm's: its step does the same useful work) and the matmul
+    reference, alternating step by step; round i trains on batches[i % len(batches)]."""
+    device = batches[0].images.device
+    optimizers = {name: build_optimizer(model, cfgs[name].train) for name, model in models.items()}
+    matmul, matmul_flops = matmul_reference(device, precision.matmul_dtype)
+
+    def contender(name: str) -> Callable[[int], object]:
+        step = hf_step if name == "hf_lm" else ours_step
+        return lambda round_: step(models[name], optimizers[name], batches[round_ % len(batches)], precision)
+
+    for model in models.values():
+        model.train()
+    times = alternate({name: contender(name) for name in models} | {"matmul": matmul}, args.steps, args.warmup, device)
+    timed_batches = [batches[i % len(batches)] for i in range(args.warmup, args.warmup + args.steps)]
+    size = len(batches[0].ids)
+    report: dict[str, Any] = {
+        "text_len": statistics.mean(b.ids.shape[1] for b in timed_batches),
+        "real_tokens": statistics.mean(float(b.mask.sum()) / size for b in timed_batches),
+        "lm_targets": statistics.mean(b.lm_targets for b in timed_batches),
+        "matmul_gflops": matmul_flops / statistics.median(times["matmul"]) / 1e9,
+    }
+    for name in models:
+        flops = statistics.mean(b.flops(cfgs[name]) for b in timed_batches)
+        report[name] = seconds_summary(times[name], size, flops, report["matmul_gflops"] * 1e9)
+    report["ratio"] = report["hf_lm"]["step_s"] / report["ours_lm"]["step_s"]
+    return report
+
+
+def measure_decoding(
+    ours: BLIP, hf: nn.Module, images: Tensor, precision: Precision, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Greedy and beam-3, ours and HF, alternating; each must generate exactly new_tokens per image."""
+    n = args.new_tokens
+
+    def contender(decode: Callable[..., int], model: nn.Module, beams: int) -> Callable[[int], int]:
+        return lambda _round: decode(model, images, beams, n, precision)
+
+    sides = (("ours", ours_decode, ours), ("hf", hf_decode, hf))
+    contenders = {f"{who}_{beams}": contender(decode, model, beams)
+                  for beams in (1, BEAMS) for who, decode, model in sides}
+    hf.eval()
+    for name, decode in contenders.items():
+        if (length := decode(0)) != n:
+            raise RuntimeError(f"{name} generated {length} tokens, not {n}")
+    times = alternate(contenders, args.steps, args.warmup, images.device)
+    report: dict[str, Any] = {"images": len(images), "new_tokens": n}
+    for label, beams in (("greedy", 1), (f"beam{BEAMS}", BEAMS)):
+        ours_rounds, hf_rounds = times[f"ours_{beams}"], times[f"hf_{beams}"]
+        ours_s, hf_s = statistics.median(ours_rounds), statistics.median(hf_rounds)
+        report[label] = {"ours_s": ours_s, "hf_s": hf_s, "ratio": hf_s / ours_s, "ours_rounds_s": ours_rounds,
+                         "hf_rounds_s": hf_rounds}
+    return report
+
+
+# --- memory, in child processes -------------------------------------------------------------------
+def peak_mib(device: torch.device) -> float:
+    """Peak memory of the current window (MiB): CUDA allocations, or the process's peak RSS. On Linux that is
+    VmHWM: getrusage's ru_maxrss would also count the RSS of the parent this process was forked from."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.is_file() and (hwm := re.search(r"VmHWM:\s+(\d+) kB", status.read_text())):
+        return int(hwm.group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def new_peak_window(device: torch.device) -> float:
+    """Start measuring the peak afresh from the memory in use now, and return that (MiB). On Linux, writing 5 to
+    /proc/self/clear_refs resets VmHWM to the current RSS; elsewhere the window keeps the older peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return peak_mib(device)
+
+
+def child(args: argparse.Namespace) -> None:
+    """--child ours|hf: one model decodes (greedy, beam), then trains 2 steps on the saved inputs; prints each
+    phase's peak memory above the baseline (after imports and inputs, before the model) as one JSON line."""
+    device = torch.device(args.device)
+    inputs = torch.load(args.inputs, map_location=device)
+    batch, images = Batch(**inputs["batch"]), inputs["decode_images"]
+    cfg = size_config(args.presets)
+    precision = Precision.of(cfg, device)  # the parent's choice: it sets blipcore.speed's answer for the CPU
+    special_ids()  # loads the tokenizer, which both models' construction reads, before the baseline
+    baseline = new_peak_window(device)
+    torch.manual_seed(0)
+    if args.child == "ours":
+        model: nn.Module = BLIP(cfg.override(VARIANTS["ours_lm"])).to(device)
+        decode, step = ours_decode, ours_step
+    else:
+        model, decode, step = hf_peer(cfg).to(device).eval(), hf_decode, hf_step
+    for beams in (1, BEAMS):
+        decode(model, images, beams, args.new_tokens, precision)
+    decode_mib = peak_mib(device) - baseline
+    new_peak_window(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.train)
+    for _ in range(2):  # the second step holds AdamW's state as well
+        step(model, optimizer, batch, precision)
+    print(json.dumps({"decode_mib": decode_mib, "train_mib": peak_mib(device) - baseline}))
+
+
+def measure_memory(
+    name: str, batch: Batch, images: Tensor, precision: Precision, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Peak memory of ours (LM) and HF, each in a fresh process running this script with --child, told this
+    process's CPU bf16 answer so that it decides the same precision."""
+    report: dict[str, Any] = {"kind": "cuda max allocated" if images.device.type == "cuda" else "max RSS",
+                              "train_captions": "full_length"}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "inputs.pt"
+        torch.save({"batch": vars(batch), "decode_images": images}, path)
+        env = os.environ | {speed.BF16_ENV: "1" if torch.bfloat16 in (precision.train, precision.decode) else "0"}
+        for who in ("ours", "hf"):
+            command = [sys.executable, __file__, "--child", who, "--inputs", str(path), "--presets", name,
+                       "--new-tokens", str(args.new_tokens), "--device", args.device]
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise RuntimeError(f"memory child {who} failed:\n{done.stderr[-3000:]}")
+            report["ours_lm" if who == "ours" else "hf_lm"] = json.loads(done.stdout.strip().splitlines()[-1])
+    for phase in ("decode_mib", "train_mib"):
+        report[f"ratio_{phase.removesuffix('_mib')}"] = report["hf_lm"][phase] / report["ours_lm"][phase]
+    return report
+
+
+# --- the report ----------------------------------------------------------------------------------
+def machine(device: torch.device) -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    dtypes = [torch.float32] + [torch.bfloat16] * (speed.autocast_dtype(device, "auto") is not None)
+    return {
+        "cpu": names[0] if names else platform.processor(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "matmul_n": MATMUL_SIZE[device.type],
+        "matmul_gflops": {str(dtype).removeprefix("torch."): matmul_flops_per_s(device, dtype) / 1e9
+                          for dtype in dtypes},
+    }
+
+
+def measure_size(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    cfg = size_config(name)
+    size = args.batch_size or SIZES[name][2]
+    cfgs = {variant: cfg.override(fields) for variant, fields in VARIANTS.items()}
+    torch.manual_seed(0)
+    models: dict[str, nn.Module] = {variant: BLIP(c).to(device) for variant, c in cfgs.items()}
+    models["hf_lm"], cfgs["hf_lm"] = hf_peer(cfg).to(device), cfgs["ours_lm"]
+    ours: BLIP = models["ours_lm"]  # type: ignore[assignment]
+    m, precision = cfg.model, Precision.of(cfg, device)
+    report: dict[str, Any] = {
+        "batch_size": size,
+        "precision": precision.to_dict(),
+        "model": {key: getattr(m, key) for key in ("image_size", "patch_size", "vision_width", "vision_depth",
+                                                   "text_width", "text_encoder_depth", "text_decoder_depth",
+                                                   "max_text_len")},
+        "parameters": {variant: sum(p.numel() for p in model.parameters()) for variant, model in models.items()},
+    }
+    images = torch.randn(size, 3, m.image_size, m.image_size, device=device)
+    report["training"] = {}
+    sets = {set_name: captions if isinstance(captions, str) else [Batch.of(ours, images, c) for c in captions]
+            for set_name, captions in caption_sets(cfg, size, args.warmup + args.steps).items()}
+    for set_name, batches in sets.items():
+        report["training"][set_name] = (batches if isinstance(batches, str)
+                                        else measure_training(models, cfgs, batches, precision, args))
+    decode_images = torch.randn(args.decode_images, 3, m.image_size, m.image_size, device=device)
+    report["decoding"] = measure_decoding(ours, models["hf_lm"], decode_images, precision, args)
+    del models, ours
+    report["memory"] = measure_memory(name, sets["full_length"][0], decode_images, precision, args)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    mach = report["machine"]
+    matmuls = ", ".join(f"{dtype} {gflops:.0f}" for dtype, gflops in mach["matmul_gflops"].items())
+    print(f"{mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']}, "
+          f"transformers {mach['transformers']}, {mach['gpu'] or 'cpu'}")
+    print(f"{mach['matmul_n']}^2 matmul GFLOP/s: {matmuls}. Ratios: HF / ours (above 1: ours faster or smaller).")
+    for name, size in report["presets"].items():
+        m = size["model"]
+        print(f"\n{name}: ViT {m['image_size']}/{m['patch_size']} width {m['vision_width']} x {m['vision_depth']}, "
+              f"text width {m['text_width']}, encoder {m['text_encoder_depth']}, decoder {m['text_decoder_depth']}; "
+              f"batch {size['batch_size']}; both models train in {size['precision']['training']} "
+              f"and decode in {size['precision']['decoding']}")
+        print(f"  {'training, samples/s':44s} {'ours':>8s} {'HF':>8s} {'ratio':>6s}  share of the matmul FLOP/s")
+        for set_name, t in size["training"].items():
+            if isinstance(t, str):
+                print(f"  {set_name}: {t}")
+                continue
+            label = f"{set_name} ({t['text_len']:.0f} tokens, {t['real_tokens']:.1f} real)"
+            ours, hf = t["ours_lm"], t["hf_lm"]
+            print(f"  {label + ', LM':44s} {ours['samples_per_s']:8.2f} {hf['samples_per_s']:8.2f} {t['ratio']:6.2f}  "
+                  f"{ours['hardware_ratio']:.0%}, HF {hf['hardware_ratio']:.0%} of {t['matmul_gflops']:.0f} GFLOP/s")
+            for variant, what in (("ours_itc_lm", "ITC + LM"), ("ours_itc_lm_itm", "ITC + LM + ITM")):
+                print(f"  {'  ' + what:44s} {t[variant]['samples_per_s']:8.2f} {'':8s} {'':6s}  "
+                      f"{t[variant]['hardware_ratio']:.0%}")
+        d = size["decoding"]
+        print(f"  decoding {d['images']} x {d['new_tokens']} tokens, s")
+        for label in ("greedy", f"beam{BEAMS}"):
+            print(f"  {'  ' + label:44s} {d[label]['ours_s']:8.3f} {d[label]['hf_s']:8.3f} {d[label]['ratio']:6.2f}")
+        mem = size["memory"]
+        print(f"  peak memory, MiB ({mem['kind']})")
+        for phase in ("decode", "train"):
+            print(f"  {'  ' + phase:44s} {mem['ours_lm'][phase + '_mib']:8.0f} {mem['hf_lm'][phase + '_mib']:8.0f} "
+                  f"{mem['ratio_' + phase]:6.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--presets", default="demo,seed", help=f"comma-separated sizes: {', '.join(SIZES)}")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch (default per size: " + ", ".join(f"{k} {v[2]}" for k, v in SIZES.items())
+                        + ")")
+    parser.add_argument("--steps", type=int, default=8, help="timed rounds of each measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     parser.add_argument("--new-tokens", type=int, default=20, help="tokens generated per caption")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decode-images", type=int, default=8, help="images captioned at once")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--child", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    cfg = BlipConfig.preset(args.preset).override({"model.itc_weight": 0.0, "model.lm_weight": 1.0})
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.child:
+        child(args)
+        return
+    names = args.presets.split(",")
+    if unknown := [name for name in names if name not in SIZES]:
+        parser.error(f"unknown size(s) {unknown}; known: {', '.join(SIZES)}")
     device = torch.device(args.device)
-    ours, theirs = BLIP(cfg).to(device), hf_peer(cfg).to(device)
-    size = cfg.model.image_size
-    images = torch.randn(args.batch_size, 3, size, size, device=device)
-    tokens = tokenize_captions([CAPTION] * args.batch_size, cfg.model.max_text_len)
-    ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-    hf_ids = ids.clone()
-    hf_ids[:, 0] = special_ids()["dec"]
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
-
-    def step_ours() -> None:
-        ours(images, ids, mask)["loss"].backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-
-    def step_theirs() -> None:
-        theirs(pixel_values=images, input_ids=hf_ids, attention_mask=mask, labels=hf_ids).loss.backward()
-        opt_theirs.step()
-        opt_theirs.zero_grad(set_to_none=True)
-
-    def decode_ours() -> None:
-        generate(ours, images, "greedy", max_length=args.new_tokens, min_length=args.new_tokens, use_prompt=False)
-
-    def decode_theirs() -> None:
-        with torch.no_grad():
-            theirs.generate(pixel_values=images, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                            do_sample=False, num_beams=1)
-
-    print(f"{args.preset} size, batch {args.batch_size}, {args.device}; "
-          f"ours {ours.num_parameters():,} parameters, HF {sum(p.numel() for p in theirs.parameters()):,}")
-    measurements = (("train step (LM)", step_ours, step_theirs),
-                    (f"greedy decode ({args.new_tokens} tokens)", decode_ours, decode_theirs))
-    for name, a, b in measurements:
-        for _ in range(2):
-            a(), b()
-        times_a, times_b = [], []
-        for _ in range(args.steps):
-            times_a.append(timed(a))
-            times_b.append(timed(b))
-        ma, mb = statistics.median(times_a), statistics.median(times_b)
-        print(f"{name:32s} ours {ma * 1000:8.1f} ms   HF {mb * 1000:8.1f} ms   ours/HF time ratio {ma / mb:5.2f}")
+    report: dict[str, Any] = {
+        "machine": machine(device),
+        "settings": {key: getattr(args, key) for key in ("steps", "warmup", "new_tokens", "decode_images")}
+        | {"beams": BEAMS},
+        "presets": {name: measure_size(name, args, device) for name in names},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
 
 
 if __name__ == "__main__":

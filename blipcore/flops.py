@@ -1,0 +1,139 @@
+"""FLOPs of a BLIP training step, counted analytically as nanoGPT's `estimate_mfu` counts them.
+
+Only matrix products count, as in `torch.utils.flop_counter`: multiplying an (m x k) by a (k x n)
+matrix is 2mkn FLOPs, so n tokens through a Linear(d_in, d_out) cost 2 n d_in d_out. LayerNorm,
+softmax, GELU, biases, embedding look-ups, the losses' elementwise work, ITC's B x B similarity
+products and AdamW are left out (together well under 1% of a step at the presets' sizes).
+
+Forward, with vision width d_v, text width d_t, MLP widths h = int(d * mlp_ratio), vocabulary V:
+
+- ViT, per image, on its T_v = (S/p)^2 + 1 tokens (patches and [CLS]): the patch embedding, a
+  Conv2d that is a Linear(3 p^2, d_v) on each patch, 2 (S/p)^2 3p^2 d_v; each block
+  2 T_v (4 d_v^2 + 2 d_v h_v) for the query, key+value and output projections and the MLP, plus
+  attention 4 T_v^2 d_v (Q K^T and weights x V, 2 T_v^2 d_v each).
+- text encoder for ITC, per caption of L tokens ([CLS] caption [SEP], padded as the batch is), each
+  block 2 L (4 d_t^2 + 2 d_t h_t) + 4 L^2 d_t; the ITC projections 2 (d_v + d_t) embed_dim on the
+  two [CLS] tokens.
+- ITM: the same encoder, cross-attending to the image, on 3B pairs (B positives, 2B mined
+  negatives). Cross-attention adds to each block the query and output projections 2 L 2 d_t^2,
+  the image tokens' keys and values 2 T_v d_v 2 d_t and attention 4 L T_v d_t; the head 2 d_t 2.
+- text decoder, per caption, on D = min(max_text_len, L + P) tokens ([DEC], the P prompt tokens,
+  the caption after [CLS]): blocks as the multimodal encoder's. Causal self-attention is counted
+  in full, as nanoGPT and the flash-attention kernels' counters do.
+- LM head 2 d_t V at each target position only: the project runs it only where there is a label.
+- momentum encoder (when on, with ITC): one more forward of the ViT and the ITC text encoder.
+
+Training: the backward pass computes, for each product, the gradient with respect to its input
+and to its weight, two products of the forward one's size, so a step costs 3x the forward: for a
+decoder-only transformer that is nanoGPT's 6 N T + 12 n_layer d T^2 per sequence of T tokens.
+Two exceptions: the patch embedding's input (the images) needs no gradient, 2x; the momentum
+encoder runs without gradients, 1x.
+"""
+
+from __future__ import annotations
+
+from .config import BlipConfig, ModelConfig
+from .tokenizer import load_tokenizer
+
+
+def _model(cfg: BlipConfig | ModelConfig) -> ModelConfig:
+    return cfg.model if isinstance(cfg, BlipConfig) else cfg
+
+
+def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
+    """Forward FLOPs of `tokens` rows through a Linear(d_in, d_out)."""
+    return 2 * tokens * d_in * d_out
+
+
+def block_flops(tokens: int, width: int, mlp_width: int, context_tokens: int = 0, context_width: int = 0) -> int:
+    """Forward FLOPs of one transformer Block on one sequence; `context_tokens` > 0 adds cross-attention."""
+    flops = linear_flops(tokens, width, 4 * width)  # query, key + value, output projection
+    flops += 4 * tokens * tokens * width  # Q K^T and weights x V
+    flops += linear_flops(tokens, width, mlp_width) + linear_flops(tokens, mlp_width, width)
+    if context_tokens:
+        flops += linear_flops(tokens, width, 2 * width)  # query and output projection
+        flops += linear_flops(context_tokens, context_width, 2 * width)  # the context's keys and values
+        flops += 4 * tokens * context_tokens * width
+    return flops
+
+
+def image_tokens(cfg: BlipConfig | ModelConfig) -> int:
+    """Tokens the ViT produces per image: its patches and [CLS]."""
+    m = _model(cfg)
+    return (m.image_size // m.patch_size) ** 2 + 1
+
+
+def prompt_length(cfg: BlipConfig | ModelConfig) -> int:
+    """Word pieces of the decoder prompt ('a picture of ' is 3)."""
+    return len(load_tokenizer()(_model(cfg).prompt, add_special_tokens=False).input_ids)
+
+
+def decoder_length(cfg: BlipConfig | ModelConfig, text_len: int) -> int:
+    """Decoder tokens for captions of `text_len` tokens: [DEC] prompt caption, cut at max_text_len."""
+    return min(_model(cfg).max_text_len, text_len + prompt_length(cfg))
+
+
+def full_lm_targets(cfg: BlipConfig | ModelConfig, batch: int, text_len: int) -> int:
+    """LM targets of a batch whose captions all fill `text_len` tokens (no padding): every decoder
+    position from the prompt's last token on predicts the next token."""
+    return batch * (decoder_length(cfg, text_len) - 1 - prompt_length(cfg))
+
+
+def _patch_embed_flops(m: ModelConfig, batch: int) -> int:
+    return linear_flops(batch * (m.image_size // m.patch_size) ** 2, 3 * m.patch_size**2, m.vision_width)
+
+
+def _vision_flops(m: ModelConfig, batch: int) -> int:
+    tokens, mlp = image_tokens(m), int(m.vision_width * m.mlp_ratio)
+    return _patch_embed_flops(m, batch) + batch * m.vision_depth * block_flops(tokens, m.vision_width, mlp)
+
+
+def _itc_flops(m: ModelConfig, batch: int, text_len: int) -> int:
+    blocks = m.text_encoder_depth * block_flops(text_len, m.text_width, int(m.text_width * m.mlp_ratio))
+    return batch * blocks + linear_flops(batch, m.vision_width + m.text_width, m.embed_dim)
+
+
+def forward_flops(
+    cfg: BlipConfig | ModelConfig, batch: int, text_len: int, lm_targets: int | None = None
+) -> dict[str, int]:
+    """Forward FLOPs of `model(images, input_ids, attention_mask)` in training mode, per part of the
+    model (parts that are off are absent): vision, itc, itm, momentum, decoder, lm_head.
+
+    text_len: the length of input_ids ([CLS] caption [SEP], padded to the batch's longest);
+    lm_targets: the batch's label positions (default: every caption fills text_len, see full_lm_targets).
+    """
+    m = _model(cfg)
+    mlp, tokens_v = int(m.text_width * m.mlp_ratio), image_tokens(m)
+    parts = {"vision": _vision_flops(m, batch)}
+    if m.itc_weight > 0:
+        parts["itc"] = _itc_flops(m, batch, text_len)
+        if m.momentum_encoder:
+            parts["momentum"] = parts["vision"] + parts["itc"]
+    if m.itm_weight > 0:
+        block = block_flops(text_len, m.text_width, mlp, tokens_v, m.vision_width)
+        parts["itm"] = 3 * batch * (m.text_encoder_depth * block + linear_flops(1, m.text_width, 2))
+    if m.lm_weight > 0:
+        length = decoder_length(m, text_len)
+        block = block_flops(length, m.text_width, mlp, tokens_v, m.vision_width)
+        parts["decoder"] = batch * m.text_decoder_depth * block
+        targets = full_lm_targets(m, batch, text_len) if lm_targets is None else lm_targets
+        parts["lm_head"] = linear_flops(targets, m.text_width, m.vocab_size)
+    return parts
+
+
+def training_flops(
+    cfg: BlipConfig | ModelConfig, batch: int, text_len: int, lm_targets: int | None = None
+) -> dict[str, int]:
+    """FLOPs of one training step (forward + backward) per part, as forward_flops: 3x the forward,
+    except the patch embedding (no gradient for the images: 2x) and the momentum encoder (1x)."""
+    parts = {name: (1 if name == "momentum" else 3) * flops
+             for name, flops in forward_flops(cfg, batch, text_len, lm_targets).items()}
+    parts["vision"] -= _patch_embed_flops(_model(cfg), batch)
+    return parts
+
+
+def training_step_flops(
+    cfg: BlipConfig | ModelConfig, batch: int, text_len: int, lm_targets: int | None = None
+) -> int:
+    """Total FLOPs of one training step (see training_flops)."""
+    return sum(training_flops(cfg, batch, text_len, lm_targets).values())

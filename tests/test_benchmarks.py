@@ -1,0 +1,153 @@
+"""The speed report cannot rot: benchmarks/bench_vs_hf_blip.py runs end to end at a tiny size and reports
+every field with sane values, and blipcore.flops agrees with torch's own FLOP counter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from blipcore import BLIP
+from blipcore.flops import training_flops, training_step_flops
+from blipcore.tokenizer import tokenize_captions
+from tests.conftest import REPO_ROOT, SHARED, tiny_config
+
+BENCH = REPO_ROOT / "benchmarks" / "bench_vs_hf_blip.py"
+TINY = ["--presets", "tiny", "--steps", "2", "--warmup", "1", "--new-tokens", "4", "--decode-images", "2"]
+CONTENDERS = ("ours_lm", "hf_lm", "ours_itc_lm", "ours_itc_lm_itm")
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_vs_hf_blip", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    done = subprocess.run([sys.executable, str(BENCH), *TINY, "--json"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_machine_and_settings(report: dict[str, Any]) -> None:
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch_threads"] >= 1
+    assert machine["torch"] == torch.__version__ and machine["device"] == "cpu" and machine["gpu"] is None
+    assert machine["matmul_n"] == 2048 and machine["matmul_gflops"]["float32"] > 0
+    assert report["settings"] == {"steps": 2, "warmup": 1, "new_tokens": 4, "decode_images": 2, "beams": 3}
+    assert list(report["presets"]) == ["tiny"]
+
+
+def test_training(report: dict[str, Any], bench: ModuleType) -> None:
+    size = report["presets"]["tiny"]
+    batch = size["batch_size"]
+    assert batch == 4
+    # conftest sets BLIPLAB_CPU_BF16=0: the project's "auto" precision is fp32 here, for both models
+    assert size["precision"] == {"training": "fp32", "decoding": "fp32", "matmul_reference": "float32"}
+    assert all(count > 0 for count in size["parameters"].values()) and set(size["parameters"]) == set(CONTENDERS)
+    if SHARED.is_dir():
+        assert set(size["training"]) == {"full_length", "realistic"}
+        assert size["training"]["realistic"]["real_tokens"] < size["training"]["realistic"]["text_len"]
+    else:
+        assert size["training"]["realistic"].startswith("skipped")
+    for training in (t for t in size["training"].values() if isinstance(t, dict)):
+        assert training["matmul_gflops"] > 0
+        for name in CONTENDERS:
+            row = training[name]
+            assert row["step_s"] > 0 and row["gflop"] > 0
+            assert len(row["rounds_s"]) == 2 and row["step_s"] == pytest.approx(statistics.median(row["rounds_s"]))
+            assert row["samples_per_s"] == pytest.approx(batch / row["step_s"])
+            assert row["gflops_per_s"] == pytest.approx(row["gflop"] / row["step_s"])
+            assert row["hardware_ratio"] == pytest.approx(row["gflops_per_s"] / training["matmul_gflops"])
+        assert training["ratio"] == pytest.approx(training["hf_lm"]["step_s"] / training["ours_lm"]["step_s"])
+        assert training["hf_lm"]["gflop"] == training["ours_lm"]["gflop"]  # the same useful work
+        assert training["ours_lm"]["gflop"] < training["ours_itc_lm"]["gflop"] < training["ours_itc_lm_itm"]["gflop"]
+    full = size["training"]["full_length"]
+    cfg = bench.size_config("tiny")
+    assert full["text_len"] == full["real_tokens"] == cfg.model.max_text_len
+    lm_only = cfg.override(bench.VARIANTS["ours_lm"])  # the model's own labels give flops.full_lm_targets' count
+    assert full["ours_lm"]["gflop"] == pytest.approx(training_step_flops(lm_only, batch, cfg.model.max_text_len) / 1e9)
+
+
+def test_decoding_and_memory(report: dict[str, Any]) -> None:
+    size = report["presets"]["tiny"]
+    decoding = size["decoding"]
+    assert decoding["images"] == 2 and decoding["new_tokens"] == 4
+    for strategy in ("greedy", "beam3"):
+        row = decoding[strategy]
+        assert row["ours_s"] > 0 and row["hf_s"] > 0
+        assert row["ours_s"] == pytest.approx(statistics.median(row["ours_rounds_s"]))
+        assert row["hf_s"] == pytest.approx(statistics.median(row["hf_rounds_s"]))
+        assert row["ratio"] == pytest.approx(row["hf_s"] / row["ours_s"])
+    memory = size["memory"]
+    assert memory["kind"] == "max RSS"
+    for phase in ("decode", "train"):
+        ours, hf = memory["ours_lm"][f"{phase}_mib"], memory["hf_lm"][f"{phase}_mib"]
+        assert ours > 0 and hf > 0
+        assert memory[f"ratio_{phase}"] == pytest.approx(hf / ours)
+    assert memory["ours_lm"]["train_mib"] > memory["ours_lm"]["decode_mib"]  # + gradients and AdamW's state
+
+
+def test_table_prints(bench: ModuleType, report: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    bench.print_table(report)
+    table = capsys.readouterr().out
+    assert "tiny:" in table and "ITC + LM + ITM" in table and "beam3" in table and "peak memory" in table
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        {"itc_weight": 0.0},
+        {"lm_weight": 0.0},
+        {},
+        {"itm_weight": 1.0},
+        {"momentum_encoder": True, "queue_size": 64},
+    ],
+    ids=["lm", "itc", "itc+lm", "itc+lm+itm", "momentum"],
+)
+@pytest.mark.parametrize("padded", [False, True], ids=["full-length", "padded"])
+def test_flops_match_torch_flop_counter(losses: dict[str, Any], padded: bool) -> None:
+    """blipcore.flops against torch.utils.flop_counter.FlopCounterMode over one forward + backward.
+
+    Both count matrix products only: the linear layers, the patch embedding's convolution (its backward
+    without an input gradient) and attention's two batched products, causal attention in full. Both ignore
+    softmax, LayerNorm, GELU, biases, embedding look-ups and the losses' elementwise work. The counter also
+    counts ITC's B x B similarity products, which blipcore.flops leaves out (< 0.1% here). SDPA runs in its
+    math backend: torch has no FLOP formula for the CPU flash kernel and would count attention as 0.
+    Checked: the whole step, the step without the LM head (the vocabulary head dominates a tiny model), the
+    ViT alone, all within 10% (they agree to 0.1%).
+    """
+    torch.manual_seed(0)
+    cfg = tiny_config(image_size=64, patch_size=8, vision_width=32, text_width=32, vision_depth=2,
+                      text_encoder_depth=2, text_decoder_depth=2, max_text_len=32, **losses)
+    model = BLIP(cfg)
+    long = "a red circle to the left of a blue square " * 4
+    captions = ["a red circle", long, "two green triangles above a small yellow star", long] if padded else [long] * 4
+    tokens = tokenize_captions(captions, cfg.model.max_text_len)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    counter = FlopCounterMode(display=False, depth=None)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(torch.randn(4, 3, 64, 64), ids, mask)["loss"].backward()
+    counted = {module: sum(counts.values()) for module, counts in counter.get_flop_counts().items()}
+
+    targets = int((model.decoder_batch(ids, mask).labels[:, 1:] != -100).sum()) if padded else None
+    parts = training_flops(cfg, 4, ids.shape[1], targets)
+    assert sum(parts.values()) == training_step_flops(cfg, 4, ids.shape[1], targets)
+    assert sum(parts.values()) == pytest.approx(counted["Global"], rel=0.10)
+    lm_head = counted.get("BLIP.text_decoder.lm_head", 0)
+    assert sum(parts.values()) - parts.get("lm_head", 0) == pytest.approx(counted["Global"] - lm_head, rel=0.10)
+    assert parts["vision"] == pytest.approx(counted["BLIP.visual_encoder"], rel=0.10)
