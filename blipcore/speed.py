@@ -81,9 +81,21 @@ def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     signature = (dtype, tuple(p._version for p in model.parameters()), next(model.parameters()).device)
     cached = _INFERENCE_COPIES.get(model)
     if cached is None or cached[0] != signature:
-        cached = (signature, copy.deepcopy(model).to(dtype).eval())
+        cached = (signature, _cast_copy(model, dtype))
         _INFERENCE_COPIES[model] = cached
     return cached[1]
+
+
+def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy whose floating-point tensors are made in `dtype` directly (deepcopy's memo hands it the cast
+    tensors), so no second full-precision copy is ever held; tied weights stay tied, integer buffers exact."""
+    memo: dict[int, object] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in memo:
+            continue
+        data = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach().clone()
+        memo[id(tensor)] = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
+    return copy.deepcopy(model, memo).eval()
 
 
 def describe(dtype: torch.dtype | None) -> str:

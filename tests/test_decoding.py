@@ -313,3 +313,19 @@ def test_bf16_decoding_uses_a_bf16_copy_kept_in_step_with_the_weights(model, ima
     finally:
         with torch.no_grad():
             next(model.parameters()).sub_(1.0)
+
+
+def test_the_bf16_copy_is_made_without_a_second_fp32_copy_and_keeps_ties_and_integer_buffers():
+    from blipcore import speed
+
+    model = BLIP(tiny_config(momentum_encoder=True, queue_size=16)).eval()
+    copy = speed._cast_copy(model, torch.bfloat16)
+    assert copy.text_decoder.lm_head.weight is copy.word_embeddings.weight  # tied weights stay tied
+    assert copy.idx_queue.dtype == torch.long and copy.image_queue.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in copy.parameters())
+    for (name, a), (_, b) in zip(model.state_dict().items(), copy.state_dict().items(), strict=True):
+        assert b.data_ptr() != a.data_ptr(), name  # nothing shared with the original
+        if a.is_floating_point():  # bf16 keeps about 3 significant digits
+            torch.testing.assert_close(b.float(), a.float(), atol=0.02, rtol=0.01, msg=name)
+        else:
+            assert torch.equal(a, b), name
