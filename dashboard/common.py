@@ -84,12 +84,13 @@ def load_metrics(run: RunDir) -> list[dict[str, Any]]:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _eval(path: str, epoch: int, mtime: float) -> dict[str, Any]:
-    return RunDir(path).load_eval(epoch)
+def _eval(path: str, epoch: int, split: str, mtime: float) -> dict[str, Any]:
+    return RunDir(path).load_eval(epoch, split)
 
 
-def load_eval(run: RunDir, epoch: int) -> dict[str, Any]:
-    return _eval(str(run.path), epoch, _mtime(run.eval_path(epoch)))
+def load_eval(run: RunDir, epoch: int, split: str = "val") -> dict[str, Any]:
+    """An evaluation (eval/epoch_NNN.json, or eval/epoch_NNN.<split>.json for another split), cached."""
+    return _eval(str(run.path), epoch, split, _mtime(run.eval_path(epoch, split)))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -111,16 +112,6 @@ def load_model(run: RunDir, epoch: int):
     """(BLIP in eval mode, BlipConfig, Checkpoint) of an epoch, verified against its sha256, cached."""
     weights, _ = run.checkpoint_paths(epoch)
     return _model(str(run.path), epoch, _mtime(weights))
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _eval_file(path: str, epoch: int, split: str, mtime: float) -> dict[str, Any]:
-    return RunDir(path).load_eval(epoch, split)
-
-
-def load_eval_file(run: RunDir, epoch: int, split: str = "val") -> dict[str, Any]:
-    """An evaluation of any split (eval/epoch_NNN.json, eval/epoch_NNN.<split>.json), cached."""
-    return _eval_file(str(run.path), epoch, split, _mtime(run.eval_path(epoch, split)))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

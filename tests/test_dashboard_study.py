@@ -11,12 +11,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from blipcore.paths import PROJECT_ROOT
 from blipcore.runs import STUDY_TABLE
 from dashboard import study_figures as sf
-
-PAGE = PROJECT_ROOT / "dashboard" / "views" / "8_Study.py"
-TIMEOUT = 60
+from tests.test_dashboard_pages import run_page as run_any_page
+from tests.test_dashboard_pages import texts
 
 
 def build_tiny_study(shapes_root: Path, folder: Path, seeds: tuple[int, ...] = (0,)) -> Path:
@@ -51,18 +49,7 @@ def study_runs_dir(tmp_path_factory, shapes_root) -> Path:
 
 
 def run_page(monkeypatch, runs_dir: Path, state: dict | None = None) -> AppTest:
-    monkeypatch.setenv("BLIPLAB_RUNS_DIR", str(runs_dir))
-    at = AppTest.from_file(str(PAGE), default_timeout=TIMEOUT)
-    for key, value in (state or {}).items():
-        at.session_state[key] = value
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(at: AppTest) -> str:
-    kinds = ("info", "warning", "error", "success", "caption", "markdown")
-    return "\n".join(str(e.value) for kind in kinds for e in getattr(at, kind))
+    return run_any_page(monkeypatch, runs_dir, "views/8_Study.py", state)
 
 
 # --- figure builders on hand-made data -----------------------------------------------------------

@@ -110,7 +110,7 @@ def latest_eval(run: RunDir, split: str) -> tuple[int, dict] | None:
         int(p.name[6:9]) for p in run.eval_dir.glob(f"epoch_[0-9][0-9][0-9].{split}.json"))
     if not epochs:
         return None
-    result = common.guarded(common.load_eval_file, run, epochs[-1], split, what=f"the evaluation of {run.name}")
+    result = common.guarded(common.load_eval, run, epochs[-1], split, what=f"the evaluation of {run.name}")
     return None if result is None else (epochs[-1], result)
 
 
