@@ -190,6 +190,7 @@ class TrainConfig:
     eval_caption_images: int = 100  # images captioned in each epoch-end evaluation
     keep_checkpoints: int = 0  # keep only the newest N epoch checkpoints (0 = keep all)
     save_state_every: int = 500  # also refresh checkpoints/last/ every N steps (0 = only at epoch ends)
+    init: str = ""  # "RUN[:EPOCH]": start from that checkpoint's weights instead of random ones (fit --init)
 
     def __post_init__(self) -> None:
         _check_at_least("train", self, 1, "epochs batch_size grad_accum_steps log_every")

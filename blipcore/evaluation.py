@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -343,8 +344,15 @@ class CheckpointEvaluator:
     """Evaluates checkpoints of one run on one split and writes eval/epoch_NNN[.<split>].json (what
     `python -m train eval` and the study's test report do); the data is built once for all checkpoints."""
 
-    def __init__(self, run: RunDir, split: str = "val", device: str | torch.device = "cpu") -> None:
-        self.run, self.split, self.device = run, split, device
+    def __init__(self, run: RunDir, split: str = "val", device: str | torch.device = "cpu",
+                 other_data: tuple[Path, Path] | None = None) -> None:
+        """`other_data`: (annotation file, image folder) of another dataset to evaluate on as a test split,
+        written as eval/epoch_NNN.<split>.json (e.g. split "coco-mini"); the reference rows still come from
+        the run's own training data."""
+        if other_data is not None and split in ("val", "test"):
+            raise ValueError("another dataset's evaluation needs its own name (e.g. coco-mini), not val or test")
+        self.run, self.name, self.device, self.other_data = run, split, device, other_data
+        self.split = "test" if other_data is not None else split  # the dataset split evaluated
         self.datasets: dict[str, CaptionDataset] | None = None
 
     def evaluate(self, epoch: int, strategies: list[str], images: int | None = None, meteor: bool = True,
@@ -354,6 +362,9 @@ class CheckpointEvaluator:
         from .data import build_datasets
 
         model, cfg, ckpt = self.run.load_model(epoch, device=self.device)
+        if self.other_data is not None:  # absolute paths: read as they are, whatever the run's data.root
+            annotations, images_dir = (str(Path(p).resolve()) for p in self.other_data)
+            cfg = cfg.override({"data.test_annotations": annotations, "data.test_images": images_dir})
         if self.datasets is None:
             if self.split == "test" and not cfg.data.test_annotations:
                 raise ValueError(f"{self.run.path}: its data has no test split (data.test_annotations is empty)")
@@ -364,7 +375,7 @@ class CheckpointEvaluator:
         result, dump = evaluate_model(model, cfg, self.datasets, self.device, strategies, caption_images=images,
                                       meteor=meteor, progress=progress, split=self.split)
         result.update(step=ckpt.step, label=f"epoch_{epoch:03d}")
-        self.run.save_eval(epoch, result, split=self.split)
+        self.run.save_eval(epoch, result, split=self.name)
         if dump is not None and self.split == "val":  # the dashboard's embeddings are of the val set
             self.run.save_embeddings(epoch, dump)
         return result

@@ -40,6 +40,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,52 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     """Load `state` into `model`, with an error naming `source` when it was made for another model."""
     check_state_fits(model, state, source)
     model.load_state_dict(state, strict=False)
+
+
+def load_init_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Start `model` from another run's weights (`fit --init`): every tensor both have is copied; the model's
+    parts the checkpoint lacks (a head for a loss it was not trained with) keep their fresh initialisation,
+    and momentum copies take their online twin's loaded weights; the checkpoint's parts the model has no use
+    for (e.g. the decoder, for a filter trained with ITM + ITC only) are left out. Returns the module
+    tensors loaded and, per top-level module, the tensors of each kind ({"new": {"itm_head": 2}, "dropped":
+    {...}}); CheckpointError when a shared tensor's shape
+    differs (another architecture: image size, widths, depths)."""
+    expected = model.state_dict()
+    tied = tied_names(model)
+    wrong = [f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+             for name, tensor in state.items() if name in expected and expected[name].shape != tensor.shape]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise CheckpointError(f"{source}: another architecture than this run's: {'; '.join(wrong[:3])}{more}")
+    model.load_state_dict({name: tensor for name, tensor in state.items() if name in expected}, strict=False)
+    missing = sorted(set(expected) - set(state) - tied)
+    for online, target in getattr(model, "momentum_pairs", []):  # momentum copies start as their online twins
+        if any(name.startswith(f"{target}.") for name in missing):
+            getattr(model, target).load_state_dict(getattr(model, online).state_dict())
+    def per_module(names: list[str]) -> dict[str, int]:
+        return dict(sorted(Counter(name.split(".")[0] for name in names).items()))
+
+    dropped = sorted(set(state) - set(expected))
+    return {"loaded_tensors": len(state) - len(dropped), "new": per_module(missing), "dropped": per_module(dropped)}
+
+
+def parse_run_spec(spec: str) -> tuple[Path, int | None]:
+    """"RUN[:EPOCH]" -> (run folder, epoch or None for the newest checkpoint). A folder name that itself ends
+    in ":<digits>" is read as RUN:EPOCH; a path ending in ':' or ':<not digits>' is a folder name."""
+    folder, colon, epoch = spec.rpartition(":")
+    if colon and folder and epoch.isdigit():
+        return Path(folder), int(epoch)
+    return Path(spec), None
+
+
+def init_checkpoint(spec: str) -> Checkpoint:
+    """The checkpoint "RUN[:EPOCH]" names (train.init, capfilt's --captioner / --filter); RunError /
+    CheckpointError saying what is missing."""
+    folder, epoch = parse_run_spec(spec)
+    run = RunDir(folder)
+    if not run.exists():
+        raise RunError(f"{folder}: not a run folder (no run.json there)")
+    return run.checkpoint(epoch)
 
 
 def encode_weights(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:

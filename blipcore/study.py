@@ -57,7 +57,8 @@ from typing import Any
 
 from . import metrics as M
 from .config import BlipConfig, load_preset
-from .runs import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, atomic_write_bytes, atomic_write_json
+from .data.derived import CAPFILT_SUMMARY
+from .runs import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, atomic_write_bytes, atomic_write_json, read_json
 
 # The table's columns, from the registry: what evaluations log per strategy, and R@1 both ways.
 TABLE_METRICS = tuple(m.key for group in ("captioning", "collapse") for m in M.metrics_in(group) if m.summary)
@@ -216,22 +217,51 @@ def run_dir(study: Path, stage: str, variant: str, seed: int) -> Path:
     return study / f"{stage}-{variant}-seed{seed}"
 
 
+def selection(plan: Plan, only: Sequence[str] = (), seeds: Sequence[int] | None = None) -> set[tuple[str, str, int]]:
+    """The (stage, variant, seed) runs that `only` ("STAGE" or "STAGE/VARIANT"; empty = all) and `seeds`
+    (None = the plan's) select; PlanError names a stage, variant or seed the plan does not have."""
+    chosen_seeds = list(plan.seeds if seeds is None else seeds)
+    if unknown := sorted(set(chosen_seeds) - set(plan.seeds)):
+        raise PlanError(f"seed(s) {unknown} are not in the plan's seeds {plan.seeds}")
+    runs = {(stage.name, variant, seed) for stage in plan.stages if stage.trains
+            for variant in stage.variants for seed in chosen_seeds}
+    if not only:
+        return runs
+    picked: set[tuple[str, str, int]] = set()
+    for pattern in only:
+        stage_name, _, variant = pattern.partition("/")
+        matched = {run for run in runs if run[0] == stage_name and variant in ("", run[1])}
+        if not matched:
+            names = ", ".join(f"{s.name}/{v}" for s in plan.stages if s.trains for v in s.variants)
+            raise PlanError(f"--only {pattern!r} matches no training run of the plan (stage/variant: {names})")
+        picked |= matched
+    return picked
+
+
 def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
-              log: Callable[[str], None] = print, test: TestFn = evaluate_on_test) -> dict[str, Any]:
-    """Run every stage of `plan` into `study` (skipping what is complete, resuming what is not), evaluate
-    each run's dev-chosen checkpoint on the test split when there is one, then write and return the table.
+              log: Callable[[str], None] = print, test: TestFn = evaluate_on_test,
+              only: Sequence[str] = (), seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run the stages of `plan` into `study` (skipping what is complete, resuming what is not), evaluate
+    each run's dev-chosen checkpoint on the test split when there is one, then write and return the table
+    (of every run in the folder). `only` and `seeds` restrict which runs train in this call (see
+    `selection`), so a long plan can be spread over sessions; the command stages they need still run.
     `train` trains one run (blipcore.trainer.Trainer in the CLI); `command` runs `python -m train ARGS` (the
     CLI passes its own main, so blipcore never imports train)."""
+    selected = selection(plan, only, seeds)
+    needed = {stage.data for stage in plan.stages if any(run[0] == stage.name for run in selected)}
     study.mkdir(parents=True, exist_ok=True)
     write_table(plan, study)  # from the start: the folder is a study, its finished runs already in the table
     produced: dict[str, Path] = {}
     base = plan.base_config()
     for stage in plan.stages:
         if not stage.trains:
-            produced[stage.name] = _run_command(stage, plan, study, base, command, log)
+            if stage.name in needed:
+                produced[stage.name] = _run_command(stage, plan, study, base, command, log)
             continue
         for variant, overrides in stage.variants.items():
             for seed in plan.seeds:
+                if (stage.name, variant, seed) not in selected:
+                    continue
                 cfg = base.override({**overrides, "train.seed": seed})
                 if stage.data is not None:
                     cfg = cfg.override({"data.root": str(produced[stage.data])})
@@ -321,10 +351,33 @@ def study_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def filter_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
+    """One row per (CapFilt command stage, scorer) whose output exists: how well the filter found the planted
+    captions (ROC AUC, precision, recall) and what it kept (blipcore.capfilt's capfilt.json)."""
+    values = {"study": str(study), "data_root": plan.base_config().data.root}
+    rows = []
+    for stage in (s for s in plan.stages if not s.trains):
+        summary_path = Path(_fill(stage.produces or "", values, plan, study)) / CAPFILT_SUMMARY
+        if not summary_path.is_file():
+            continue
+        summary = read_json(summary_path, "CapFilt summary")
+        counts, planted = summary.get("counts", {}), summary.get("planted") or {}
+        for scorer in summary.get("scorers", []):
+            detection = (planted.get("scorers") or {}).get(scorer) or {}
+            rows.append({"stage": stage.name, "scorer": scorer, "decided": scorer == summary.get("score"),
+                         "auc": detection.get("auc"), "precision": detection.get("precision"),
+                         "recall": detection.get("recall"), "dropped_original": detection.get("dropped"),
+                         "planted": planted.get("planted"), "original": counts.get("original"),
+                         "kept_original": counts.get("kept_original"), "synthetic": counts.get("synthetic"),
+                         "kept_synthetic": counts.get("kept_synthetic")})
+    return rows
+
+
 def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     """study.json, study.csv and study.md in `study`; returns the JSON content."""
     rows = study_rows(plan, study)
-    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows}
+    filters = filter_rows(plan, study)
+    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "filters": filters}
     atomic_write_json(study / STUDY_TABLE, table)
     columns = ["stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs"] + [
         k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
@@ -333,7 +386,7 @@ def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(study / "study.csv", buffer.getvalue().encode())
-    atomic_write_bytes(study / "study.md", markdown_table(rows).encode())
+    atomic_write_bytes(study / "study.md", (markdown_table(rows) + filters_markdown(filters)).encode())
     return table
 
 
@@ -354,6 +407,25 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         head = (f"| {row['stage']} | {row['variant']} | {row['decoding']} | {row['split']} | "
                 f"{row['seeds']} ({row['chosen_on_dev']}) | ")
         lines.append(head + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def filters_markdown(filters: Sequence[dict[str, Any]]) -> str:
+    """The CapFilt filters as a Markdown table (empty when the study has none)."""
+    if not filters:
+        return ""
+
+    def share(value: Any) -> str:
+        return "-" if not M.is_number(value) else f"{100 * value:.1f}%"
+
+    lines = ["", "CapFilt filters: finding the planted captions among the originals (low score = planted)", "",
+             "| stage | scorer | decided | ROC AUC | precision | recall | originals kept | synthetic kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in filters:
+        auc = "-" if not M.is_number(row["auc"]) else f"{row['auc']:.3f}"
+        lines.append(f"| {row['stage']} | {row['scorer']} | {'yes' if row['decided'] else 'no'} | {auc} | "
+                     f"{share(row['precision'])} | {share(row['recall'])} | {row['kept_original']} of "
+                     f"{row['original']} | {row['kept_synthetic']} of {row['synthetic']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -197,6 +197,8 @@ class Trainer:
         epoch, run_dir, train_seconds, best) on the main process, and {} on the other DDP ranks."""
         cfg = self.cfg
         check_strategy_names(cfg.train.eval_strategies)  # now, not after the first epoch's training
+        if cfg.train.init and not self.resume:
+            runs.init_checkpoint(cfg.train.init)  # a missing run or checkpoint is refused before anything is written
         wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.device = select_device(cfg.train.device, self.dist)
@@ -242,6 +244,10 @@ class Trainer:
             self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.train.seed
         )
         self.collate = CaptionCollator(cfg.model.max_text_len)
+        # More loader processes than cores only take time from the step (a preset written for a big machine
+        # asks for 4): bounded by the cores this process may use.
+        self.workers = min(cfg.data.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else os.cpu_count() or 1)
         self.batches_per_epoch = len(self.train_set) // self.dist.world_size // cfg.train.batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(
@@ -254,6 +260,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         self.model = BLIP(cfg).to(self.device)
+        self.init_report = None if self.resume or not cfg.train.init else self._load_init_weights(cfg.train.init)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.started = time.time()
@@ -288,6 +295,8 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "autocast": describe(self.autocast),  # what train.precision came to on this machine
+            "data_workers": self.workers,  # data.num_workers, bounded by the cores
+            "init": self.init_report,
             **environment_info(self.device),
         })
 
@@ -329,7 +338,7 @@ class Trainer:
                 self.train_set.set_epoch(self.epoch)
             loader = DataLoader(  # its own generator: starting an epoch (or a resumed one) leaves the global RNG alone
                 self.train_set, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=self.collate,
-                num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=self.device.type == "cuda",
+                num_workers=self.workers, drop_last=True, pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=ignore_stop_signals,
             )
             micro: list[dict] = []
@@ -498,6 +507,14 @@ class Trainer:
             position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             self.run.save_state(self.model, training, position, self.cfg)
         barrier(self.dist)
+
+    def _load_init_weights(self, spec: str) -> dict[str, Any]:
+        """train.init: this run starts from another run's checkpoint (its weights only: a fresh optimizer,
+        schedule and data order). What was loaded goes into run.json ("init")."""
+        ckpt = runs.init_checkpoint(spec)
+        state = runs.read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
+        parts = runs.load_init_weights(self.model, state, str(ckpt.weights))
+        return {"run": str(ckpt.weights.parent.parent), "epoch": ckpt.epoch, "step": ckpt.step, **parts}
 
     def _load_state(self) -> None:
         """Restore checkpoints/last/ (RunDir.load_state verifies every file), then the optimizer and RNGs."""

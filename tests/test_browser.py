@@ -1,6 +1,7 @@
 """The whole dashboard in a real browser: `streamlit run dashboard/app.py` serving the tiny run and a tiny
-study, Debian's Chromium driven by Playwright visiting every page (home + pages 1-8), a real photo uploaded
-on the Caption page, and a screenshot of each under test-artifacts/browser/ (gitignored).
+study (with a hand-made CapFilt output in its data/), Debian's Chromium driven by Playwright visiting every
+page (home + pages 1-9), a real photo uploaded on the Caption page, and a screenshot of each under
+test-artifacts/browser/ (gitignored).
 
 Without /usr/bin/chromium the test is skipped, except under CI (env CI set), where .ci/run installs
 it and its absence is a failure.
@@ -45,6 +46,7 @@ PAGES = {
     "Caption": '[data-testid="stTable"]',
     "Compare": '[data-testid="stDataFrame"]',  # its first tab: the metrics tables
     "Study": '[data-testid="stDataFrame"]',  # its first tab: the study table
+    "CapFilt": ".js-plotly-plot",  # its first tab: the score histograms
 }
 PAGE_FILES = ("app.py", *(f"views/{n}_{p}.py" for n, p in enumerate([p for p in PAGES if p], start=1)))
 START_TIMEOUT_S = 60
@@ -112,12 +114,15 @@ def serve(runs_dir: Path, log_name: str = "streamlit.log") -> Iterator[str]:
 @pytest.fixture(scope="module")
 def runs_with_study(chromium: Path, tmp_path_factory, tiny_runs_dir: Path, shapes_root: Path) -> Path:
     """A copy of the tiny run beside a tiny study, `tiny-study` (1 seed x 2 variants, tests/test_study.py's
-    plan): sorted after `tiny`, so every run picker still opens `tiny` first."""
+    plan): sorted after `tiny`, so every run picker still opens `tiny` first. The study's data/ holds a
+    hand-made CapFilt output (tests/test_dashboard_capfilt.py's), which the CapFilt page opens."""
+    from tests.test_dashboard_capfilt import make_capfilt_folder
     from tests.test_dashboard_study import build_tiny_study
 
     runs = tmp_path_factory.mktemp("browser-runs")
     shutil.copytree(tiny_runs_dir / "tiny", runs / "tiny", ignore=shutil.ignore_patterns("last"))
     build_tiny_study(shapes_root, runs / "tiny-study")
+    make_capfilt_folder(runs / "tiny-study" / "data" / "boot", runs / "capfilt-images")
     return runs
 
 
@@ -183,6 +188,7 @@ TABS = [
     ("Decoding_lab", "Step by step: probability and entropy", "how unsure the model was"),
     ("Compare", "How far the embeddings moved", "Mean cosine distance between"),
     ("Study", "Curves by variant", "One colour per variant"),
+    ("CapFilt", "Threshold", "Each row: what keeping"),
 ]
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -74,3 +77,36 @@ def test_evaluation_result_and_summary(shapes_root):
     assert dump["image_embeds"].shape == (8, 32) and np.isfinite(dump["temperature"])
     sim = dump["image_embeds"] @ dump["text_embeds"].T
     assert sim.shape == (8, 8) and np.all(np.abs(sim) <= 1.0 + 1e-5)
+
+
+def test_eval_on_another_dataset_writes_its_own_file_and_keeps_the_runs_reference_rows(tiny_runs_dir, tmp_path,
+                                                                                         capsys):
+    """`eval --data-root DIR --annotations FILE --split NAME`: coco-mini's 66 val photos as a second test set
+    of a run trained on shapes; the reference rows still quote the run's own training captions."""
+    import shutil
+
+    from blipcore.runs import RunDir
+    from tests.conftest import SHARED
+    from train.cli import main
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_runs_dir / "tiny", run_dir)  # the shared run stays read-only
+    coco_mini = SHARED / "data/coco-mini"
+    args = ["eval", "--run-dir", str(run_dir), "--epoch", "2", "--strategies", "greedy", "--no-meteor"]
+    assert main([*args, "--data-root", str(coco_mini), "--annotations", "annotations/captions_val.json",
+                 "--split", "coco-mini"]) == 0
+    result = RunDir(run_dir).load_eval(2, split="coco-mini")
+    references = json.loads((coco_mini / "annotations/captions_val.json").read_text())
+    assert result["num_images"] == len(references["images"]) == 66
+    shapes = Path(RunDir(run_dir).config().data.root) / "annotations/captions_train.json"
+    shapes_captions = M.normalised_captions(a["caption"] for a in json.loads(shapes.read_text())["annotations"])
+    # "learned nothing" from *its* data: a shapes caption
+    assert result["reference_rows"]["most-frequent"]["caption"] in shapes_captions
+    assert RunDir(run_dir).load_eval(2)["num_images"] != 66  # the val evaluation is untouched
+    capsys.readouterr()
+    assert main([*args, "--data-root", str(coco_mini), "--annotations", "annotations/captions_val.json"]) == 2
+    assert "its own name" in capsys.readouterr().err
+    assert main([*args, "--data-root", str(coco_mini)]) == 2
+    assert "go with --annotations" in capsys.readouterr().err
+    assert main([*args, "--annotations", "nope.json", "--split", "x"]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -125,6 +125,8 @@ PRESET_KEY_FIELDS = {
                   (5, 32, 5e-4, 40, 0.05, 66)),
     "flickr8k": ((224, 16, 384, 4, 40, 0.0, 0.1), ("coco", "data/flickr8k", 0, "all", 4, 500),
                  (10, 64, 3e-4, 500, 0.0, 200)),
+    "flickr8k-cpu": ((96, 16, 256, 4, 40, 0.0, 0.1), ("coco", "data/flickr8k", 0, "all", 1, 1000),
+                     (100, 64, 5e-4, 100, 0.1, 200)),
 }
 
 
@@ -161,10 +163,11 @@ def test_preset_files_chain_through_base_and_keep_absolute_roots(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    (None, r"unknown preset 'nope'; presets: coco-mini, demo, flickr8k, seed"),
+    (None, r"unknown preset 'nope'; presets: coco-mini, demo, flickr8k, flickr8k-cpu, seed"),
     ("[model\n", r"mine\.toml: not a valid TOML preset"),
     ('base = "demo"\n[model]\nimage_size = "big"\n', r"mine\.toml: model\.image_size must be a whole number"),
-    ('base = "nope"\n', r"mine\.toml: base must name a preset \(coco-mini, demo, flickr8k, seed\), got 'nope'"),
+    ('base = "nope"\n',
+     r"mine\.toml: base must name a preset \(coco-mini, demo, flickr8k, flickr8k-cpu, seed\), got 'nope'"),
     ("[modle]\nx = 1\n", r"mine\.toml: unknown key\(s\) modle"),
     ("[train]\nbatchsize = 1\n", r"mine\.toml: unknown field 'train\.batchsize'"),
 ])

@@ -122,3 +122,34 @@ def test_the_study_command_runs_a_plan_file_and_prints_its_table(shapes_root, tm
     assert "| recipes | fast | greedy | val | 1 (1) |" in out and "study.json" in out
     assert (tmp_path / "study-tiny" / "plan.toml").read_text() == path.read_text()
     assert main(["study", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_only_and_seeds_pick_the_runs_a_session_trains(shapes_root, tmp_path, capsys):
+    from blipcore.study import selection
+
+    plan = parse_plan(tiny_plan(shapes_root))
+    assert selection(plan) == {("recipes", v, s) for v in ("fast", "slow") for s in (0, 1)}
+    assert selection(plan, ["recipes/slow"], [1]) == {("recipes", "slow", 1)}
+    assert selection(plan, ["recipes"], [0]) == {("recipes", "fast", 0), ("recipes", "slow", 0)}
+    with pytest.raises(PlanError, match="matches no training run"):
+        selection(plan, ["recipes/medium"])
+    with pytest.raises(PlanError, match=r"seed\(s\) \[7\]"):
+        selection(plan, seeds=[7])
+    trained = []
+
+    def train(cfg, folder, resume):
+        trained.append(folder.name)
+        return Trainer(cfg, folder, resume=resume, progress=False).fit()
+
+    def no_test(run, epoch, strategies):
+        return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=False, progress=False)
+
+    study = tmp_path / "study-tiny"
+    table = run_study(plan, study, train, main, log=lambda _: None, test=no_test, only=["recipes/fast"], seeds=[1])
+    assert trained == ["recipes-fast-seed1"]
+    assert {(r["variant"], r["seeds"]) for r in table["rows"]} == {("fast", 1)}
+    # the CLI refuses an --only the plan lacks before writing anything
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text('name = "x"\npreset = "demo"\n[[stage]]\nname = "a"\n[stage.variants]\nv = {}\n')
+    assert main(["study", str(plan_file), "--out", str(tmp_path / "nope"), "--only", "b"]) == 2
+    assert "matches no training run" in capsys.readouterr().err and not (tmp_path / "nope").exists()

@@ -9,6 +9,9 @@
     python -m train data coco --out data/coco2017 --first 10000 --val-first 1000
     python -m train data flickr8k --images Flickr8k_Dataset.zip --text Flickr8k_text.zip --out data/flickr8k
     python -m train data shards --from data/flickr8k --out data/flickr8k-shards
+    python -m train data noise --from data/flickr8k --out data/flickr8k-noisy --fraction 0.3
+    python -m train capfilt --captioner runs/noisy --filter runs/noisy --data data/flickr8k-noisy --out data/boot
+    python -m train study studies/recipes.toml --data-root ../shared/data/flickr8k --only recipes/tuned
 """
 
 from __future__ import annotations
@@ -24,16 +27,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from blipcore.config import BlipConfig, available_presets, load_preset
+from blipcore.config import BlipConfig, DataConfig, available_presets, load_preset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what `caption` takes from a folder
 CAPTION_OUT_FORMATS = (".jsonl", ".csv")
 
 
 def build_config(args: argparse.Namespace) -> BlipConfig:
-    """The preset of `--preset` with --epochs, --max-steps, --device, --data-root and --set applied."""
-    cfg = load_preset(args.preset)
-    sets = list(args.set or [])
+    """The preset of `--preset` (without one: with --init, the init run's config, else demo) with --init,
+    --epochs, --max-steps, --device, --data-root and --set applied."""
+    init = getattr(args, "init", None)
+    if args.preset is None and init:
+        from blipcore.runs import RunDir, init_checkpoint, parse_run_spec
+
+        init_checkpoint(init)  # a missing run or checkpoint named as such
+        cfg = RunDir(parse_run_spec(init)[0]).config()
+    else:
+        cfg = load_preset(args.preset or "demo")
+    sets = [f"train.init={init}"] if init else []
+    sets += list(args.set or [])
     if args.epochs is not None:
         sets.append(f"train.epochs={args.epochs}")
     if args.max_steps is not None:
@@ -48,10 +60,17 @@ def build_config(args: argparse.Namespace) -> BlipConfig:
 # --- subcommands -------------------------------------------------------------------------------
 def cmd_fit(args: argparse.Namespace) -> int:
     """Train (or with --resume continue) a run; one summary line, printed by the first torchrun rank only."""
-    from blipcore.runs import RunDir
+    from blipcore.runs import RunDir, parse_run_spec
     from blipcore.trainer import Trainer
 
-    run_dir = Path(args.run_dir or f"runs/{Path(args.preset).stem}")
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    elif args.init and not args.preset:
+        run_dir = Path(f"runs/{parse_run_spec(args.init)[0].name}-init")
+    else:
+        run_dir = Path(f"runs/{Path(args.preset or 'demo').stem}")
+    if args.resume and args.init:
+        raise ValueError("--init starts a new run from a checkpoint's weights; --resume continues one: not both")
     if args.resume:
         cfg = RunDir(run_dir).config()
         given = (("epochs", args.epochs), ("max_steps", args.max_steps), ("device", args.device))
@@ -137,7 +156,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = RunDir(args.run_dir)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    evaluator = CheckpointEvaluator(run, args.split, args.device)
+    other = None
+    if args.annotations:  # another dataset, evaluated as a test split under its own name
+        root = Path(args.data_root or ".")
+        other = (root / args.annotations, root / args.image_folder)
+        for path, what in ((other[0], "--annotations"), (other[1], "--image-folder")):
+            if not path.exists():
+                raise ValueError(f"{what} {path}: no such {'file' if what == '--annotations' else 'folder'}")
+    elif args.split not in ("val", "test") or args.data_root:
+        raise ValueError("--data-root and a --split other than val or test go with --annotations FILE "
+                         "(evaluate on another dataset)")
+    evaluator = CheckpointEvaluator(run, args.split, args.device, other_data=other)
     for epoch in _epochs_to_evaluate(run, args.epoch):
         result = evaluator.evaluate(epoch, strategies, args.images, meteor=not args.no_meteor)
         rows = {name: {**entry["metrics"], "notes": entry["notes"]}
@@ -250,17 +279,21 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Run a study plan into its folder (skipping what is done, resuming what is not) and print its table."""
-    from blipcore.study import load_plan, run_study, save_plan_copy
+    from blipcore.study import load_plan, run_study, save_plan_copy, selection
     from blipcore.trainer import Trainer
 
     plan = load_plan(args.plan)
+    if args.data_root:
+        plan.overrides["data.root"] = str(Path(args.data_root).resolve())
+    selection(plan, args.only, args.seeds)  # a bad --only or --seeds is refused before anything is written
     out = Path(args.out or f"runs/study-{plan.name}")
     save_plan_copy(Path(args.plan), out)
 
     def train(cfg, folder: Path, resume: bool) -> dict:
         return Trainer(cfg, folder, resume=resume, progress=not args.no_progress).fit()
 
-    table = run_study(plan, out, train, main, log=lambda line: print(f"[study] {line}", file=sys.stderr))
+    table = run_study(plan, out, train, main, log=lambda line: print(f"[study] {line}", file=sys.stderr),
+                      only=args.only, seeds=args.seeds)
     print((out / "study.md").read_text(), end="")
     print(f"{len(table['rows'])} rows -> {out / 'study.json'}, {out / 'study.csv'}, {out / 'study.md'}")
     return 0
@@ -341,6 +374,38 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
     return 3 if report.failures else 0
 
 
+def cmd_data_noise(args: argparse.Namespace) -> int:
+    """Plant noise in a dataset's training captions (a derived folder + noise.jsonl)."""
+    from blipcore.data.noise import plant_noise
+
+    report = plant_noise(args.source, args.out, args.fraction, seed=args.seed,
+                         train_annotations=args.train_annotations, overwrite=args.overwrite)
+    print(report.summary())
+    print(f"train on it with:  --data-root {report.out}")
+    return 0
+
+
+def cmd_capfilt(args: argparse.Namespace) -> int:
+    """Caption and filter a dataset's training images into a bootstrapped dataset."""
+    from blipcore.capfilt import CapfiltSettings, run_capfilt
+
+    settings = CapfiltSettings(synthetic_per_image=args.synthetic, decoding=args.decoding, score=args.score,
+                               threshold=args.threshold, keep_fraction=args.keep_fraction,
+                               batch_size=args.batch_size, seed=args.seed)
+    try:
+        report = run_capfilt(args.captioner, args.filter, args.data, args.out, settings,
+                             train_annotations=args.train_annotations, train_images=args.train_images,
+                             device=args.device, resume=args.resume, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: the batches scored so far are kept; continue with:\n  {_again_with_resume(args)}",
+              file=sys.stderr)
+        return 130
+    print(report.text())
+    print(f"train on it with:  --data-root {report.out}")
+    return 0
+
+
 def _program_name() -> str:
     """How the user called us, for usage lines: `python -m train` or the `bliplab` console command."""
     name = Path(sys.argv[0]).name
@@ -414,10 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="train a model into a run directory",
                          description="Train a BLIP model from random initialisation into a run directory "
                                      "(run.json, metrics.jsonl, checkpoints/, embeddings/, eval/).")
-    fit.add_argument("--preset", default="demo",
-                     help=f"a preset of blipcore/presets/ ({', '.join(available_presets())}; default demo) "
-                          "or the path of a .toml file in that format")
-    fit.add_argument("--run-dir", help="where the run is written (default runs/<preset>)")
+    fit.add_argument("--preset",
+                     help=f"a preset of blipcore/presets/ ({', '.join(available_presets())}; default demo, or with "
+                          "--init the init run's own config) or the path of a .toml file in that format")
+    fit.add_argument("--init", metavar="RUN[:EPOCH]",
+                     help="start from that run's checkpoint (default its newest) instead of random weights: parts "
+                          "both models have are copied, the others start fresh (e.g. fine-tune a captioner with "
+                          "--set model.itc_weight=0, or a filter with --set model.lm_weight=0 --set "
+                          "model.itm_weight=1); a fresh optimizer, schedule and data order")
+    fit.add_argument("--run-dir", help="where the run is written (default runs/<preset>, with --init alone "
+                                       "runs/<init run>-init)")
     fit.add_argument("--data-root", help="dataset folder in COCO caption format (overrides the preset's data.root; "
                                          "with --resume, the run's own)")
     fit.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
@@ -438,10 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epoch", help="an epoch number, a comma list, 'last' (default) or 'all'")
     ev.add_argument("--strategies", default="greedy,beam,nucleus,repetition-penalty,no-repeat-ngram",
                     help=f"comma-separated decoding strategies (known: {strategies})")
-    ev.add_argument("--split", choices=("val", "test"), default="val",
+    ev.add_argument("--split", default="val",
                     help="val (default): the split training evaluates on, written to eval/epoch_NNN.json; test: "
                          "the held-out split of data.test_annotations (e.g. Flickr8k's official 1,000 test images), "
-                         "every image and all its references, written to eval/epoch_NNN.test.json")
+                         "every image and all its references, written to eval/epoch_NNN.test.json; with "
+                         "--annotations, the name of that evaluation (eval/epoch_NNN.<name>.json, e.g. coco-mini)")
+    ev.add_argument("--annotations", metavar="FILE",
+                    help="evaluate on another dataset: its COCO-caption file (relative to --data-root), every "
+                         "image and all its references, e.g. --data-root ../shared/data/coco-mini --annotations "
+                         "annotations/captions_val.json --split coco-mini")
+    ev.add_argument("--data-root", metavar="DIR", help="with --annotations: the folder it and --image-folder are in")
+    ev.add_argument("--image-folder", default="images", metavar="FOLDER",
+                    help="with --annotations: its images, relative to --data-root (default images)")
     ev.add_argument("--images", type=int,
                     help="number of images to caption (default: the run's setting on val, all of test)")
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~10 s to start)")
@@ -477,6 +556,52 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("images", nargs="+", metavar="PATH", help="image files and folders of images")
     cap.set_defaults(func=cmd_caption)
 
+    capfilt = sub.add_parser(
+        "capfilt", help="CapFilt: caption the training images, filter every caption, write the bootstrapped data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "BLIP's CapFilt. The captioner writes --synthetic captions per training image of --data (nucleus\n"
+            "sampling by default, BLIP's choice); the filter scores every original and synthetic caption with\n"
+            "its ITM head's match probability and its ITC similarity; the captions at or above the cut-off\n"
+            "(--threshold on the ITM probability, default 0.5, or the top --keep-fraction by --score) form the\n"
+            "training captions of OUT, a derived dataset (images linked, val/test annotations copied).\n"
+            "OUT/capfilt.jsonl: one line per caption (origin, planted flag when --data has noise.jsonl, ITM\n"
+            "probability, ITC similarity, kept); OUT/capfilt.json: settings, counts, and each scorer's ROC AUC,\n"
+            "precision and recall at finding the planted captions. The dashboard's CapFilt page shows both.\n\n"
+            "example:  python -m train capfilt --captioner runs/noisy --filter runs/noisy:3 \\\n"
+            "              --data data/flickr8k-noisy --out data/flickr8k-boot --synthetic 1"
+        ),
+    )
+    capfilt.add_argument("--captioner", required=True, metavar="RUN[:EPOCH]",
+                         help="the run whose decoder writes the synthetic captions (default: its newest checkpoint)")
+    capfilt.add_argument("--filter", required=True, metavar="RUN[:EPOCH]",
+                         help="the run whose ITM head (and ITC) scores the captions; may be the captioner's run")
+    capfilt.add_argument("--data", required=True, metavar="DIR", help="the COCO-caption-format dataset to bootstrap")
+    capfilt.add_argument("--out", required=True, metavar="DIR2", help="the bootstrapped dataset's folder")
+    capfilt.add_argument("--synthetic", type=_count, default=1, metavar="K",
+                         help="synthetic captions per image (default 1; 0 = filter the originals only)")
+    capfilt.add_argument("--decoding", default="nucleus",
+                         help=f"the captioner's strategy: {strategies} (default nucleus)")
+    capfilt.add_argument("--score", default="auto", choices=("auto", "itm", "itc"),
+                         help="what decides kept or dropped (default auto: itm when the filter has an ITM head)")
+    keep = capfilt.add_mutually_exclusive_group()
+    keep.add_argument("--threshold", type=float, help="keep captions with ITM match probability >= this, in [0, 1] "
+                                                      "(default 0.5)")
+    keep.add_argument("--keep-fraction", type=float, metavar="F", help="keep this share of all captions, the "
+                                                                        "highest-scored, in (0, 1]")
+    capfilt.add_argument("--train-annotations", metavar="FILE",
+                         help="the training captions, relative to DIR (default: the filter run's data config)")
+    capfilt.add_argument("--train-images", metavar="FOLDER",
+                         help="their image folder, relative to DIR (default: the filter run's data config)")
+    capfilt.add_argument("--batch-size", type=_positive_int, default=32, help="images a batch (default 32)")
+    capfilt.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+    capfilt.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    again = capfilt.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue a stopped run in OUT (same settings)")
+    again.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds something")
+    capfilt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    capfilt.set_defaults(func=cmd_capfilt)
+
     study = sub.add_parser(
         "study", help="run a study plan: stages of variants x seeds, one table",
         description="Run a study plan (TOML; see blipcore/study.py and the README's Results) into a folder of "
@@ -487,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("plan", metavar="PLAN.toml")
     study.add_argument("--out", help="the study folder (default runs/study-<plan name>)")
+    study.add_argument("--data-root", help="the dataset folder (overrides the plan's data.root, e.g. "
+                       "../shared/data/flickr8k)")
+    study.add_argument("--only", action="append", default=[], metavar="STAGE[/VARIANT]",
+                       help="train only these runs this time (repeatable; the table still shows every run "
+                            "in the folder): spread a long plan over sessions")
+    study.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None,
+                       metavar="0,1", help="train only these of the plan's seeds this time")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=cmd_study)
 
@@ -604,6 +736,30 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds something")
     shards.add_argument("--no-progress", action="store_true", help="no progress bar")
     shards.set_defaults(func=cmd_data_shards)
+
+    noise = data_sub.add_parser(
+        "noise", help="plant known noise: replace a fraction of the training captions with other images' captions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Copy a COCO-caption-format dataset's annotations into OUT, replacing --fraction of the training\n"
+            "captions with captions of other, randomly chosen images (as web alt-text is often unrelated to its\n"
+            "image). Images and the other entries are linked, not copied; the val and test annotations are\n"
+            "copied unchanged. OUT/noise.jsonl says, for every training caption, whether it was replaced and\n"
+            "what it said before: CapFilt's filter is scored against it.\n\n"
+            "example:  python -m train data noise --from ../shared/data/flickr8k --out data/flickr8k-noisy \\\n"
+            "              --fraction 0.3 --train-annotations annotations/captions_official_train.json"
+        ),
+    )
+    noise.add_argument("--from", dest="source", required=True, metavar="DIR", help="a COCO-caption-format folder")
+    noise.add_argument("--out", required=True, metavar="DIR2", help="the noisy dataset's folder")
+    noise.add_argument("--fraction", type=float, required=True,
+                       help="share of the training captions to replace, in [0, 1)")
+    noise.add_argument("--seed", type=int, default=0, help="which captions are replaced, and by which (default 0)")
+    noise.add_argument("--train-annotations", default=DataConfig().train_annotations, metavar="FILE",
+                       help="the training captions, relative to DIR (default %(default)s; Flickr8k's official "
+                            "split: annotations/captions_official_train.json)")
+    noise.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in OUT")
+    noise.set_defaults(func=cmd_data_noise)
     return parser
 
 

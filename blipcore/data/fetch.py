@@ -349,6 +349,8 @@ class OutputFolder:
     owned: tuple[str, ...]
     resume: bool = False
     overwrite: bool = False
+    label: str = ""  # the command as the user typed it, in messages (default "data <command>")
+    resume_does: str = "fetch only what is missing or failed"
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -364,7 +366,7 @@ class OutputFolder:
 
     def _check(self) -> bool:
         """Whether this run continues an earlier one; DataSourceError when the folder may not be used."""
-        out, command = self.path, f"`data {self.command}`"
+        out, command = self.path, f"`{self.label or 'data ' + self.command}`"
         if out.exists() and not out.is_dir():
             raise DataSourceError(f"--out {out} is a file, not a folder")
         contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -381,8 +383,8 @@ class OutputFolder:
         if self.overwrite:
             return False
         if not self.resume:
-            raise DataSourceError(f"--out {out} already holds the output of an earlier {command}: --resume to fetch "
-                                  "only what is missing or failed, or --overwrite to start again")
+            raise DataSourceError(f"--out {out} already holds the output of an earlier {command}: --resume to "
+                                  f"{self.resume_does}, or --overwrite to start again")
         before = earlier.get("settings", {})
         changed = [f"{key} {before.get(key)}, now {value}" for key, value in self.settings.items()
                    if before.get(key) != value]

@@ -1,0 +1,279 @@
+"""CapFilt on the shapes data: planted noise (`data noise`), a run started from another's weights (`fit --init`),
+and `capfilt` itself: every caption accounted for, scored against the planted record, resumable, its output a
+dataset that trains; bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blipcore.capfilt import CapfiltSettings, load_capfilt, run_capfilt
+from blipcore.data import build_datasets
+from blipcore.data.derived import CAPFILT_RECORD, CAPFILT_SCORES, CAPFILT_SUMMARY, NOISE_RECORD
+from blipcore.data.noise import plant_noise
+from blipcore.metrics import roc_auc
+from blipcore.runs import RunDir, parse_run_spec
+from blipcore.trainer import Trainer
+from tests.conftest import small_cfg
+from train.cli import main
+
+TRAIN = "annotations/captions_train.json"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def as_coco(cfg, root: Path):
+    """A shapes config reading `root` as a COCO-caption folder (a derived dataset is not regenerated)."""
+    return cfg.override({"data.kind": "coco", "data.root": str(root), "data.train_annotations": TRAIN,
+                         "data.val_annotations": "annotations/captions_val.json"})
+
+
+@pytest.fixture(scope="module")
+def noisy_root(shapes_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("noisy") / "shapes-noisy"
+    plant_noise(shapes_root, out, fraction=0.3, seed=0)
+    return out
+
+
+# --- data noise --------------------------------------------------------------------------------------------
+def test_noise_replaces_the_fraction_with_other_images_captions_and_records_every_caption(shapes_root, noisy_root):
+    source = json.loads((shapes_root / TRAIN).read_text())
+    noisy = json.loads((noisy_root / TRAIN).read_text())
+    lines = read_jsonl(noisy_root / NOISE_RECORD)
+    assert len(lines) == len(source["annotations"]) == len(noisy["annotations"])
+    assert sum(line["planted"] for line in lines) == round(0.3 * len(lines))
+    captions_of: dict[int, set[str]] = {}
+    for annotation in source["annotations"]:
+        captions_of.setdefault(annotation["image_id"], set()).add(annotation["caption"])
+    for line, before, after in zip(lines, source["annotations"], noisy["annotations"], strict=True):
+        assert line["original"] == before["caption"] and line["caption"] == after["caption"]
+        assert after["image_id"] == before["image_id"] == line["image_id"]
+        if line["planted"]:  # another image's caption
+            assert line["from_image_id"] != line["image_id"] and after["caption"] in captions_of[line["from_image_id"]]
+        else:
+            assert after["caption"] == before["caption"] and line["from_image_id"] is None
+    # images are linked, not copied; the other splits are unchanged; the source is untouched
+    assert (noisy_root / "images").is_symlink() and (noisy_root / "images").resolve() == (shapes_root / "images")
+    for split in ("val", "heldout"):
+        name = f"annotations/captions_{split}.json"
+        assert (noisy_root / name).read_bytes() == (shapes_root / name).read_bytes()
+    assert json.loads((shapes_root / TRAIN).read_text()) == source
+
+
+def test_noise_is_seeded_and_its_dataset_trains(shapes_root, noisy_root, tmp_path):
+    again = tmp_path / "again"
+    plant_noise(shapes_root, again, fraction=0.3, seed=0)
+    assert (again / NOISE_RECORD).read_bytes() == (noisy_root / NOISE_RECORD).read_bytes()
+    other = tmp_path / "other"
+    plant_noise(shapes_root, other, fraction=0.3, seed=1)
+    assert (other / NOISE_RECORD).read_bytes() != (noisy_root / NOISE_RECORD).read_bytes()
+    cfg = as_coco(small_cfg(shapes_root, max_steps=2, epochs=1), noisy_root)
+    datasets = build_datasets(cfg, splits=("train",))
+    trained_captions = {c for record in datasets["train"].records for c in record.captions}
+    planted = {line["caption"] for line in read_jsonl(noisy_root / NOISE_RECORD) if line["planted"]}
+    assert planted <= trained_captions
+    summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert summary["status"] == "completed" and summary["step"] == 2
+
+
+@pytest.mark.parametrize("fraction", ["1.0", "-0.1", "1.5"])
+def test_noise_refuses_a_fraction_outside_0_1_before_writing(shapes_root, tmp_path, capsys, fraction):
+    out = tmp_path / "out"
+    assert main(["data", "noise", "--from", str(shapes_root), "--out", str(out), "--fraction", fraction]) == 2
+    assert "--fraction must be in [0, 1)" in capsys.readouterr().err and not out.exists()
+
+
+def test_noise_refuses_an_out_folder_holding_something_else(shapes_root, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(["data", "noise", "--from", str(shapes_root), "--out", str(out), "--fraction", "0.3"]) == 2
+    assert "already holds something else" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+# --- fit --init ----------------------------------------------------------------------------------------------
+def test_fit_init_starts_from_the_checkpoints_weights_and_drops_what_the_new_model_lacks(tiny_runs_dir, tmp_path):
+    source = tiny_runs_dir / "tiny"  # ITC + LM + ITM
+    out = tmp_path / "captioner"
+    # LM only, a learning rate too small to move a weight: the result is the init checkpoint's decoder
+    code = main(["fit", "--init", f"{source}:1", "--run-dir", str(out), "--max-steps", "1", "--no-progress",
+                 "--set", "model.itc_weight=0", "--set", "model.itm_weight=0", "--set", "train.lr=1e-12",
+                 "--set", "train.weight_decay=0", "--set", "train.warmup_steps=0"])
+    assert code == 0
+    info = RunDir(out).read_info()
+    assert info["init"]["run"] == str(source) and info["init"]["epoch"] == 1
+    assert {"itm_head", "text_encoder", "vision_proj", "text_proj"} <= set(info["init"]["dropped"])
+    assert info["init"]["new"] == {} and info["config"]["train"]["init"] == f"{source}:1"
+    assert info["config"]["data"] == RunDir(source).config().to_dict()["data"]  # no --preset: the init run's config
+    before, _, _ = RunDir(source).load_model(1)
+    after, _, _ = RunDir(out).load_model()
+    assert not hasattr(after, "itm_head") and not hasattr(after, "text_encoder")
+    for name, tensor in after.state_dict().items():
+        torch.testing.assert_close(tensor, before.state_dict()[name], atol=1e-6, rtol=0)
+
+
+def test_fit_init_refuses_another_architecture_a_missing_run_and_resume(tiny_runs_dir, tmp_path, capsys):
+    source = tiny_runs_dir / "tiny"
+    assert main(["fit", "--init", str(source), "--run-dir", str(tmp_path / "a"), "--set", "model.image_size=64",
+                 "--no-progress"]) == 2
+    assert "another architecture" in capsys.readouterr().err
+    assert main(["fit", "--init", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert "not a run folder" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["fit", "--init", str(source), "--resume", "--run-dir", str(tmp_path / "c")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_run_specs_name_a_folder_and_an_optional_epoch():
+    assert parse_run_spec("runs/a:3") == (Path("runs/a"), 3)
+    assert parse_run_spec("runs/a") == (Path("runs/a"), None)
+    assert parse_run_spec("runs/odd:name") == (Path("runs/odd:name"), None)
+
+
+# --- capfilt -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def capfilt_out(tiny_runs_dir, noisy_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("capfilt") / "boot"
+    run = str(tiny_runs_dir / "tiny")
+    settings = CapfiltSettings(synthetic_per_image=2, keep_fraction=0.6, batch_size=16)
+    run_capfilt(run, run, noisy_root, out, settings, progress=False)
+    return out
+
+
+def test_capfilt_accounts_for_every_caption_and_scores_the_filter_against_the_planted_record(
+        noisy_root, capfilt_out):
+    noise = read_jsonl(noisy_root / NOISE_RECORD)
+    result = load_capfilt(capfilt_out)
+    records, summary = result.records, result.summary
+    originals = [r for r in records if r["origin"] == "original"]
+    synthetic = [r for r in records if r["origin"] == "synthetic"]
+    images = {r["image_id"] for r in originals}
+    assert sorted(r["index"] for r in originals) == list(range(len(noise)))  # every training caption, once
+    assert len(synthetic) == 2 * len(images) and all(r["planted"] is None for r in synthetic)
+    for record in originals:
+        assert record["planted"] == noise[record["index"]]["planted"]
+        assert record["text"] == " ".join(noise[record["index"]]["caption"].split())
+    for record in records:
+        assert 0 <= record["itm"] <= 1 and -1 <= record["itc"] <= 1
+    kept = [r for r in records if r["kept"]]
+    assert all(r["itm"] >= summary["cutoff"] for r in kept)
+    assert all(r["itm"] < summary["cutoff"] for r in records if not r["kept"])
+    assert len(kept) >= 0.6 * len(records) and summary["score"] == "itm" and summary["scorers"] == ["itm", "itc"]
+    counts = summary["counts"]
+    assert (counts["original"], counts["synthetic"]) == (len(originals), len(synthetic))
+    assert counts["kept_original"] + counts["kept_synthetic"] == len(kept)
+    # AUC against noise.jsonl, for each scorer: low score = planted
+    planted = [r["planted"] for r in originals]
+    for scorer in ("itm", "itc"):
+        expected = roc_auc([-r[scorer] for r in originals], planted)
+        assert summary["planted"]["scorers"][scorer]["auc"] == pytest.approx(expected)
+    assert summary["planted"]["planted"] == sum(planted)
+    # the bootstrapped training file holds exactly the kept captions
+    boot = json.loads((capfilt_out / TRAIN).read_text())
+    assert sorted(a["caption"] for a in boot["annotations"]) == sorted(r["text"] for r in kept)
+    assert {i["id"] for i in boot["images"]} == {r["image_id"] for r in kept}
+    assert not (capfilt_out / NOISE_RECORD).exists()  # the noisy data's record does not describe these captions
+
+
+def test_capfilt_output_trains(shapes_root, capfilt_out, tmp_path):
+    cfg = as_coco(small_cfg(shapes_root, max_steps=2, epochs=1), capfilt_out)
+    assert Trainer(cfg, tmp_path / "run", progress=False).fit()["status"] == "completed"
+
+
+def test_capfilt_resumes_with_the_same_captions(tiny_runs_dir, noisy_root, capfilt_out, tmp_path):
+    run = str(tiny_runs_dir / "tiny")
+    settings = CapfiltSettings(synthetic_per_image=2, keep_fraction=0.6, batch_size=16)
+    out = tmp_path / "boot"
+    run_capfilt(run, run, noisy_root, out, settings, progress=False)
+    batches = sorted((out / CAPFILT_SCORES).iterdir())
+    assert len(batches) == 4  # 64 images, 16 a batch
+    batches[-1].unlink()  # as if stopped during the last batch
+    (out / CAPFILT_SUMMARY).unlink()
+    with pytest.raises(ValueError, match="--resume"):
+        run_capfilt(run, run, noisy_root, out, settings, progress=False)
+    run_capfilt(run, run, noisy_root, out, settings, resume=True, progress=False)
+    assert (out / CAPFILT_RECORD).read_text() == (capfilt_out / CAPFILT_RECORD).read_text()
+
+
+def test_capfilt_cli_and_its_refusals(tiny_runs_dir, noisy_root, shapes_root, tmp_path, capsys):
+    run = str(tiny_runs_dir / "tiny")
+    args = ["capfilt", "--captioner", run, "--filter", run, "--data", str(noisy_root), "--no-progress"]
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out), "--threshold", "1.5"]) == 2
+    assert "--threshold must be in [0, 1]" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--out", str(out), "--score", "itc", "--threshold", "0.5"]) == 2
+    assert "--keep-fraction" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--out", str(out), "--synthetic", "2", "--decoding", "beam"]) == 2
+    assert "same caption every time" in capsys.readouterr().err and not out.exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main([*args, "--out", str(busy)]) == 2
+    assert "already holds something else" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    # a filter with neither ITM nor ITC, a captioner without a decoder: named, nothing written
+    lm_only, no_decoder = tmp_path / "lm-only", tmp_path / "no-decoder"
+    for folder, model in ((lm_only, {"itc_weight": 0.0, "itm_weight": 0.0}), (no_decoder, {"lm_weight": 0.0})):
+        cfg = small_cfg(shapes_root, model=model, max_steps=1, epochs=1)
+        Trainer(cfg, folder, progress=False).fit()
+    assert main([*args[:3], "--filter", str(lm_only), *args[5:], "--out", str(out)]) == 2
+    assert "neither an ITM head" in capsys.readouterr().err and not out.exists()
+    assert main(["capfilt", "--captioner", str(no_decoder), *args[3:], "--out", str(out)]) == 2
+    assert "has no decoder" in capsys.readouterr().err and not out.exists()
+    # the command itself, the ITM threshold by default, originals only
+    assert main([*args, "--out", str(out), "--synthetic", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "planted captions found by itm: ROC AUC" in printed and "train on it with" in printed
+    summary = json.loads((out / CAPFILT_SUMMARY).read_text())
+    assert summary["threshold"] is None and summary["cutoff"] == 0.5 and summary["counts"]["synthetic"] == 0
+
+
+# --- the loop as a study plan ---------------------------------------------------------------------------------
+def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
+    """studies/capfilt.toml's stages on the shapes data: plant noise, train on clean and on noisy captions,
+    CapFilt the noisy data with the noisy-data model, train on the bootstrapped data; one table with the
+    filter's detection rows."""
+    from blipcore.evaluation import CheckpointEvaluator
+    from blipcore.study import parse_plan, run_study
+    from tests.test_study import tiny_plan
+
+    raw = tiny_plan(shapes_root)
+    raw["seeds"] = [0]
+    raw["set"]["model.itm_weight"] = 0.5
+    raw["set"]["data.kind"] = "coco"  # a derived folder is read as COCO captions, never regenerated
+    make_data = raw["stage"][0]
+    study = tmp_path / "study-capfilt"
+    noisy_run = "{run:noisy/tuned/0}"
+    raw["stage"] = [
+        make_data,
+        {"name": "noisy-data", "command": ["data", "noise", "--from", "{study}/shapes", "--out", "{study}/data/noisy",
+                                           "--fraction", "0.3"], "produces": "{study}/data/noisy"},
+        {"name": "clean", "data": "make-data", "variants": {"tuned": {}}},
+        {"name": "noisy", "data": "noisy-data", "variants": {"tuned": {}}},
+        {"name": "boot-data", "command": ["capfilt", "--captioner", noisy_run, "--filter", noisy_run, "--data",
+                                          "{study}/data/noisy", "--out", "{study}/data/boot", "--keep-fraction", "0.7",
+                                          "--no-progress"], "produces": "{study}/data/boot"},
+        {"name": "bootstrapped", "data": "boot-data", "variants": {"tuned": {}}},
+    ]
+    plan = parse_plan(raw)
+
+    def train(cfg, folder, resume):
+        return Trainer(cfg, folder, resume=resume, progress=False).fit()
+
+    def test_without_meteor(run, epoch, strategies):
+        return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=False, progress=False)
+
+    table = run_study(plan, study, train, main, log=lambda _: None, test=test_without_meteor)
+    assert {row["stage"] for row in table["rows"]} == {"clean", "noisy", "bootstrapped"}
+    boot = RunDir(study / "bootstrapped-tuned-seed0").config()
+    assert boot.data.root == str(study / "data" / "boot")
+    assert [(f["stage"], f["scorer"], f["decided"]) for f in table["filters"]] == [
+        ("boot-data", "itm", True), ("boot-data", "itc", False)]
+    summary = load_capfilt(study / "data" / "boot").summary
+    assert table["filters"][0]["auc"] == summary["planted"]["scorers"]["itm"]["auc"]
+    assert "CapFilt filters" in (study / "study.md").read_text()
