@@ -159,9 +159,10 @@ def filter_scores(model, images: torch.Tensor, texts: list[str], image_index: li
     return scores
 
 
-def _image_batch(paths: list[Path], size: int) -> torch.Tensor:
+def _pixels(pictures: list[Any], size: int) -> torch.Tensor:
+    """The evaluation transform of each PIL image at `size` pixels, stacked (B, 3, size, size)."""
     transform = build_transform(size, train=False)
-    return torch.stack([transform(load_image(path)) for path in paths])
+    return torch.stack([transform(picture) for picture in pictures])
 
 
 def score_batch(models: Models, entries: list[dict[str, Any]], images_root: Path, settings: CapfiltSettings,
@@ -169,20 +170,21 @@ def score_batch(models: Models, entries: list[dict[str, Any]], images_root: Path
     """The capfilt.jsonl lines (without "kept") of one batch of images: their original captions, then
     K synthetic captions each. An image that cannot be read is left out (its captions too), with a line
     saying so ("origin": "unreadable")."""
-    readable, lines = [], []
+    readable, pictures, lines = [], [], []
     for entry in entries:
         try:
-            load_image(images_root / entry["file_name"]).close()
+            pictures.append(load_image(images_root / entry["file_name"]))
             readable.append(entry)
         except ImageLoadError as err:
             lines.append({"image_id": entry["image_id"], "file_name": entry["file_name"], "origin": "unreadable",
                           "text": str(err), "kept": False})
     if not readable:
         return lines
-    paths = [images_root / entry["file_name"] for entry in readable]
+    sizes = {models.captioner_cfg.model.image_size, models.filter_cfg.model.image_size}
+    pixels_at = {size: _pixels(pictures, size) for size in sizes}  # one decode, one tensor per model size
     synthetic: list[list[str]] = [[] for _ in readable]
     if settings.synthetic_per_image:
-        pixels = _image_batch(paths, models.captioner_cfg.model.image_size)
+        pixels = pixels_at[models.captioner_cfg.model.image_size]
         for k in range(settings.synthetic_per_image):
             # a distinct, reproducible draw for every (batch, k): resuming writes the same captions
             seed = settings.seed + 1_000_003 * batch_number + k
@@ -195,7 +197,7 @@ def score_batch(models: Models, entries: list[dict[str, Any]], images_root: Path
             pairs.append((i, {"origin": "original", "index": index, "text": text, "planted": planted}))
         for k, text in enumerate(synthetic[i]):
             pairs.append((i, {"origin": "synthetic", "index": k, "text": text, "planted": None}))
-    pixels = _image_batch(paths, models.filter_cfg.model.image_size)
+    pixels = pixels_at[models.filter_cfg.model.image_size]
     scores = filter_scores(models.filter, pixels, [p["text"] or "." for _, p in pairs], [i for i, _ in pairs],
                            device)
     for n, (i, pair) in enumerate(pairs):

@@ -29,6 +29,35 @@ PROBE_SIZE = 512
 BF16_MIN_SPEEDUP = 2.0
 
 
+@functools.cache
+def matmul_gflops(device_type: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of a size x size fp32 matmul on all threads (best of `repeats`), once per process: the
+    hardware number a run's minutes are read against (run.json's device, the README's Results)."""
+    device = torch.device(device_type)
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+
+    def run() -> None:
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return 2 * size**3 / _best_time(run, repeats) / 1e9
+
+
+def cpu_model() -> str:
+    """The processor's name as /proc/cpuinfo gives it (e.g. "AMD EPYC 7B13"), or the platform's machine type."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _best_time(fn, repeats: int) -> float:
     fn()  # warm-up: first-call allocation and kernel selection
     best = float("inf")

@@ -41,7 +41,7 @@ from .decoding import check_strategy_names
 from .metrics import is_number, metric
 from .model import BLIP
 from .runs import CheckpointError, RunDir
-from .speed import autocast_dtype, describe
+from .speed import autocast_dtype, cpu_model, describe, matmul_gflops
 
 POSITION_KEYS = ("step", "epoch", "batch_in_epoch")  # where training stands: saved in checkpoints/last/state.json
 
@@ -159,7 +159,10 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"{platform.machine()}, {os.cpu_count()} cores"
-    return {"versions": versions, "device": {"type": device.type, "name": device_name}, "git_revision": git_revision()}
+    described = {"type": device.type, "name": device_name, "cpu_model": cpu_model(),
+                 # what a run's minutes are read against: machines differ several-fold in it
+                 "matmul_fp32_gflops": round(matmul_gflops(device.type), 1)}
+    return {"versions": versions, "device": described, "git_revision": git_revision()}
 
 
 def git_revision() -> str | None:

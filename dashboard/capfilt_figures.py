@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from blipcore.capfilt import SCORERS
 from blipcore.metrics import roc_auc, roc_curve
 from dashboard.figures import REFERENCE_COLOUR, _finish
 
 COLUMNS = ("image_id", "file_name", "origin", "index", "text", "planted", "itm", "itc", "kept")
-SCORERS = ("itm", "itc")
 SCORER_LABELS = {"itm": "ITM match probability", "itc": "ITC cosine similarity"}
 SCORER_COLOURS = {"itm": "#2E6BE6", "itc": "#E4572E"}
 SCORED_ORIGINS = ("original", "synthetic")  # "unreadable" lines (an image that could not be read) have no score

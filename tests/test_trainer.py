@@ -292,3 +292,13 @@ def test_evaluation_every_n_steps_makes_early_collapse_visible(shapes_root, tmp_
     step_eval = json.loads((run.eval_dir / "step_00000003.json").read_text())
     assert step_eval["step"] == 3 and "greedy" in step_eval["strategies"]
     assert "top_caption_share" in step_eval["strategies"]["greedy"]["metrics"]
+
+
+def test_run_json_names_the_machine_a_runs_minutes_are_read_against(tiny_runs_dir):
+    from blipcore.runs import RunDir
+    from blipcore.speed import cpu_model, matmul_gflops
+
+    device = RunDir(tiny_runs_dir / "tiny").read_info()["device"]
+    assert device["cpu_model"] == cpu_model() and device["cpu_model"]
+    assert device["matmul_fp32_gflops"] == round(matmul_gflops("cpu"), 1) > 0  # measured once per process
+    assert RunDir(tiny_runs_dir / "tiny").read_info()["data_workers"] == 0

@@ -11,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from blipcore.evaluation import summary_metrics
 from blipcore.metrics import metric, metrics_in
 from blipcore.runs import RunDir
+from blipcore.study import dev_choice, reported_evaluation
 from dashboard import common, figures
 from dashboard import study_figures as sf
 
@@ -87,13 +89,21 @@ def config_section(configs: dict[str, dict], variants: dict[str, str]) -> None:
     st.dataframe(diff, width="stretch", key="study_config_table")
 
 
+def run_numbers(run: RunDir) -> dict[str, float]:
+    """What the study's table reports for a run (its dev-chosen checkpoint, on test when there is one),
+    flattened as a metrics line; before that exists, its last validation line."""
+    reported = common.guarded(reported_evaluation, run, what=f"the reported evaluation of {run.name}")
+    if reported is not None:
+        return summary_metrics(reported[3])
+    return sf.final_val(common.guarded(common.load_metrics, run, what=f"the metrics of {run.name}") or [])
+
+
 def scatter_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[str, int | None]) -> None:
-    finals = {run.name: sf.final_val(common.guarded(common.load_metrics, run, what=f"the metrics of {run.name}")
-                                     or []) for run in runs}
-    points = sf.run_points(finals, variants, seeds)
+    points = sf.run_points({run.name: run_numbers(run) for run in runs}, variants, seeds)
     keys = sf.numeric_keys(points) if not points.empty else []
     if not keys:
-        st.info("No run has a validation line yet: each point is a run's last validation line.")
+        st.info("No run has a validation line yet: each point is a run's reported evaluation (the table's "
+                "numbers), or its last validation line while it trains.")
         return
     x_default = next((k for k in ("greedy_top_caption_share", "greedy_distinct_1") if k in keys), keys[0])
     y_default = next((k for k in ("greedy_cider", "i2t_r1") if k in keys), keys[-1])
@@ -101,17 +111,22 @@ def scatter_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[st
     x = left.selectbox("x-axis", keys, index=keys.index(x_default), format_func=label, key="study_scatter_x")
     y = right.selectbox("y-axis", keys, index=keys.index(y_default), format_func=label, key="study_scatter_y")
     st.plotly_chart(sf.scatter_figure(points, x, y), key="study_scatter")
-    st.caption("One point per run (its last validation line), coloured by variant: does one number buy the other?")
+    st.caption("One point per run, coloured by variant: the numbers the table reports for it (its dev-chosen "
+               "checkpoint, on the test split when there is one; its last validation line while it trains). "
+               "Does one number buy the other?")
 
 
-def latest_eval(run: RunDir, split: str) -> tuple[int, dict] | None:
-    """(epoch, evaluation) of the run's newest evaluation file of `split`."""
+def chosen_eval(run: RunDir, split: str) -> tuple[int, dict] | None:
+    """(epoch, evaluation) of `split` at the run's dev-chosen epoch (what the table reports), or of its newest
+    evaluation of `split` when that epoch has none."""
     epochs = run.eval_epochs() if split == "val" else sorted(
         int(p.name[6:9]) for p in run.eval_dir.glob(f"epoch_[0-9][0-9][0-9].{split}.json"))
     if not epochs:
         return None
-    result = common.guarded(common.load_eval, run, epochs[-1], split, what=f"the evaluation of {run.name}")
-    return None if result is None else (epochs[-1], result)
+    choice = common.guarded(dev_choice, run, what=f"the dev choice of {run.name}")
+    epoch = choice[0] if choice is not None and choice[0] in epochs else epochs[-1]
+    result = common.guarded(common.load_eval, run, epoch, split, what=f"the evaluation of {run.name}")
+    return None if result is None else (epoch, result)
 
 
 def captions_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[str, int | None]) -> None:
@@ -125,7 +140,7 @@ def captions_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[s
         variant = variants[run.name]
         if variant in chosen or (seed is not None and seeds.get(run.name) not in (seed, None)):
             continue
-        found = latest_eval(run, split)
+        found = chosen_eval(run, split)
         if found is not None:
             chosen[variant] = (run, *found)
     if not chosen:
@@ -140,7 +155,7 @@ def captions_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[s
     count = controls[3].number_input("Images", 1, MAX_IMAGES, 4, key="study_images")
     samples = {v: result["strategies"][strategy].get("samples") or [] for v, (_, _, result) in chosen.items()}
     rows = sf.captions_side_by_side(samples, limit=int(count))
-    st.caption("The newest evaluation of each variant's run: " + ", ".join(
+    st.caption("Each variant's run at its dev-chosen checkpoint: " + ", ".join(
         f"{v} = `{run.name}` epoch {epoch}" for v, (run, epoch, _) in chosen.items()))
     if not rows:
         st.info("The variants' evaluations share no sample image.")
