@@ -34,7 +34,8 @@ def matmul_gflops(device_type: str = "cpu", size: int = 2048, repeats: int = 3) 
     """GFLOP/s of a size x size fp32 matmul on all threads (best of `repeats`), once per process: the
     hardware number a run's minutes are read against (run.json's device, the README's Results)."""
     device = torch.device(device_type)
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    generator = torch.Generator(device).manual_seed(0)  # its own: measuring never moves a run's random stream
+    a, b = (torch.randn(size, size, device=device, generator=generator) for _ in range(2))
 
     def run() -> None:
         torch.mm(a, b)
@@ -76,7 +77,7 @@ def bf16_speedup(device_type: str = "cpu") -> float:
     forced = os.environ.get(BF16_ENV)
     if forced in ("0", "1"):
         return BF16_MIN_SPEEDUP if forced == "1" else 0.0
-    a = torch.randn(PROBE_SIZE, PROBE_SIZE)
+    a = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))  # the global RNG untouched
     b = a.bfloat16()
     fp32 = _best_time(lambda: a @ a, repeats=3)
     bf16 = _best_time(lambda: b @ b, repeats=3)

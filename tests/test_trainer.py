@@ -302,3 +302,14 @@ def test_run_json_names_the_machine_a_runs_minutes_are_read_against(tiny_runs_di
     assert device["cpu_model"] == cpu_model() and device["cpu_model"]
     assert device["matmul_fp32_gflops"] == round(matmul_gflops("cpu"), 1) > 0  # measured once per process
     assert RunDir(tiny_runs_dir / "tiny").read_info()["data_workers"] == 0
+
+
+def test_measuring_the_machine_leaves_the_random_stream_alone():
+    from blipcore.speed import matmul_gflops
+
+    matmul_gflops.cache_clear()
+    torch.manual_seed(0)
+    matmul_gflops("cpu", size=64)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
