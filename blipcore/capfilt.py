@@ -51,7 +51,7 @@ from .data.images import ImageLoadError, load_image
 from .data.noise import read_noise_record
 from .data.transforms import build_transform
 from .decoding import STRATEGY_PRESETS, decoding_config, generate
-from .runs import Checkpoint, RunError, init_checkpoint, parse_run_spec, read_json
+from .runs import Checkpoint, RunDir, RunError, init_checkpoint, parse_run_spec, read_json
 from .tokenizer import tokenize_captions
 
 SCORERS = ("itm", "itc")  # the filter's two scores: ITM match probability, ITC cosine similarity
@@ -112,8 +112,6 @@ class Models:
 def load_models(captioner: str, filter_spec: str, device: torch.device) -> Models:
     """Load both checkpoints ("RUN[:EPOCH]"); CapfiltError naming the missing part when the captioner has no
     trained decoder or the filter neither an ITM head nor ITC."""
-    from .runs import RunDir
-
     loaded = []
     for spec in (captioner, filter_spec):
         ckpt = init_checkpoint(spec)
