@@ -47,7 +47,7 @@ PAGES = {
     "": ("Runs", "BLIP Lab"), "Training": ("Training", "Training"), "Alignment": ("Alignment", "Alignment"),
     "Embeddings": ("Embeddings", "Embeddings"), "Attention": ("Attention", "Attention"),
     "Decoding_lab": ("Decoding lab", "Decoding lab"), "Caption": ("Caption", "Caption"),
-    "Compare": ("Compare", "Compare"),
+    "Compare": ("Compare", "Compare"), "Study": ("Study", "Study"), "CapFilt": ("CapFilt", "CapFilt"),
 }
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -81,6 +81,9 @@ class ModelConfig:
     lm_weight: float = 1.0
     itm_weight: float = 0.0
     label_smoothing: float = 0.0  # LM label smoothing; BLIP uses 0.1
+    # Train the decoder as a text-only language model on the captions: no image is read and the decoder's
+    # cross-attention is skipped (decoder pretraining, chained into a full recipe with train.init). LM only.
+    text_only: bool = False
     # BLIP's momentum encoder + queue of negatives for ITC (batch 8 gives only 7 in-batch negatives)
     momentum_encoder: bool = False
     momentum: float = 0.995
@@ -115,6 +118,9 @@ class ModelConfig:
              "every loss weight is 0: enable at least one of itc, lm, itm"),
             (not self.itm_weight or bool(self.itc_weight),
              "ITM draws its hard negatives from ITC similarities: itm_weight needs itc_weight > 0"),
+            (not self.text_only or (self.lm_weight > 0 and not self.itc_weight and not self.itm_weight),
+             "model.text_only trains the decoder alone: it needs lm_weight > 0 and itc_weight = itm_weight = 0, got "
+             f"lm {self.lm_weight}, itc {self.itc_weight}, itm {self.itm_weight}"),
         ])
 
 

@@ -134,6 +134,9 @@ def decoder_cross_attention(
     query at position prefix_len - 1 + t, the one whose output PREDICTED token t: it shows where the
     decoder looked when it chose that word (not where it looks after reading it).
     """
+    if model.cfg.text_only:
+        raise ValueError("this model is a text-only language model (model.text_only): its decoder never looks at "
+                         "the image")
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).tolist()
     if not ids:
         raise ValueError("token_ids is empty: there is no generated token to explain")

@@ -104,6 +104,11 @@ def forward_flops(
     """
     m = _model(cfg)
     mlp, tokens_v = int(m.text_width * m.mlp_ratio), image_tokens(m)
+    if m.text_only:  # decoder pretraining: no image, no cross-attention
+        length = decoder_length(m, text_len)
+        targets = full_lm_targets(m, batch, text_len) if lm_targets is None else lm_targets
+        return {"decoder": batch * m.text_decoder_depth * block_flops(length, m.text_width, mlp),
+                "lm_head": linear_flops(targets, m.text_width, m.vocab_size)}
     parts = {"vision": _vision_flops(m, batch)}
     if m.itc_weight > 0:
         parts["itc"] = _itc_flops(m, batch, text_len)
@@ -128,7 +133,8 @@ def training_flops(
     except the patch embedding (no gradient for the images: 2x) and the momentum encoder (1x)."""
     parts = {name: (1 if name == "momentum" else 3) * flops
              for name, flops in forward_flops(cfg, batch, text_len, lm_targets).items()}
-    parts["vision"] -= _patch_embed_flops(_model(cfg), batch)
+    if "vision" in parts:
+        parts["vision"] -= _patch_embed_flops(_model(cfg), batch)
     return parts
 
 

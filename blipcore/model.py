@@ -152,8 +152,10 @@ class BLIP(nn.Module):
     def decode_step(
         self, input_ids: Tensor, image_embeds: Tensor, cache: KVCache | None = None, need_weights: bool = False
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """Decoder logits (B, L, vocab) for new tokens, appending them to `cache` when given."""
-        return self.text_decoder(input_ids, image_embeds, cache=cache, need_weights=need_weights)
+        """Decoder logits (B, L, vocab) for new tokens, appending them to `cache` when given. A text-only
+        language model (model.text_only) ignores the image."""
+        context = None if self.cfg.text_only else image_embeds
+        return self.text_decoder(input_ids, context, cache=cache, need_weights=need_weights)
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.cfg.text_decoder_depth)
@@ -179,7 +181,8 @@ class BLIP(nn.Module):
         # Gather negatives / token counts across ranks only when training: evaluation runs on one rank.
         distributed = self.training and losses.is_distributed()
         out: dict[str, Tensor] = {}
-        image_embeds, image_feat = self.encode_image(images)
+        # A text-only language model (decoder pretraining) reads the captions alone, never the images.
+        image_embeds, image_feat = (None, None) if cfg.text_only else self.encode_image(images)
 
         if self.use_itc:
             with torch.no_grad():

@@ -39,7 +39,21 @@ decoding strategy or reference row), the mean and the spread (sample standard de
 how many seeds' dev choice the strategy was, and the minutes each run took.
 
 Placeholders in commands: {study} (the study folder), {data_root} (the preset's data folder after `set`),
-{run:<stage>/<variant>/<seed>} (a run folder of an earlier stage).
+{run:<stage>/<variant>/<seed>} (a run folder of an earlier stage). A variant's settings may name a run of an
+earlier training stage too, {run:<stage>/<variant>} meaning the one of the same seed: that is how a stage
+starts from another's weights (decoder pretraining, then the full recipe):
+
+    [[stage]]
+    name = "pretraining"
+    [stage.variants]
+    text-lm = { "model.text_only" = true, "model.itc_weight" = 0.0, "train.max_steps" = 300 }
+
+    [[stage]]
+    name = "recipes"
+    [stage.variants]
+    decoder-pretrained = { "train.init" = "{run:pretraining/text-lm}", "train.max_steps" = 600 }
+
+Selecting a run (--only) selects the runs its settings name.
 """
 
 from __future__ import annotations
@@ -134,13 +148,28 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
         base = plan.base_config()
     except ValueError as err:
         raise fail(f"preset / set: {err}") from None
-    for stage in stages:
+    for index, stage in enumerate(stages):
+        earlier = {(s.name, v) for s in stages[:index] if s.trains for v in s.variants}
         for variant, overrides in stage.variants.items():
             try:
                 base.override(overrides)
             except ValueError as err:
                 raise fail(f"variant {variant!r} of stage {stage.name!r}: {err}") from None
+            for ref_stage, ref_variant, _ in _run_references(overrides):
+                if (ref_stage, ref_variant) not in earlier:
+                    raise fail(f"variant {variant!r} of stage {stage.name!r} names run {ref_stage}/{ref_variant}, "
+                               "which is not a variant of an earlier training stage")
     return plan
+
+
+_RUN_REFERENCE = re.compile(r"\{run:([^{}/]+)/([^{}/]+)(?:/(\d+))?\}")
+
+
+def _run_references(overrides: dict[str, Any]) -> list[tuple[str, str, int | None]]:
+    """The runs a variant's settings name: (stage, variant, seed, or None for the run's own seed)."""
+    return [(stage, variant, int(seed) if seed else None)
+            for value in overrides.values() if isinstance(value, str)
+            for stage, variant, seed in _RUN_REFERENCE.findall(value)]
 
 
 def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str], PlanError]) -> Stage:
@@ -235,6 +264,11 @@ def selection(plan: Plan, only: Sequence[str] = (), seeds: Sequence[int] | None 
             names = ", ".join(f"{s.name}/{v}" for s in plan.stages if s.trains for v in s.variants)
             raise PlanError(f"--only {pattern!r} matches no training run of the plan (stage/variant: {names})")
         picked |= matched
+    overrides = {(s.name, v): o for s in plan.stages if s.trains for v, o in s.variants.items()}
+    for stage in reversed(plan.stages):  # a run's settings name only earlier stages' runs: walk back once
+        for name, variant, seed in [run for run in picked if run[0] == stage.name]:
+            picked |= {(ref_stage, ref_variant, seed if ref_seed is None else ref_seed)
+                       for ref_stage, ref_variant, ref_seed in _run_references(overrides[name, variant])}
     return picked
 
 
@@ -262,7 +296,10 @@ def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
             for seed in plan.seeds:
                 if (stage.name, variant, seed) not in selected:
                     continue
-                cfg = base.override({**overrides, "train.seed": seed})
+                values = {"study": str(study), "data_root": base.data.root, "seed": str(seed)}
+                filled = {key: _fill(value, values, plan, study) if isinstance(value, str) else value
+                          for key, value in overrides.items()}
+                cfg = base.override({**filled, "train.seed": seed})
                 if stage.data is not None:
                     cfg = cfg.override({"data.root": str(produced[stage.data])})
                 cfg.name = f"{plan.name}/{stage.name}/{variant}"
@@ -309,8 +346,10 @@ def _fill(text: str, values: dict[str, str], plan: Plan, study: Path) -> str:
     def replace(match: re.Match) -> str:
         key = match.group(1)
         if key.startswith("run:"):
-            stage, variant, seed = key[4:].split("/")
-            return str(run_dir(study, stage, variant, int(seed)))
+            stage, variant, *seed = key[4:].split("/")
+            if not seed and "seed" not in values:
+                raise PlanError(f"{{{key}}} names no seed: {{run:<stage>/<variant>/<seed>}} in a command")
+            return str(run_dir(study, stage, variant, int(seed[0] if seed else values["seed"])))
         if key not in values:
             known = ", ".join([*values, "run:<stage>/<variant>/<seed>"])
             raise PlanError(f"unknown placeholder {{{key}}} (known: {known})")

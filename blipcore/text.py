@@ -117,12 +117,13 @@ class TextDecoder(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        image_embeds: Tensor,
+        image_embeds: Tensor | None,
         cache: KVCache | None = None,
         need_weights: bool = False,
         return_hidden: bool = False,
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """input_ids: (B, L) new tokens; image_embeds: (B, N, vision_width) -> logits (B, L, vocab),
+        """input_ids: (B, L) new tokens; image_embeds: (B, N, vision_width), or None for a text-only language
+        model (cross-attention skipped) -> logits (B, L, vocab),
         or with return_hidden the final hidden states (B, L, width) that `lm_head` maps to logits
         (training applies the 30k-word head only where there is a label to predict).
 

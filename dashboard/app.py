@@ -1,9 +1,10 @@
 """BLIP Lab dashboard: `streamlit run dashboard/app.py [-- --runs-dir DIR]`.
 
-This script registers the pages (Runs, the training-dynamics pages 1-3, the inference pages 4-7 and the
-Study page 8, found in views/) and renders the home page, Runs: every run in the runs folder with its status,
-progress and best metrics, the choice of runs the other pages open, and — with no runs yet — a button that trains
-the demo run in a background process (dashboard/launcher.py) while this page shows its progress.
+This script registers the pages (Runs, the training-dynamics pages 1-3, the inference pages 4-7, the
+Study page 8 and the CapFilt page 9, found in views/) and renders the home page, Runs: every run in the runs
+folder with its status, progress and best metrics, the choice of runs the other pages open, and — with no runs
+yet — a button that trains the demo run in a background process (dashboard/launcher.py) while this page shows
+its progress.
 """
 
 from __future__ import annotations

@@ -68,6 +68,30 @@ def test_loss_switches_build_only_what_is_used():
         tiny_config(itc_weight=0.0, lm_weight=0.0)
 
 
+def test_a_text_only_language_model_reads_the_captions_alone():
+    """Decoder pretraining: the LM loss of a text-only model does not depend on the image, its gradient reaches the
+    decoder but never its cross-attention or the vision tower, and captions ignore the image too."""
+    cfg = tiny_config(itc_weight=0.0, text_only=True)
+    model = BLIP(cfg)
+    images, ids, mask = _batch(cfg)
+    out = model(images, ids, mask)
+    assert set(out) == {"loss", "lm"}
+    torch.testing.assert_close(model(torch.randn_like(images), ids, mask)["lm"], out["lm"])
+    out["loss"].backward()
+    block = model.text_decoder.blocks[0]
+    assert block.attn.q.weight.grad.abs().sum() > 0 and block.cross_attn.kv.weight.grad is None
+    assert all(p.grad is None for p in model.visual_encoder.parameters())
+    model.eval()
+    prefix = model.decoder_prefix(2, "cpu")
+    with torch.no_grad():
+        embeds, _ = model.encode_image(images)
+        logits, _ = model.decode_step(prefix, embeds)
+        other, _ = model.decode_step(prefix, model.encode_image(torch.randn_like(images))[0])
+    torch.testing.assert_close(logits, other)
+    with pytest.raises(ValueError, match="text_only trains the decoder alone"):
+        tiny_config(text_only=True)  # ITC is on
+
+
 def test_decoder_is_causal(tiny_cfg):
     model = BLIP(tiny_cfg).eval()
     images, ids, mask = _batch(tiny_cfg)

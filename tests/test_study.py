@@ -36,18 +36,26 @@ def tiny_plan(shapes_root: Path) -> dict:
     }
 
 
-def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_root, tmp_path):
-    plan, study = parse_plan(tiny_plan(shapes_root)), tmp_path / "study-tiny"
-    trained, log = [], []
+def run_recorded(plan, study: Path, **options) -> tuple[dict, list[str]]:
+    """run_study with the tests' trainer (no progress bars) and test evaluation (no METEOR: its Java start costs
+    seconds per row); returns the table and the names of the runs it trained, in order."""
+    trained = []
 
     def train(cfg, folder, resume):
         trained.append(folder.name)
         return Trainer(cfg, folder, resume=resume, progress=False).fit()
 
-    def test_without_meteor(run, epoch, strategies):  # METEOR's Java start costs seconds per row
+    def test_without_meteor(run, epoch, strategies):
         return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=False, progress=False)
 
-    table = run_study(plan, study, train, main, log=log.append, test=test_without_meteor)
+    table = run_study(plan, study, train, main, **{"log": lambda _: None, "test": test_without_meteor, **options})
+    return table, trained
+
+
+def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_root, tmp_path):
+    plan, study = parse_plan(tiny_plan(shapes_root)), tmp_path / "study-tiny"
+    log = []
+    table, trained = run_recorded(plan, study, log=log.append)
     # the dev-chosen checkpoint of every run, evaluated on the whole test split (the shapes' held-out scenes)
     for name in trained:
         test = RunDir(study / name).load_eval(1, split="test")
@@ -68,12 +76,10 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     assert listed == [f"study-tiny/recipes-{v}-seed{s}" for v in ("fast", "slow") for s in (0, 1)]
 
     # again: nothing to do; a run that went missing is trained again, the rest skipped
-    trained.clear()
-    run_study(plan, study, train, main, log=log.append, test=test_without_meteor)
+    _, trained = run_recorded(plan, study, log=log.append)
     assert trained == [] and any("make-data" in line and "skipped" in line for line in log)
     shutil.rmtree(study / "recipes-slow-seed1")
-    run_study(plan, study, train, main, log=log.append, test=test_without_meteor)
-    assert trained == ["recipes-slow-seed1"]
+    assert run_recorded(plan, study)[1] == ["recipes-slow-seed1"]
 
 
 @pytest.mark.parametrize(
@@ -135,17 +141,7 @@ def test_only_and_seeds_pick_the_runs_a_session_trains(shapes_root, tmp_path, ca
         selection(plan, ["recipes/medium"])
     with pytest.raises(PlanError, match=r"seed\(s\) \[7\]"):
         selection(plan, seeds=[7])
-    trained = []
-
-    def train(cfg, folder, resume):
-        trained.append(folder.name)
-        return Trainer(cfg, folder, resume=resume, progress=False).fit()
-
-    def no_test(run, epoch, strategies):
-        return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=False, progress=False)
-
-    study = tmp_path / "study-tiny"
-    table = run_study(plan, study, train, main, log=lambda _: None, test=no_test, only=["recipes/fast"], seeds=[1])
+    table, trained = run_recorded(plan, tmp_path / "study-tiny", only=["recipes/fast"], seeds=[1])
     assert trained == ["recipes-fast-seed1"]
     assert {(r["variant"], r["seeds"]) for r in table["rows"]} == {("fast", 1)}
     # the CLI refuses an --only the plan lacks before writing anything
@@ -153,3 +149,43 @@ def test_only_and_seeds_pick_the_runs_a_session_trains(shapes_root, tmp_path, ca
     plan_file.write_text('name = "x"\npreset = "demo"\n[[stage]]\nname = "a"\n[stage.variants]\nv = {}\n')
     assert main(["study", str(plan_file), "--out", str(tmp_path / "nope"), "--only", "b"]) == 2
     assert "matches no training run" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+
+
+def test_a_stage_starts_from_the_weights_of_an_earlier_stages_run_of_the_same_seed(shapes_root, tmp_path):
+    """Decoder pretraining as a plan: a text-only language model first, then the full recipe from its weights
+    ({run:<stage>/<variant>} = that stage's run of the same seed); --only the second selects the first too."""
+    from blipcore.study import selection
+
+    table = tiny_plan(shapes_root)
+    table["seeds"] = [0, 1]
+    table["stage"][1:] = [
+        {"name": "pretraining", "data": "make-data",
+         "variants": {"text-lm": {"model.text_only": True, "model.itc_weight": 0.0, "train.max_steps": 2}}},
+        {"name": "recipes", "data": "make-data",
+         "variants": {"pretrained": {"train.init": "{run:pretraining/text-lm}", "train.max_steps": 2}}},
+    ]
+    plan = parse_plan(table)
+    assert selection(plan, ["recipes"], [1]) == {("pretraining", "text-lm", 1), ("recipes", "pretrained", 1)}
+    study = tmp_path / "study-tiny"
+    _, trained = run_recorded(plan, study, only=["recipes"], seeds=[1])
+    assert trained == ["pretraining-text-lm-seed1", "recipes-pretrained-seed1"]
+    info = RunDir(study / "recipes-pretrained-seed1").read_info()
+    assert info["config"]["train"]["init"] == str(study / "pretraining-text-lm-seed1")
+    assert info["init"]["loaded_tensors"] > 0 and "text_encoder" in info["init"]["new"]  # ITC's tower is new
+    pretrained = RunDir(study / "pretraining-text-lm-seed1")
+    assert pretrained.config().model.text_only and set(pretrained.load_eval(1)["losses"]) == {"val_loss", "val_lm"}
+
+    table["stage"][2]["variants"]["pretrained"]["train.init"] = "{run:recipes/pretrained}"  # itself: not earlier
+    with pytest.raises(PlanError, match="names run recipes/pretrained, which is not a variant of an earlier"):
+        parse_plan(table)
+
+
+@pytest.mark.parametrize("name", ["recipes", "capfilt"])
+def test_the_shipped_plans_are_valid_and_name_their_runs(name):
+    from blipcore.paths import PROJECT_ROOT
+    from blipcore.study import selection
+
+    plan = load_plan(PROJECT_ROOT / "studies" / f"{name}.toml")
+    assert plan.seeds == [0, 1, 2] and plan.preset == "flickr8k-cpu"
+    if name == "recipes":  # the decoder-pretrained recipe brings its pretraining run along
+        assert ("pretraining", "text-lm", 2) in selection(plan, ["recipes/decoder-pretrained"], [2])

@@ -615,8 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--data-root", help="the dataset folder (overrides the plan's data.root, e.g. "
                        "../shared/data/flickr8k)")
     study.add_argument("--only", action="append", default=[], metavar="STAGE[/VARIANT]",
-                       help="train only these runs this time (repeatable; the table still shows every run "
-                            "in the folder): spread a long plan over sessions")
+                       help="train only these runs, and the runs they start from, this time (repeatable; the "
+                            "table still shows every run in the folder): spread a long plan over sessions")
     study.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None,
                        metavar="0,1", help="train only these of the plan's seeds this time")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")

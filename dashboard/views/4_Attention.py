@@ -76,7 +76,10 @@ else:
     caption = inf.captions(loaded, [picked], decoding_config(strategy))[0]
     generated = caption.text
     right.markdown(f"**Caption ({strategy}):** {caption.text or '*(empty)*'}")
-    if not caption.tokens:
+    if model.cfg.text_only:
+        right.info("This run is a text-only language model (model.text_only, decoder pretraining): it writes the "
+                   "same caption for every image and its decoder never looks at the image.")
+    elif not caption.tokens:
         right.info("The caption is empty (the decoder ended at once): there is no word to explain.")
     else:
         attention = inf.explanation("cross_attention", loaded, picked, tuple(caption.tokens))
