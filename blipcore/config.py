@@ -80,6 +80,7 @@ class ModelConfig:
     itc_weight: float = 1.0
     lm_weight: float = 1.0
     itm_weight: float = 0.0
+    itm_hard_negatives: bool = True  # ITM's negatives mined by ITC similarity (BLIP); False: uniform in the batch
     label_smoothing: float = 0.0  # LM label smoothing; BLIP uses 0.1
     # Train the decoder as a text-only language model on the captions: no image is read and the decoder's
     # cross-attention is skipped (decoder pretraining, chained into a full recipe with train.init). LM only.

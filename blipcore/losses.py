@@ -127,15 +127,18 @@ def lm_loss(
 
 
 @torch.no_grad()
-def sample_hard_negatives(
-    sim_i2t: Tensor, image_ids: Tensor, generator: torch.Generator | None = None
+def sample_negatives(
+    sim_i2t: Tensor, image_ids: Tensor, hard: bool = True, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """For each image a negative text, for each text a negative image, drawn with probability
-    softmax(similarity) over the batch, pairs showing the same image excluded (BLIP's ITM mining).
+    """For each image a negative text, for each text a negative image, pairs showing the same image
+    excluded: drawn with probability softmax(similarity) over the batch when `hard` (BLIP's ITM mining:
+    the pairs ITC finds most alike), uniformly among the other images otherwise (the ablation).
 
     Returns (negative text index per image, negative image index per text). A row with no other
     image to pick (all the batch shows one image) falls back to a uniformly drawn different index.
     """
+    if not hard:
+        sim_i2t = torch.zeros_like(sim_i2t)
     same = image_ids[:, None] == image_ids[None, :]
     picks = []
     for sim in (sim_i2t, sim_i2t.t()):

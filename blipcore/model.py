@@ -229,10 +229,11 @@ class BLIP(nn.Module):
     def _itm_loss(
         self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor, sim_i2t: Tensor, image_ids: Tensor
     ) -> Tensor:
-        """Binary matching on B positives and 2B hard negatives (a mined text per image, a mined image per text)."""
+        """Binary matching on B positives and 2B negatives (a text per image, an image per text), mined by ITC
+        similarity unless model.itm_hard_negatives is off."""
         if len(image_ids) < 2:
             raise ValueError("ITM needs at least 2 pairs per batch to draw negatives")
-        neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, image_ids)
+        neg_text, neg_image = losses.sample_negatives(sim_i2t, image_ids, hard=self.cfg.itm_hard_negatives)
         all_images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]], dim=0)
         all_ids = torch.cat([input_ids, input_ids[neg_text], input_ids], dim=0)
         all_mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask], dim=0)

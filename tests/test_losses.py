@@ -52,13 +52,25 @@ def test_lm_loss_ignores_prompt_and_padding():
     torch.testing.assert_close(loss, expected)
 
 
-def test_hard_negatives_never_pick_the_same_image():
+def test_negatives_never_pick_the_same_image():
     torch.manual_seed(0)
     ids = torch.tensor([0, 0, 1, 2, 3])
     sim = torch.randn(5, 5) + 10 * torch.eye(5)
-    for _ in range(20):
-        neg_text, neg_image = losses.sample_hard_negatives(sim, ids)
-        assert torch.all(ids[neg_text] != ids) and torch.all(ids[neg_image] != ids)
+    for hard in (True, False):
+        for _ in range(20):
+            neg_text, neg_image = losses.sample_negatives(sim, ids, hard=hard)
+            assert torch.all(ids[neg_text] != ids) and torch.all(ids[neg_image] != ids)
+
+
+def test_hard_negatives_follow_the_similarity_and_random_ones_do_not():
+    """Image 0 looks most like text 3: mining picks it almost always, uniform drawing a third of the time."""
+    ids, sim = torch.arange(4), torch.zeros(4, 4)
+    sim[0, 3] = 8.0
+    generator = torch.Generator().manual_seed(0)
+    picks = {hard: torch.stack([losses.sample_negatives(sim, ids, hard, generator)[0][0] for _ in range(600)])
+             for hard in (True, False)}
+    assert (picks[True] == 3).float().mean() > 0.99
+    assert abs((picks[False] == 3).float().mean() - 1 / 3) < 0.07
 
 
 def test_momentum_itc_reduces_to_plain_targets_with_alpha_zero():

@@ -58,6 +58,17 @@ def test_itm_and_momentum_terms():
     assert not any(p.requires_grad for p in model.visual_encoder_m.parameters())
 
 
+def test_itm_draws_its_negatives_as_the_config_says(monkeypatch):
+    from blipcore import losses
+
+    seen, sample = [], losses.sample_negatives
+    monkeypatch.setattr(losses, "sample_negatives", lambda sim, ids, hard: seen.append(hard) or sample(sim, ids, hard))
+    for hard in (True, False):
+        cfg = tiny_config(itm_weight=1.0, itm_hard_negatives=hard)
+        assert torch.isfinite(BLIP(cfg)(*_batch(cfg))["itm"])
+    assert seen == [True, False]
+
+
 def test_loss_switches_build_only_what_is_used():
     cfg = tiny_config(itc_weight=0.0)
     lm_only = BLIP(cfg)
