@@ -10,6 +10,7 @@
     python -m train data flickr8k --images Flickr8k_Dataset.zip --text Flickr8k_text.zip --out data/flickr8k
     python -m train data shards --from data/flickr8k --out data/flickr8k-shards
     python -m train data noise --from data/flickr8k --out data/flickr8k-noisy --fraction 0.3
+    python -m train data resize --from ../shared/data/flickr8k --out data/flickr8k-128 --size 128
     python -m train capfilt --captioner runs/noisy --filter runs/noisy --data data/flickr8k-noisy --out data/boot
     python -m train study studies/recipes.toml --data-root ../shared/data/flickr8k --only recipes/tuned
 """
@@ -314,6 +315,12 @@ def _again_with_resume(args: argparse.Namespace) -> str:
     return f"{_program_name()} {shlex.join(words)} --resume"
 
 
+def _interrupted(args: argparse.Namespace, kept: str) -> int:
+    """Say what an interrupted data command kept (`kept`) and the command line that continues it; exit status 130."""
+    print(f"interrupted: {kept}; continue with:\n  {_again_with_resume(args)}", file=sys.stderr)
+    return 130
+
+
 def _http_policy(args: argparse.Namespace):
     from blipcore.data.fetch import HttpPolicy
 
@@ -329,9 +336,7 @@ def cmd_data_coco(args: argparse.Namespace) -> int:
                             image_size=args.image_size, workers=args.workers, policy=_http_policy(args),
                             resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"interrupted: every image written so far is complete and kept; continue with:\n  "
-              f"{_again_with_resume(args)}", file=sys.stderr)
-        return 130
+        return _interrupted(args, "every image written so far is complete and kept")
     print(report.summary())
     if report.failures:
         print(f"the dataset is usable as it is; to try the failed images again:  {_again_with_resume(args)}")
@@ -353,9 +358,7 @@ def cmd_data_flickr8k(args: argparse.Namespace) -> int:
                                   policy=_http_policy(args), resume=args.resume, overwrite=args.overwrite,
                                   progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"interrupted: every image written so far is complete and kept; continue with:\n  "
-              f"{_again_with_resume(args)}", file=sys.stderr)
-        return 130
+        return _interrupted(args, "every image written so far is complete and kept")
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     print(report.summary())
@@ -385,6 +388,20 @@ def cmd_data_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_resize(args: argparse.Namespace) -> int:
+    """Copy a dataset folder with every image shrunk; exit 0 even when some images could not be (the summary
+    names them: they are copied unchanged)."""
+    from blipcore.data.resized import resize_dataset
+
+    try:
+        report = resize_dataset(args.source, args.out, args.size, quality=args.quality, workers=args.workers,
+                                resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return _interrupted(args, "every file written so far is complete and kept")
+    print(report.summary())
+    return 0
+
+
 def cmd_capfilt(args: argparse.Namespace) -> int:
     """Caption and filter a dataset's training images into a bootstrapped dataset."""
     from blipcore.capfilt import CapfiltSettings, run_capfilt
@@ -398,9 +415,7 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
                              device=args.device, resume=args.resume, overwrite=args.overwrite,
                              progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"interrupted: the batches scored so far are kept; continue with:\n  {_again_with_resume(args)}",
-              file=sys.stderr)
-        return 130
+        return _interrupted(args, "the batches scored so far are kept")
     print(report.text())
     print(f"train on it with:  --data-root {report.out}")
     return 0
@@ -445,6 +460,20 @@ def _timeout(text: str) -> float:
     return value
 
 
+def _add_source_and_out(parser: argparse.ArgumentParser, out_help: str, out_metavar: str = "DIR2") -> None:
+    """--from DIR (a dataset folder) and --out: the data commands that make a folder from another."""
+    parser.add_argument("--from", dest="source", required=True, metavar="DIR", help="a COCO-caption-format folder")
+    parser.add_argument("--out", required=True, metavar=out_metavar, help=out_help)
+
+
+def _add_resume_arguments(parser: argparse.ArgumentParser, resume: str, overwrite: str) -> None:
+    """--resume or --overwrite (help texts `resume`, `overwrite`), and --no-progress: every command writing a folder."""
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help=resume)
+    again.add_argument("--overwrite", action="store_true", help=overwrite)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_download_arguments(parser: argparse.ArgumentParser) -> None:
     """--image-size, the HTTP policy, --resume / --overwrite and --no-progress: shared by the data commands."""
     parser.add_argument("--image-size", type=_positive_int, metavar="N",
@@ -456,17 +485,14 @@ def _add_download_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retries of a timed-out, dropped or HTTP 5xx/429 request (default 3)")
     parser.add_argument("--backoff", type=_seconds, default=1.0, metavar="S",
                         help="seconds before the first retry, doubled before each next one (default 1)")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue an earlier run into --out: only what is missing or failed is fetched")
-    again.add_argument("--overwrite", action="store_true",
-                       help="start again in an --out that holds something: deletes what this command writes "
-                            "there (nothing else; downloads/ is kept)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_resume_arguments(parser, "continue an earlier run into --out: only what is missing or failed is fetched",
+                          "start again in an --out that holds something: deletes what this command writes there "
+                          "(nothing else; downloads/ is kept)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from blipcore.data.coco2017 import OFFICIAL_ANNOTATIONS_URL
+    from blipcore.data.resized import DEFAULT_QUALITY, DEFAULT_WORKERS, MAX_QUALITY, MIN_SIZE
     from blipcore.decoding import STRATEGY_PRESETS
 
     parser = argparse.ArgumentParser(
@@ -596,10 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     capfilt.add_argument("--batch-size", type=_positive_int, default=32, help="images a batch (default 32)")
     capfilt.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
     capfilt.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    again = capfilt.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue a stopped run in OUT (same settings)")
-    again.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds something")
-    capfilt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_resume_arguments(capfilt, "continue a stopped run in OUT (same settings)",
+                          "start again in an OUT that holds something")
     capfilt.set_defaults(func=cmd_capfilt)
 
     study = sub.add_parser(
@@ -721,8 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
             "2 bad arguments or input (what was written is kept: --resume continues)."
         ),
     )
-    shards.add_argument("--from", dest="source", required=True, metavar="DIR", help="a COCO-caption-format folder")
-    shards.add_argument("--out", required=True, metavar="DIR", help="output folder, e.g. data/flickr8k-shards")
+    _add_source_and_out(shards, "output folder, e.g. data/flickr8k-shards", out_metavar="DIR")
     shards.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
                         help="images a shard (default 1000: ~100-200 MB of COCO photos). Every DDP rank x DataLoader "
                              "worker needs at least one shard")
@@ -731,10 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "nearest-neighbour row reads)")
     shards.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), metavar="N",
                         help="shards written at once (default: the CPU count, at most 8)")
-    again = shards.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="write only the shards that are missing")
-    again.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds something")
-    shards.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_resume_arguments(shards, "write only the shards that are missing",
+                          "start again in an OUT that holds something")
     shards.set_defaults(func=cmd_data_shards)
 
     noise = data_sub.add_parser(
@@ -750,8 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
             "              --fraction 0.3 --train-annotations annotations/captions_official_train.json"
         ),
     )
-    noise.add_argument("--from", dest="source", required=True, metavar="DIR", help="a COCO-caption-format folder")
-    noise.add_argument("--out", required=True, metavar="DIR2", help="the noisy dataset's folder")
+    _add_source_and_out(noise, "the noisy dataset's folder")
     noise.add_argument("--fraction", type=float, required=True,
                        help="share of the training captions to replace, in [0, 1)")
     noise.add_argument("--seed", type=int, default=0, help="which captions are replaced, and by which (default 0)")
@@ -760,6 +780,38 @@ def build_parser() -> argparse.ArgumentParser:
                             "split: annotations/captions_official_train.json)")
     noise.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in OUT")
     noise.set_defaults(func=cmd_data_noise)
+
+    resize = data_sub.add_parser(
+        "resize", help="a copy of a dataset folder with every image shrunk: a pre-resized image cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Copy a COCO-caption-format folder into OUT with every image shrunk so that its shorter side is\n"
+            "--size pixels (aspect kept, Lanczos; images already that small are copied as they are, never\n"
+            "enlarged), under the same path and file name, in the format its extension names (.jpg / .jpeg\n"
+            "JPEG and .webp WebP at --quality, .png, .bmp), RGB. Annotations and every other file are copied\n"
+            "unchanged; links to folders (the image folder of `data noise`'s output) are followed. Training then\n"
+            "decodes small images instead of full-size ones (the CPU preset's 96 px model: --size 128 leaves room\n"
+            "for its random crop), and the copy travels light. Not copied: DIR's bliplab-data.json (OUT gets its\n"
+            "own) and downloads/.\n\n"
+            "An image that does not decode is copied unchanged and named in the summary (training skips it).\n"
+            "exit status: 0 done (undecodable images included); 2 bad arguments or input (--size, --quality, an\n"
+            "OUT inside DIR or one that holds something else, a full disk: what was written is kept, --resume\n"
+            "continues); 130 interrupted (--resume continues).\n\n"
+            "example:  python -m train data resize --from ../shared/data/flickr8k --out data/flickr8k-128 \\\n"
+            "              --size 128"
+        ),
+    )
+    _add_source_and_out(resize, "the resized copy's folder (outside DIR)")
+    resize.add_argument("--size", type=int, required=True, metavar="PX",
+                        help=f"every image's shorter side afterwards, in pixels (at least {MIN_SIZE})")
+    resize.add_argument("--quality", type=int, default=DEFAULT_QUALITY, metavar="Q",
+                        help=f"JPEG and WebP quality, 1-{MAX_QUALITY} (default %(default)s)")
+    resize.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
+                        help="files processed at once (default %(default)s threads: a file mostly waits on the "
+                             "disk)")
+    _add_resume_arguments(resize, "continue an interrupted run into OUT (same settings): write only the missing files",
+                          "start again in an OUT that holds something: deletes what this command writes there")
+    resize.set_defaults(func=cmd_data_resize)
     return parser
 
 
