@@ -344,6 +344,12 @@ def run_capfilt(captioner: str, filter_spec: str, data: str | Path, out: str | P
     cut = cutoff([line[scorer] for line in scored], settings)
     for line in lines:
         line["kept"] = line["origin"] != "unreadable" and line[scorer] >= cut
+    if scored and not any(line["kept"] for line in lines):  # the scores stay in OUT: --resume re-cuts them
+        low, high = min(line[scorer] for line in scored), max(line[scorer] for line in scored)
+        raise CapfiltError(f"the filter kept no caption: every {scorer.upper()} score is below the cut-off {cut:.3f} "
+                           f"(they range from {low:.3f} to {high:.3f}; an ITM head still at chance gives every pair "
+                           "about its training share of positives, 1/3). Lower --threshold, or keep the best-scored "
+                           "share with --keep-fraction; --resume reuses the scores already computed")
     kept_by_image: dict[int, list[str]] = {}
     for line in lines:
         if line["kept"]:

@@ -9,7 +9,7 @@ run with the same data is measured on the same images.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,35 +126,82 @@ def rerank_top_k(sim: np.ndarray, k: int, score_pairs: Callable[[list[tuple[int,
     return scores
 
 
+def first_caption_rows(embedded: dict[str, np.ndarray]) -> np.ndarray:
+    """The row of each evaluation image's first caption among embedded["all_captions"]."""
+    text_to_image = embedded["text_to_image"]
+    return np.array([int(np.argmax(text_to_image == i)) for i in range(len(embedded["image_embeds"]))])
+
+
 @torch.no_grad()
+def image_tokens(model, data: EvalImages, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """The ViT's output tokens of every evaluation image (images, 1+N, vision_width), on the CPU: what the
+    ITM head's cross-attention reads."""
+    return torch.cat([model.encode_image(chunk.to(device))[0].cpu() for chunk in _batches(data.images, batch_size)])
+
+
+@torch.no_grad()
+def itm_match_logits(model, tokens_of_images: torch.Tensor, captions: Sequence[str], pairs: Sequence[tuple[int, int]],
+                     cfg: BlipConfig, device: torch.device, batch_size: int = 128) -> np.ndarray:
+    """The ITM head's match logit of each (image, caption) index pair."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        tokens = tokenize_captions([captions[j] for _, j in chunk], cfg.model.max_text_len)
+        logits = model.itm_logits(tokens_of_images[[i for i, _ in chunk]].to(device), tokens["input_ids"].to(device),
+                                  tokens["attention_mask"].to(device))
+        out.append(logits[:, 1].float().cpu().numpy())
+    return np.concatenate(out) if out else np.empty(0)
+
+
 def itm_reranked_retrieval(
-    model, data: EvalImages, embedded: dict[str, np.ndarray], cfg: BlipConfig, device: torch.device, k: int = 16,
-    batch_size: int = 128,
+    model, embedded: dict[str, np.ndarray], tokens_of_images: torch.Tensor, cfg: BlipConfig, device: torch.device,
+    k: int = 16,
 ) -> dict[str, float]:
     """Retrieval R@K after re-scoring ITC's top-k candidates with the ITM head (match logit + ITC similarity)."""
     sim = embedded["image_embeds"] @ embedded["all_text_embeds"].T  # (images, texts)
     captions = embedded["all_captions"].tolist()
-    image_embeds = torch.cat([model.encode_image(chunk.to(device))[0].cpu() for chunk in _batches(data.images, 64)])
 
     def score_pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
-        out = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            tokens = tokenize_captions([captions[j] for _, j in chunk], cfg.model.max_text_len)
-            logits = model.itm_logits(image_embeds[[i for i, _ in chunk]].to(device), tokens["input_ids"].to(device),
-                                      tokens["attention_mask"].to(device))
-            out.append(logits[:, 1].float().cpu().numpy() + sim[tuple(np.array(chunk).T)])
-        return np.concatenate(out)
+        return itm_match_logits(model, tokens_of_images, captions, pairs, cfg, device) + sim[tuple(np.array(pairs).T)]
 
     reranked = M.retrieval_metrics(rerank_top_k(sim, k, score_pairs), embedded["text_to_image"])
     return {f"itm_{key}": value for key, value in reranked.items()}
+
+
+def mismatched_pairs(embedded: dict[str, np.ndarray], seed: int = 0) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(image, caption) index pairs and whether each matches: every evaluation image with its first caption, and
+    with the first caption of another image drawn at random (seeded, never itself), as CapFilt's planted noise
+    pairs an image with another image's caption."""
+    first = first_caption_rows(embedded)
+    n = len(first)
+    other = (np.arange(n) + np.random.default_rng(seed).integers(1, n, size=n)) % n
+    pairs = [(i, int(first[i])) for i in range(n)] + [(i, int(first[j])) for i, j in enumerate(other)]
+    return pairs, np.r_[np.ones(n, dtype=bool), np.zeros(n, dtype=bool)]
+
+
+def matching_auc(model, embedded: dict[str, np.ndarray], tokens_of_images: torch.Tensor | None, cfg: BlipConfig,
+                 device: torch.device) -> dict[str, float]:
+    """ROC AUC of the ITC similarity (and of the ITM match logit, given the image tokens of a model with an ITM
+    head) at telling the matching pairs of `mismatched_pairs` from the mismatched ones: 0.5 is chance, 1 a
+    perfect filter. Comparable between runs whatever negatives their ITM trained on. {} with under 2 images."""
+    if len(embedded["image_embeds"]) < 2:
+        return {}
+    pairs, matches = mismatched_pairs(embedded)
+    images, texts = np.array(pairs).T
+    itc = (embedded["image_embeds"][images] * embedded["all_text_embeds"][texts]).sum(axis=1)
+    out = {"itc_match_auc": M.roc_auc(itc, matches)}
+    if tokens_of_images is not None:
+        captions = embedded["all_captions"].tolist()
+        out["itm_match_auc"] = M.roc_auc(itm_match_logits(model, tokens_of_images, captions, pairs, cfg, device),
+                                         matches)
+    return out
 
 
 def embeddings_dump(
     embedded: dict[str, np.ndarray], data: EvalImages, temperature: float | None
 ) -> dict[str, np.ndarray]:
     """The npz the dashboard reads: one (image, first caption) pair per row, plus every caption."""
-    first_caption_row = np.array([int(np.argmax(embedded["text_to_image"] == i)) for i in range(len(data.records))])
+    first_caption_row = first_caption_rows(embedded)
     return {
         "image_embeds": embedded["image_embeds"],
         "text_embeds": embedded["all_text_embeds"][first_caption_row],
@@ -312,8 +359,10 @@ def evaluate_model(
         embedded = embed_eval_set(model, data, cfg, device)
         sim = embedded["image_embeds"] @ embedded["all_text_embeds"].T
         result["retrieval"] = M.retrieval_metrics(sim, embedded["text_to_image"])
-        if model.use_itm:
-            result["retrieval"].update(itm_reranked_retrieval(model, data, embedded, cfg, device))
+        tokens_of_images = image_tokens(model, data, device) if model.use_itm else None
+        if tokens_of_images is not None:
+            result["retrieval"].update(itm_reranked_retrieval(model, embedded, tokens_of_images, cfg, device))
+        result["matching"] = matching_auc(model, embedded, tokens_of_images, cfg, device)
         dump = embeddings_dump(embedded, data, float(model.temperature))
     if model.use_lm and strategies:
         n = caption_images if caption_images is not None else cfg.train.eval_caption_images
@@ -330,6 +379,7 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
     <strategy>_<metric> for each decoding strategy and reference row."""
     flat: dict[str, float] = dict(result.get("losses", {}))
     flat.update(result.get("retrieval", {}))
+    flat.update(result.get("matching", {}))
     per_strategy = M.summary_keys("captioning") + M.summary_keys("collapse")
     rows = {**result.get("strategies", {}), **result.get("reference_rows", {})}
     for name, entry in rows.items():

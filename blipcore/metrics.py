@@ -64,7 +64,7 @@ class Metric:
         return new > old if self.better == "higher" else new < old
 
 
-GROUPS = ("record", "loss", "optimisation", "retrieval", "captioning", "collapse")
+GROUPS = ("record", "loss", "optimisation", "retrieval", "matching", "captioning", "collapse")
 RECALL_KS = (1, 5, 10)
 _LOSS_LABELS = {"loss": "total loss", "itc": "ITC loss (image-text contrastive)", "lm": "LM loss (captioning)",
                 "itm": "ITM loss (image-text matching)"}
@@ -92,6 +92,11 @@ _DECLARED: tuple[Metric, ...] = (
              f"{arrow} retrieval: % of queries with a correct match in the top {k}", "retrieval", summary=True,
              headline=k == 1) for d, arrow in _RETRIEVAL_DIRECTIONS.items() for k in RECALL_KS),
     Metric("rsum", "R sum", "higher", ".1f", "sum of the six R@K", "retrieval", summary=True),
+    # matching: can a score tell an image's own caption from another image's (CapFilt's filter task)?
+    *(Metric(f"{scorer}_match_auc", f"{name} match AUC", "higher", ".3f",
+             f"ROC AUC of the {score} at telling each evaluation image's own caption from another image's caption "
+             "drawn at random (0.5 = chance, 1 = a perfect filter)", "matching", summary=True)
+      for scorer, name, score in (("itc", "ITC", "ITC cosine similarity"), ("itm", "ITM", "ITM head's match logit"))),
     # captioning scores (pycocoevalcap, corpus level, fractions)
     *(Metric(f"bleu{n}", f"BLEU-{n}", "higher", ".3f", f"BLEU-{n}: {n}-gram precision against the references",
              "captioning", summary=n == 4) for n in range(1, 5)),

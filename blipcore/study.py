@@ -74,9 +74,11 @@ from .config import BlipConfig, load_preset
 from .data.derived import CAPFILT_SUMMARY
 from .runs import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, atomic_write_bytes, atomic_write_json, read_json
 
-# The table's columns, from the registry: what evaluations log per strategy, and R@1 both ways.
+# The table's columns, from the registry: what evaluations log per strategy, R@1 both ways, and how well ITC
+# and ITM tell an image's own caption from another image's.
 TABLE_METRICS = tuple(m.key for group in ("captioning", "collapse") for m in M.metrics_in(group) if m.summary)
-RETRIEVAL_METRICS = tuple(m.key for m in M.metrics_in("retrieval") if m.headline)
+RETRIEVAL_METRICS = (*(m.key for m in M.metrics_in("retrieval") if m.headline),
+                     *(m.key for m in M.metrics_in("matching")))
 COMPLETE_MARKER = ".complete"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -345,11 +347,12 @@ def _run_command(stage: Stage, plan: Plan, study: Path, base: BlipConfig, comman
 def _fill(text: str, values: dict[str, str], plan: Plan, study: Path) -> str:
     def replace(match: re.Match) -> str:
         key = match.group(1)
-        if key.startswith("run:"):
-            stage, variant, *seed = key[4:].split("/")
+        reference = _RUN_REFERENCE.fullmatch(match.group(0))
+        if reference:
+            stage, variant, seed = reference.groups()
             if not seed and "seed" not in values:
                 raise PlanError(f"{{{key}}} names no seed: {{run:<stage>/<variant>/<seed>}} in a command")
-            return str(run_dir(study, stage, variant, int(seed[0] if seed else values["seed"])))
+            return str(run_dir(study, stage, variant, int(seed or values["seed"])))
         if key not in values:
             known = ", ".join([*values, "run:<stage>/<variant>/<seed>"])
             raise PlanError(f"unknown placeholder {{{key}}} (known: {known})")
@@ -374,8 +377,9 @@ def study_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
             for run, epoch, _, chosen, result in found:
                 entries = {**result.get("strategies", {}), **result.get("reference_rows", {})}
                 for name, entry in entries.items():
-                    values = {**entry.get("metrics", {}), **result.get("retrieval", {}), "epoch": epoch,
-                              "minutes": (run.read_info().get("train_seconds") or 0) / 60, "chosen": name == chosen}
+                    values = {**entry.get("metrics", {}), **result.get("retrieval", {}), **result.get("matching", {}),
+                              "epoch": epoch, "minutes": (run.read_info().get("train_seconds") or 0) / 60,
+                              "chosen": name == chosen}
                     by_row.setdefault(name, []).append(values)
             for name, values in by_row.items():
                 row: dict[str, Any] = {"stage": stage.name, "variant": variant, "decoding": name,

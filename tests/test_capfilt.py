@@ -225,12 +225,18 @@ def test_capfilt_cli_and_its_refusals(tiny_runs_dir, noisy_root, shapes_root, tm
     assert "neither an ITM head" in capsys.readouterr().err and not out.exists()
     assert main(["capfilt", "--captioner", str(no_decoder), *args[3:], "--out", str(out)]) == 2
     assert "has no decoder" in capsys.readouterr().err and not out.exists()
-    # the command itself, the ITM threshold by default, originals only
-    assert main([*args, "--out", str(out), "--synthetic", "0"]) == 0
+    # the command itself, originals only: the ITM threshold 0.5 by default, which keeps nothing from this tiny
+    # run's ITM head (at chance, p(match) ~ 1/3 for every pair): refused with the scores' range, and --resume
+    # re-cuts the scores kept in OUT
+    assert main([*args, "--out", str(out), "--synthetic", "0"]) == 2
+    assert "kept no caption: every ITM score is below the cut-off 0.500" in capsys.readouterr().err
+    assert not (out / CAPFILT_SUMMARY).exists()
+    assert main([*args, "--out", str(out), "--synthetic", "0", "--keep-fraction", "0.5", "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "planted captions found by itm: ROC AUC" in printed and "train on it with" in printed
     summary = json.loads((out / CAPFILT_SUMMARY).read_text())
-    assert summary["threshold"] is None and summary["cutoff"] == 0.5 and summary["counts"]["synthetic"] == 0
+    assert summary["keep_fraction"] == 0.5 and summary["counts"]["synthetic"] == 0
+    assert summary["counts"]["kept_original"] >= summary["counts"]["original"] / 2
 
 
 # --- the loop as a study plan ---------------------------------------------------------------------------------

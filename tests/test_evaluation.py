@@ -6,13 +6,22 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from blipcore import BLIP
 from blipcore import metrics as M
 from blipcore.data import build_datasets
-from blipcore.evaluation import eval_images, evaluate_model, most_frequent_row, rerank_top_k, summary_metrics
-from tests.conftest import small_cfg
+from blipcore.evaluation import (
+    eval_images,
+    evaluate_model,
+    matching_auc,
+    mismatched_pairs,
+    most_frequent_row,
+    rerank_top_k,
+    summary_metrics,
+)
+from tests.conftest import small_cfg, tiny_config
 
 
 def test_reranking_with_an_oracle_fixes_every_pair_inside_the_top_k():
@@ -33,6 +42,50 @@ def test_itm_reranking_runs_on_a_model_with_an_itm_head(shapes_root):
     torch.manual_seed(0)
     result, _ = evaluate_model(BLIP(cfg), cfg, build_datasets(cfg), torch.device("cpu"), strategies=[], progress=False)
     assert {"itm_i2t_r1", "itm_t2i_r10", "itm_rsum"} <= set(result["retrieval"])
+    assert set(result["matching"]) == {"itc_match_auc", "itm_match_auc"}
+    assert all(0.0 <= value <= 1.0 for value in result["matching"].values())
+    assert set(result["matching"]) <= set(summary_metrics(result))
+
+
+def _embedded(image_embeds: np.ndarray, text_embeds: np.ndarray, captions_per_image: int) -> dict[str, np.ndarray]:
+    n = len(image_embeds)
+    return {"image_embeds": image_embeds, "all_text_embeds": text_embeds,
+            "text_to_image": np.repeat(np.arange(n), captions_per_image),
+            "all_captions": np.array([f"caption {j}" for j in range(n * captions_per_image)])}
+
+
+def test_mismatched_pairs_give_each_image_its_first_caption_and_another_images():
+    embedded = _embedded(np.zeros((7, 4)), np.zeros((21, 4)), captions_per_image=3)
+    pairs, matches = mismatched_pairs(embedded)
+    assert matches.tolist() == [True] * 7 + [False] * 7
+    assert pairs[:7] == [(i, 3 * i) for i in range(7)]
+    for image, text in pairs[7:]:
+        assert text % 3 == 0 and embedded["text_to_image"][text] != image
+    assert [image for image, _ in pairs[7:]] == list(range(7))
+    assert mismatched_pairs(embedded)[0] == pairs  # seeded: the same pairs at every evaluation
+
+
+def test_match_auc_is_the_roc_auc_of_the_scores_of_matching_against_mismatched_pairs():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(40, 8))
+    texts = np.repeat(images, 2, axis=0) + rng.normal(scale=2.0, size=(80, 8))  # noisy copies: informative
+    embedded = _embedded(images, texts, captions_per_image=2)
+    pairs, matches = mismatched_pairs(embedded)
+    scores = [float(images[i] @ texts[j]) for i, j in pairs]
+
+    class ConstantItm:  # an ITM head that says the same for every pair: chance
+        def itm_logits(self, image_tokens, input_ids, attention_mask):
+            return torch.zeros(len(input_ids), 2)
+
+    cfg = tiny_config()
+    result = matching_auc(ConstantItm(), embedded, torch.zeros(40, 3, 4), cfg, torch.device("cpu"))
+    assert result["itc_match_auc"] == pytest.approx(roc_auc_score(matches, scores))
+    assert 0.6 < result["itc_match_auc"] < 1.0
+    assert result["itm_match_auc"] == 0.5
+    perfect = _embedded(np.eye(6), np.eye(6), captions_per_image=1)
+    assert matching_auc(None, perfect, None, cfg, torch.device("cpu")) == {"itc_match_auc": 1.0}
 
 
 def test_reference_row_is_computed_once_per_data(shapes_root):

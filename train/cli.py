@@ -179,6 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         retrieval = result.get("retrieval")
         if retrieval:
             print("retrieval  " + "  ".join(f"{k}={v:.1f}" for k, v in retrieval.items()))
+        matching = result.get("matching")
+        if matching:
+            print("matching   " + "  ".join(f"{k}={v:.3f}" for k, v in matching.items()))
         print("summary    " + json.dumps({k: round(v, 4) for k, v in summary_metrics(result).items()}))
     return 0
 

@@ -27,7 +27,9 @@ RETRIEVAL_PANELS = tuple(
     Panel(f"{direction} retrieval R@K (%)", tuple(Line(m.key, f"R@{k}", smooth=False, dash=figures.DASHES[i])
                                                  for i, (k, m) in enumerate(by_k.items())))
     for direction, by_k in figures.recall_metrics().items()
-)
+) + (Panel("match ROC AUC (0.5 = chance)", tuple(Line(m.key, m.label.removesuffix(" match AUC"), smooth=False,
+                                                      dash=figures.DASHES[i])
+                                                 for i, m in enumerate(metrics_in("matching")))),)
 # The captioning and collapse metrics that val lines hold per decoding strategy (`<strategy>_<key>`) and that
 # have a better direction (the mean length has none): one panel each.
 CAPTION_METRICS = tuple(m for group in ("captioning", "collapse") for m in metrics_in(group)
@@ -83,7 +85,9 @@ def charts(runs: list[RunDir], x: str, smoothing: float) -> None:
         ("Optimisation", OPTIMISER_PANELS, "Temperature τ is learned: it sharpens the ITC softmax as alignment "
          "improves. Gradient-norm spikes often come just before a loss blow-up."),
         ("Retrieval", RETRIEVAL_PANELS, "Validation, per epoch: can the ITC embeddings find an image's caption "
-         "among all captions of the evaluation set (and back)? Chance R@1 is 100/N %."),
+         "among all captions of the evaluation set (and back)? Chance R@1 is 100/N %. Match AUC: can ITC's "
+         "similarity and ITM's match score tell an image's own caption from another image's (CapFilt's filter "
+         "task)? 0.5 is chance."),
         ("Captioning and collapse", caption_panels(frames), "Validation, per epoch, one dash per decoding "
          "strategy. Collapse: repetition rate and the most-common-caption share go up, distinct-1 goes down."),
     )
