@@ -77,7 +77,6 @@ VARIANTS: dict[str, dict[str, float]] = {
     "ours_itc_lm": {"model.itc_weight": 1.0, "model.lm_weight": 1.0, "model.itm_weight": 0.0},
     "ours_itc_lm_itm": {"model.itc_weight": 1.0, "model.lm_weight": 1.0, "model.itm_weight": 1.0},
 }
-MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # the hardware reference: an n x n matmul, in the step's precision
 CAPTION = "two small red circles to the left of a large blue square on a gray background"
 REAL_CAPTIONS = "../shared/data/coco-mini/annotations/captions_train.json"
 BEAMS = 3
@@ -212,7 +211,7 @@ def matmul_reference(
 ) -> tuple[Callable[[int], object], int]:
     """The hardware reference: a contender doing `reps` n x n matmuls on all threads (n = MATMUL_SIZE), and
     the FLOPs of one call."""
-    n = MATMUL_SIZE[device.type]
+    n = speed.MATMUL_SIZE[device.type]
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
 
     def run(_round: int) -> None:
@@ -413,7 +412,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "matmul_n": MATMUL_SIZE[device.type],
+        "matmul_n": speed.MATMUL_SIZE[device.type],
         "matmul_gflops": {str(dtype).removeprefix("torch."): matmul_flops_per_s(device, dtype) / 1e9
                           for dtype in dtypes},
     }

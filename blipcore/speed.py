@@ -29,13 +29,18 @@ PROBE_SIZE = 512
 BF16_MIN_SPEEDUP = 2.0
 
 
+# The hardware reference of the benchmarks: an n x n matmul on all threads, n by device type.
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
 @functools.cache
-def matmul_gflops(device_type: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
-    """GFLOP/s of a size x size fp32 matmul on all threads (best of `repeats`), once per process: the
+def matmul_gflops(device_type: str = "cpu", size: int = 2048, repeats: int = 3,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a size x size matmul in `dtype` on all threads (best of `repeats`), once per process: the
     hardware number a run's minutes are read against (run.json's device, the README's Results)."""
     device = torch.device(device_type)
     generator = torch.Generator(device).manual_seed(0)  # its own: measuring never moves a run's random stream
-    a, b = (torch.randn(size, size, device=device, generator=generator) for _ in range(2))
+    a, b = (torch.randn(size, size, device=device, generator=generator).to(dtype) for _ in range(2))
 
     def run() -> None:
         torch.mm(a, b)

@@ -8,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from blipcore import BLIP
+from blipcore import BLIP, BlipConfig
+from blipcore import losses as blip_losses
 from blipcore.flops import training_flops, training_step_flops
 from blipcore.tokenizer import tokenize_captions
 from tests.conftest import REPO_ROOT, SHARED, tiny_config
@@ -26,13 +28,18 @@ TINY = ["--presets", "tiny", "--steps", "2", "--warmup", "1", "--new-tokens", "4
 CONTENDERS = ("ours_lm", "hf_lm", "ours_itc_lm", "ours_itc_lm_itm")
 
 
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_vs_hf_blip", BENCH)
+def load_script(name: str, path: Path) -> ModuleType:
+    """A benchmark script imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_script("bench_vs_hf_blip", BENCH)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +128,9 @@ def test_table_prints(bench: ModuleType, report: dict[str, Any], capsys: pytest.
     ids=["lm", "itc", "itc+lm", "itc+lm+itm", "momentum", "text-only-lm"],
 )
 @pytest.mark.parametrize("padded", [False, True], ids=["full-length", "padded"])
-def test_flops_match_torch_flop_counter(losses: dict[str, Any], padded: bool) -> None:
+def test_flops_match_torch_flop_counter(
+    losses: dict[str, Any], padded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """blipcore.flops against torch.utils.flop_counter.FlopCounterMode over one forward + backward.
 
     Both count matrix products only: the linear layers, the patch embedding's convolution (its backward
@@ -130,7 +139,8 @@ def test_flops_match_torch_flop_counter(losses: dict[str, Any], padded: bool) ->
     counts ITC's B x B similarity products, which blipcore.flops leaves out (< 0.1% here). SDPA runs in its
     math backend: torch has no FLOP formula for the CPU flash kernel and would count attention as 0.
     Checked: the whole step, the step without the LM head (the vocabulary head dominates a tiny model), the
-    ViT alone, all within 10% (they agree to 0.1%).
+    ViT alone, all within 10% (they agree to 0.1%). The counter sees the fused LM head's matmuls in its
+    forward (torch.addmm with out=, which it counts; addmm_ it would not).
     """
     torch.manual_seed(0)
     cfg = tiny_config(image_size=64, patch_size=8, vision_width=32, text_width=32, vision_depth=2,
@@ -141,6 +151,18 @@ def test_flops_match_torch_flop_counter(losses: dict[str, Any], padded: bool) ->
     tokens = tokenize_captions(captions, cfg.model.max_text_len)
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     counter = FlopCounterMode(display=False, depth=None)
+    # The LM head runs fused with its loss, gradients included, outside the lm_head module: counted as the
+    # counter's growth during each call of blipcore.losses.linear_cross_entropy.
+    lm_head_flops = []
+    fused = blip_losses.linear_cross_entropy
+
+    def counted_fused(*args: Any) -> torch.Tensor:
+        before = counter.get_total_flops()
+        total = fused(*args)
+        lm_head_flops.append(counter.get_total_flops() - before)
+        return total
+
+    monkeypatch.setattr(blip_losses, "linear_cross_entropy", counted_fused)
     with sdpa_kernel(SDPBackend.MATH), counter:
         model(torch.randn(4, 3, 64, 64), ids, mask)["loss"].backward()
     counted = {module: sum(counts.values()) for module, counts in counter.get_flop_counts().items()}
@@ -149,6 +171,93 @@ def test_flops_match_torch_flop_counter(losses: dict[str, Any], padded: bool) ->
     parts = training_flops(cfg, 4, ids.shape[1], targets)
     assert sum(parts.values()) == training_step_flops(cfg, 4, ids.shape[1], targets)
     assert sum(parts.values()) == pytest.approx(counted["Global"], rel=0.10)
-    lm_head = counted.get("BLIP.text_decoder.lm_head", 0)
+    lm_head = sum(lm_head_flops)
     assert sum(parts.values()) - parts.get("lm_head", 0) == pytest.approx(counted["Global"] - lm_head, rel=0.10)
     assert parts.get("vision", 0) == pytest.approx(counted.get("BLIP.visual_encoder", 0), rel=0.10)
+
+
+# --- benchmarks/profile_step.py: the torch.profiler breakdown of one training step -----------------------
+PROFILE = REPO_ROOT / "benchmarks" / "profile_step.py"
+PROFILE_TINY = [
+    "--preset", "demo", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--top", "8", "--json",
+    *(f"--set=model.{key}={value}" for key, value in {
+        "image_size": 32, "patch_size": 8, "vision_width": 64, "vision_depth": 1, "vision_heads": 2,
+        "text_width": 64, "text_encoder_depth": 1, "text_decoder_depth": 1, "text_heads": 2, "max_text_len": 16,
+        "embed_dim": 32, "itm_weight": 1, "momentum_encoder": "true", "queue_size": 64}.items()),
+]
+# every region of a step with ITC + LM + ITM and the momentum encoder, in the report's order
+PROFILE_REGIONS = ("vision_encoder", "text_encoder", "itc_loss", "itm", "decoder", "lm_head_loss", "momentum_update",
+                   "momentum_encoder", "forward_other", "backward", "clip_grad_norm", "optimizer_step", "zero_grad",
+                   "other")
+
+
+@pytest.fixture(scope="module")
+def profiler() -> ModuleType:
+    return load_script("profile_step", PROFILE)
+
+
+@pytest.fixture(scope="module")
+def profile_report(profiler: ModuleType) -> tuple[dict[str, Any], str]:
+    """One tiny profiled step in this process (seconds): the report and its JSON as printed."""
+    args = profiler.build_parser().parse_args(PROFILE_TINY)
+    report, operators = profiler.profile_step(args)
+    return report, operators
+
+
+def test_profile_step_regions(profile_report: tuple[dict[str, Any], str]) -> None:
+    report, _ = profile_report
+    assert report["settings"]["batch_size"] == 4 and report["settings"]["steps"] == 1
+    assert report["settings"]["precision"] == "fp32"  # conftest: BLIPLAB_CPU_BF16=0
+    assert report["model"]["itm_weight"] == 1 and report["model"]["momentum_encoder"] is True
+    assert report["machine"]["cpu"] and report["machine"]["torch_threads"] >= 1
+    regions = report["regions"]
+    assert tuple(regions) == PROFILE_REGIONS
+    step = report["step_ms"]
+    assert step > 0 and report["unprofiled_step_ms"] > 0
+    for name, row in regions.items():
+        if name in ("forward_other", "other"):  # the rest of the forward, of the step: never negative
+            assert row["ms"] >= -1e-3, (name, row)
+        else:
+            assert row["ms"] > 0 and row["calls"] >= 1, (name, row)
+        assert row["share"] == pytest.approx(row["ms"] / step)
+    # the rows partition the step: the named regions and the two "other" rows add up to it
+    assert sum(row["ms"] for row in regions.values()) == pytest.approx(step, rel=1e-6)
+    assert sum(row["share"] for row in regions.values()) == pytest.approx(1.0, rel=1e-6)
+    forward_parts = [row["ms"] for name, row in regions.items() if PROFILE_REGIONS.index(name) < 8]
+    assert sum(forward_parts) <= report["forward_ms"] * (1 + 1e-6) < step
+    # the regions cover the step: what falls outside them (loss checks, Python between regions) is small
+    assert regions["other"]["share"] < 0.5
+    assert regions["backward"]["gflop"] > 0 and regions["decoder"]["gflops_per_s"] > 0
+
+
+def test_profile_step_flops_and_operators(profile_report: tuple[dict[str, Any], str], profiler: ModuleType) -> None:
+    report, operators = profile_report
+    flops = report["flops"]
+    cfg = BlipConfig.preset("demo").override_strings([s.removeprefix("--set=") for s in PROFILE_TINY
+                                                      if s.startswith("--set=")])
+    assert flops["step_gflop"] == pytest.approx(training_step_flops(cfg, 4, 16) / 1e9)
+    assert flops["matmul_gflops"]["float32"] > 0 and flops["step_dtype"] == "float32"
+    assert flops["gflops_per_s"] == pytest.approx(flops["step_gflop"] / (report["unprofiled_step_ms"] / 1e3))
+    assert flops["hardware_ratio"] == pytest.approx(flops["gflops_per_s"] / flops["matmul_gflops"]["float32"])
+    assert flops["hardware_ratio"] > 0 and flops["hardware_ratio_step_dtype"] == flops["hardware_ratio"]
+    ops = report["operators"]
+    assert 0 < len(ops) <= 8 and not any(op["name"].startswith("blip::") for op in ops)
+    assert all(op["self_cpu_ms"] > 0 for op in ops)
+    assert [op["self_cpu_ms"] for op in ops] == sorted((op["self_cpu_ms"] for op in ops), reverse=True)
+    assert "Self CPU" in operators and "aten::" in operators
+    json.dumps(report)  # --json prints it as it is
+
+
+def test_profile_step_prints(profile_report: tuple[dict[str, Any], str], profiler: ModuleType,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    profiler.print_report(*profile_report)
+    out = capsys.readouterr().out
+    assert "vision encoder" in out and "LM head + loss" in out and "optimizer.step" in out
+    assert "GFLOP/s" in out and "Self CPU" in out
+
+
+def test_profile_step_refuses_unknown_names(profiler: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert profiler.main(["--preset", "no-such-preset", "--json"]) == 2
+    assert profiler.main(["--preset", "demo", "--set", "model.no_such_field=1", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'no-such-preset'" in err and "no_such_field" in err

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from blipcore import losses
@@ -50,6 +51,48 @@ def test_lm_loss_ignores_prompt_and_padding():
     logits = head(hidden)
     expected = torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 4]))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_cross_entropy_matches_torch_in_value_and_gradients(monkeypatch, smoothing, bias):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 64 * 300)  # chunks of 64 rows: 3 chunks, the last one short
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(150, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 16, generator=generator, requires_grad=True)
+    bias_ = torch.randn(300, generator=generator, requires_grad=True) if bias else None
+    targets = torch.randint(0, 300, (150,), generator=generator)
+    inputs = [hidden, weight] + ([bias_] if bias else [])
+    reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias_), targets,
+                                                  label_smoothing=smoothing, reduction="sum")
+    fused = losses.linear_cross_entropy(hidden, weight, bias_, targets, smoothing)
+    torch.testing.assert_close(fused, reference)
+    for got, expected in zip(torch.autograd.grad(0.3 * fused, inputs), torch.autograd.grad(0.3 * reference, inputs),
+                             strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lm_loss_is_fused_when_training_and_equal_either_way(monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 6))
+    labels[:, :2], labels[2, 4:] = -100, -100
+    calls = []
+    fused = losses.linear_cross_entropy
+    monkeypatch.setattr(losses, "linear_cross_entropy", lambda *args: calls.append(1) or fused(*args))
+    trained = losses.lm_loss(hidden, labels, head, label_smoothing=0.1)
+    assert calls == [1]
+    with torch.no_grad():
+        evaluated = losses.lm_loss(hidden, labels, head, label_smoothing=0.1)
+    assert calls == [1]  # no gradient wanted: plain cross-entropy, no gradients computed in the forward
+    torch.testing.assert_close(trained, evaluated)
+    trained.backward()
+    plain = hidden.detach().requires_grad_()
+    keep = labels[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(head(plain[:, :-1])[keep], labels[:, 1:][keep], label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(hidden.grad, plain.grad)
 
 
 def test_negatives_never_pick_the_same_image():
