@@ -100,6 +100,8 @@ def test_decoding_and_memory(report: dict[str, Any]) -> None:
         assert row["ours_s"] == pytest.approx(statistics.median(row["ours_rounds_s"]))
         assert row["hf_s"] == pytest.approx(statistics.median(row["hf_rounds_s"]))
         assert row["ratio"] == pytest.approx(row["hf_s"] / row["ours_s"])
+        assert row["ceiling"] == pytest.approx(row["hf_s"] / decoding["image_encoding_s"])
+    assert decoding["image_encoding_s"] > 0
     memory = size["memory"]
     assert memory["kind"] == "max RSS"
     for phase in ("decode", "train"):
