@@ -106,8 +106,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """The trainer's AdamW over `model` (see parameter_groups); benchmarks build theirs here too."""
-    return torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas))
+    """The trainer's AdamW over `model` (see parameter_groups); benchmarks build theirs here too.
+
+    Fused (one kernel pass over every parameter) where torch has a fused AdamW for the parameters' device
+    (CPU and CUDA): the same update as torch's default, which on a CPU loops tensor by tensor (flickr8k-cpu's
+    247 tensors: ~80 ms a step on two cores against ~10 ms fused). Elsewhere, torch's default."""
+    groups = parameter_groups(model, train.weight_decay)
+    settings = {"lr": train.lr, "betas": tuple(train.betas)}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **settings)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, **settings)
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -3,6 +3,7 @@ handling and overwrite protection, on a tiny model and a tiny generated dataset.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,8 +16,9 @@ import torch
 
 from blipcore import losses
 from blipcore.config import BlipConfig
+from blipcore.model import BLIP
 from blipcore.runs import RunDir, RunError
-from blipcore.trainer import NonFiniteLossError, Trainer
+from blipcore.trainer import NonFiniteLossError, Trainer, build_optimizer, parameter_groups
 from tests.conftest import REPO_ROOT, photos_cfg, small_cfg, tiny_config
 
 
@@ -241,6 +243,30 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_temperature():
             "visual_encoder.norm.weight", "visual_encoder.patch_embed.bias"} <= no_decay_names
     assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_the_optimizer_is_fused_adamw_with_the_reference_update():
+    """build_optimizer's fused AdamW (chosen where torch has the kernel: the CPU here) makes the same updates as
+    torch's default per-tensor AdamW over the same parameter groups."""
+    cfg = tiny_config()
+    fused_model = BLIP(cfg.model)
+    reference_model = copy.deepcopy(fused_model)
+    fused = build_optimizer(fused_model, cfg.train)
+    reference = torch.optim.AdamW(parameter_groups(reference_model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=tuple(cfg.train.betas), foreach=False)
+    assert fused.defaults["fused"] and [len(g["params"]) for g in fused.param_groups] == [
+        len(g["params"]) for g in reference.param_groups]
+    initial = [p.detach().clone() for p in fused_model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(fused_model.parameters(), reference_model.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        fused.step()
+        reference.step()
+    for a, b in zip(fused_model.parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(fused_model.parameters(), initial, strict=True))
 
 
 def test_gradient_accumulation_counts_optimizer_steps(shapes_root, tmp_path):
