@@ -25,6 +25,7 @@ smaller), of medians; every round's time is in the JSON (`rounds_s`) to show the
     python benchmarks/bench_vs_hf_blip.py                            # table: demo (batch 32), seed (batch 8)
     python benchmarks/bench_vs_hf_blip.py --json > speed.json        # the same, as one JSON object
     python benchmarks/bench_vs_hf_blip.py --presets vit-b16 --device cuda   # ViT-B/16 size, batch 64
+    python benchmarks/bench_vs_hf_blip.py --presets seed --compile  # + ours under torch.compile
     python benchmarks/bench_vs_hf_blip.py --presets tiny --steps 2 --warmup 1 --new-tokens 4   # seconds (tests)
 """
 
@@ -77,6 +78,7 @@ VARIANTS: dict[str, dict[str, float]] = {
     "ours_itc_lm": {"model.itc_weight": 1.0, "model.lm_weight": 1.0, "model.itm_weight": 0.0},
     "ours_itc_lm_itm": {"model.itc_weight": 1.0, "model.lm_weight": 1.0, "model.itm_weight": 1.0},
 }
+COMPILED = "ours_lm_compiled"  # with --compile: ours_lm under torch.compile, a contender of its own
 CAPTION = "two small red circles to the left of a large blue square on a gray background"
 REAL_CAPTIONS = "../shared/data/coco-mini/annotations/captions_train.json"
 BEAMS = 3
@@ -305,6 +307,8 @@ def measure_training(
         flops = statistics.mean(b.flops(cfgs[name]) for b in timed_batches)
         report[name] = seconds_summary(times[name], size, flops, report["matmul_gflops"] * 1e9)
     report["ratio"] = report["hf_lm"]["step_s"] / report["ours_lm"]["step_s"]
+    if COMPILED in report:
+        report["compile_speedup"] = report["ours_lm"]["step_s"] / report[COMPILED]["step_s"]
     return report
 
 
@@ -437,8 +441,13 @@ def measure_size(name: str, args: argparse.Namespace, device: torch.device) -> d
     cfgs = {variant: cfg.override(fields) for variant, fields in VARIANTS.items()}
     torch.manual_seed(0)
     models: dict[str, nn.Module] = {variant: BLIP(c).to(device) for variant, c in cfgs.items()}
-    models["hf_lm"], cfgs["hf_lm"] = hf_peer(cfg).to(device), cfgs["ours_lm"]
     ours: BLIP = models["ours_lm"]  # type: ignore[assignment]
+    if args.compile:  # ours_lm's weights, its forward and backward compiled by torch.compile (inductor)
+        compiled = BLIP(cfgs["ours_lm"]).to(device)
+        compiled.load_state_dict(ours.state_dict())
+        compiled.compile()
+        models[COMPILED], cfgs[COMPILED] = compiled, cfgs["ours_lm"]
+    models["hf_lm"], cfgs["hf_lm"] = hf_peer(cfg).to(device), cfgs["ours_lm"]
     m, precision = cfg.model, Precision.of(cfg, device)
     report: dict[str, Any] = {
         "batch_size": size,
@@ -483,7 +492,8 @@ def print_table(report: dict[str, Any]) -> None:
             ours, hf = t["ours_lm"], t["hf_lm"]
             print(f"  {label + ', LM':44s} {ours['samples_per_s']:8.2f} {hf['samples_per_s']:8.2f} {t['ratio']:6.2f}  "
                   f"{ours['hardware_ratio']:.0%}, HF {hf['hardware_ratio']:.0%} of {t['matmul_gflops']:.0f} GFLOP/s")
-            for variant, what in (("ours_itc_lm", "ITC + LM"), ("ours_itc_lm_itm", "ITC + LM + ITM")):
+            variants = (("ours_itc_lm", "ITC + LM"), ("ours_itc_lm_itm", "ITC + LM + ITM"), (COMPILED, "LM, compiled"))
+            for variant, what in (v for v in variants if v[0] in t):
                 print(f"  {'  ' + what:44s} {t[variant]['samples_per_s']:8.2f} {'':8s} {'':6s}  "
                       f"{t[variant]['hardware_ratio']:.0%}")
         d = size["decoding"]
@@ -511,6 +521,9 @@ def main() -> None:
     parser.add_argument("--decode-images", type=int, default=8, help="images captioned at once")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours_lm under torch.compile (a contender of its own; its compilation "
+                             "falls in the warm-up rounds, minutes on a CPU)")
     parser.add_argument("--child", choices=("ours", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -525,7 +538,7 @@ def main() -> None:
     device = torch.device(args.device)
     report: dict[str, Any] = {
         "machine": machine(device),
-        "settings": {key: getattr(args, key) for key in ("steps", "warmup", "new_tokens", "decode_images")}
+        "settings": {key: getattr(args, key) for key in ("steps", "warmup", "new_tokens", "decode_images", "compile")}
         | {"beams": BEAMS},
         "presets": {name: measure_size(name, args, device) for name in names},
     }
