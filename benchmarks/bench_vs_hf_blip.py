@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 import blipcore._torchvision  # noqa: F401 - HF's BLIP imports torchvision, which needs the CPU shim
 from blipcore import BLIP, BlipConfig, speed
-from blipcore.decoding import DecodingConfig, generate
+from blipcore.decoding import DecodingConfig, encode_for_decoding, generate
 from blipcore.flops import training_step_flops
 from blipcore.paths import project_path
 from blipcore.tokenizer import special_ids, tokenize_captions
@@ -256,13 +256,12 @@ def ours_decode(model: BLIP, images: Tensor, beams: int, new_tokens: int, precis
     return min(len(caption.tokens) for caption in captions)
 
 
-def ours_image_encoding(model: BLIP, images: Tensor, precision: Precision) -> None:
-    """The ViT forward that every caption starts from, as generate() runs it (same weights and precision):
-    the part of decoding both models do alike, which bounds how far a faster decoding loop can go."""
+def ours_image_encoding(model: BLIP, images: Tensor) -> None:
+    """The ViT forward that every caption starts from, generate()'s own (blipcore.decoding.encode_for_decoding,
+    same weights and precision): the part of decoding both models do alike, which bounds how far a faster
+    decoding loop can go."""
     with torch.inference_mode():
-        dtype = precision.decode
-        copy = model if dtype is None else speed.inference_copy(model, dtype)
-        copy.encode_image(images.to(dtype or images.dtype))
+        encode_for_decoding(model, images)
 
 
 def hf_decode(model: nn.Module, images: Tensor, beams: int, new_tokens: int, precision: Precision) -> int:
@@ -330,7 +329,7 @@ def measure_decoding(
     for name, decode in contenders.items():
         if (length := decode(0)) != n:
             raise RuntimeError(f"{name} generated {length} tokens, not {n}")
-    contenders["image_encoding"] = lambda _round: ours_image_encoding(ours, images, precision)
+    contenders["image_encoding"] = lambda _round: ours_image_encoding(ours, images)
     times = alternate(contenders, args.steps, args.warmup, images.device)
     image_s = statistics.median(times["image_encoding"])
     report: dict[str, Any] = {"images": len(images), "new_tokens": n, "image_encoding_s": image_s}

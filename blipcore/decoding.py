@@ -321,13 +321,21 @@ def generate(model: BLIP, images: Tensor, cfg: DecodingConfig | str = "greedy", 
         model.train(was_training)
 
 
-@torch.inference_mode()
-def _generate(model: BLIP, images: Tensor, cfg: DecodingConfig) -> list[Caption]:
+def encode_for_decoding(model: BLIP, images: Tensor, precision: str = "auto") -> tuple[BLIP, Tensor]:
+    """The model that decodes in `precision` (itself, or its cached bf16 copy where that wins here) and the image
+    tokens (B, 1+N, vision_width) it decodes from: what every strategy runs before its first token."""
     device = next(model.parameters()).device
-    dtype = autocast_dtype(device, cfg.precision)
+    dtype = autocast_dtype(device, precision)
     if dtype is not None:
         model = inference_copy(model, dtype)
     image_embeds, _ = model.encode_image(images.to(device, dtype or images.dtype))
+    return model, image_embeds
+
+
+@torch.inference_mode()
+def _generate(model: BLIP, images: Tensor, cfg: DecodingConfig) -> list[Caption]:
+    model, image_embeds = encode_for_decoding(model, images, cfg.precision)
+    device = image_embeds.device
     prefix = model.decoder_prefix(len(images), device)
     if not cfg.use_prompt:
         prefix = prefix[:, :1]
