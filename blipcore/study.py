@@ -54,6 +54,18 @@ starts from another's weights (decoder pretraining, then the full recipe):
     decoder-pretrained = { "train.init" = "{run:pretraining/text-lm}", "train.max_steps" = 600 }
 
 Selecting a run (--only) selects the runs its settings name.
+
+A plan may ask one question of its table: how much of what one variant lost against another does a third win
+back (CapFilt: of the CIDEr that noisy captions cost, how much does retraining on the bootstrapped data
+recover?). Each run counts with its reported number (its dev-chosen checkpoint and decoding strategy):
+
+    [recovery]
+    metric = "cider"
+    reference = "clean/tuned"          # stage/variant: the undamaged run
+    degraded = "noisy/tuned"           # the damaged one
+    treated = "bootstrapped/tuned"     # the repair
+    target = 0.5                       # share of the cost it must win back ...
+    # ... judged only where the cost exceeds two standard deviations over seeds (of reference and degraded)
 """
 
 from __future__ import annotations
@@ -101,12 +113,26 @@ class Stage:
 
 
 @dataclass
+class Recovery:
+    """How much of what `degraded` lost against `reference` in `metric` the `treated` variant wins back."""
+    metric: str
+    reference: tuple[str, str]  # (stage, variant)
+    degraded: tuple[str, str]
+    treated: tuple[str, str]
+    target: float = 0.5  # share of the cost to win back, judged where the cost exceeds 2 sd over seeds
+
+
+RECOVERY_ROLES = ("reference", "degraded", "treated")
+
+
+@dataclass
 class Plan:
     name: str
     preset: str
     seeds: list[int]
     overrides: dict[str, Any]
     stages: list[Stage]
+    recovery: Recovery | None = None
 
     def base_config(self) -> BlipConfig:
         return load_preset(self.preset).override(self.overrides)
@@ -128,9 +154,9 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
     def fail(message: str) -> PlanError:
         return PlanError(f"{source}: {message}")
 
-    unknown = sorted(set(table) - {"name", "preset", "seeds", "set", "stage"})
+    unknown = sorted(set(table) - {"name", "preset", "seeds", "set", "stage", "recovery"})
     if unknown:
-        raise fail(f"unknown key(s) {', '.join(unknown)} (known: name, preset, seeds, set, stage)")
+        raise fail(f"unknown key(s) {', '.join(unknown)} (known: name, preset, seeds, set, stage, recovery)")
     seeds = table.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise fail(f"seeds must be a non-empty list of whole numbers >= 0, got {seeds!r}")
@@ -161,6 +187,8 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
                 if (ref_stage, ref_variant) not in earlier:
                     raise fail(f"variant {variant!r} of stage {stage.name!r} names run {ref_stage}/{ref_variant}, "
                                "which is not a variant of an earlier training stage")
+    if "recovery" in table:
+        plan.recovery = _parse_recovery(table["recovery"], stages, fail)
     return plan
 
 
@@ -200,6 +228,31 @@ def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str],
     if data is not None and data not in produced:
         raise fail(f"stage {name!r}: data = {data!r} is not an earlier command stage")
     return Stage(name, variants=dict(variants), data=data)
+
+
+def _parse_recovery(raw: Any, stages: list[Stage], fail: Callable[[str], PlanError]) -> Recovery:
+    if not isinstance(raw, dict):
+        raise fail("[recovery] must be a table")
+    unknown = sorted(set(raw) - {"metric", *RECOVERY_ROLES, "target"})
+    if unknown:
+        raise fail(f"[recovery]: unknown key(s) {', '.join(unknown)} (known: metric, {', '.join(RECOVERY_ROLES)}, "
+                   "target)")
+    key = raw.get("metric", "cider")
+    declared = M.metric(key) if isinstance(key, str) else None
+    if key not in TABLE_METRICS or declared is None or declared.better is None:
+        raise fail(f"[recovery]: metric {key!r} is not a table metric with a better direction "
+                   f"(one of {', '.join(k for k in TABLE_METRICS if M.metric(k).better)})")
+    runs = {f"{s.name}/{v}" for s in stages if s.trains for v in s.variants}
+    named = []
+    for role in RECOVERY_ROLES:
+        value = raw.get(role)
+        if value not in runs:
+            raise fail(f"[recovery]: {role} = {value!r} is not a stage/variant of the plan ({', '.join(sorted(runs))})")
+        named.append(tuple(value.split("/")))
+    target = raw.get("target", 0.5)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise fail(f"[recovery]: target is the share of the cost to win back, in (0, 1]; got {target!r}")
+    return Recovery(key, *named, target=float(target))
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -416,11 +469,94 @@ def filter_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def reported_values(study: Path, plan: Plan, stage: str, variant: str, key: str) -> dict[int, float]:
+    """{seed: `key` at the run's reported evaluation and dev-chosen strategy} over the variant's runs that have one."""
+    values = {}
+    for seed in plan.seeds:
+        run = RunDir(run_dir(study, stage, variant, seed))
+        if run.exists() and (reported := reported_evaluation(run)) is not None:
+            _, _, chosen, result = reported
+            value = result.get("strategies", {}).get(chosen, {}).get("metrics", {}).get(key)
+            if M.is_number(value):
+                values[seed] = float(value)
+    return values
+
+
+def recovery_summary(plan: Plan, study: Path) -> dict[str, Any] | None:
+    """The plan's [recovery] question answered from its runs' reported numbers (None when it asks none)."""
+    if plan.recovery is None:
+        return None
+    values = {role: reported_values(study, plan, *getattr(plan.recovery, role), plan.recovery.metric)
+              for role in RECOVERY_ROLES}
+    return judge_recovery(plan.recovery, values)
+
+
+def judge_recovery(recovery: Recovery, values: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """Each role's per-seed values ({role: {seed: value}}), mean and sd; the cost (reference - degraded, in the
+    metric's better direction), what the treated variant won back, their ratio, and a verdict: "met" or
+    "missed" only where the cost exceeds two standard deviations over seeds of the reference and the degraded
+    runs (the larger of the two), else why it is not decided."""
+    summary: dict[str, Any] = {"metric": recovery.metric, "target": recovery.target}
+    for role in RECOVERY_ROLES:
+        found = values.get(role, {})
+        summary[role] = {"run": "/".join(getattr(recovery, role)),
+                         "values": {str(seed): v for seed, v in found.items()},
+                         "mean": statistics.fmean(found.values()) if found else None,
+                         "sd": statistics.stdev(found.values()) if len(found) > 1 else None}
+    summary.update(cost=None, won_back=None, share=None, two_sd=None)
+    means = [summary[role]["mean"] for role in RECOVERY_ROLES]
+    if any(mean is None for mean in means):
+        summary["verdict"] = "not yet: every role needs an evaluated run"
+        return summary
+    sign = 1.0 if M.metric(recovery.metric).better == "higher" else -1.0
+    reference, degraded, treated = means
+    cost, won_back = sign * (reference - degraded), sign * (treated - degraded)
+    summary.update(cost=cost, won_back=won_back, share=won_back / cost if cost > 0 else None)
+    spreads = [summary[role]["sd"] for role in ("reference", "degraded")]
+    if cost <= 0:
+        summary["verdict"] = "no cost: the degraded runs are not worse than the reference"
+    elif any(sd is None for sd in spreads):
+        summary["verdict"] = "not decided: the spread needs 2 or more seeds of the reference and the degraded runs"
+    else:
+        summary["two_sd"] = 2 * max(spreads)
+        if cost <= summary["two_sd"]:
+            summary["verdict"] = "not decided: the cost is within two standard deviations over seeds"
+        else:
+            summary["verdict"] = "met" if summary["share"] >= recovery.target else "missed"
+    return summary
+
+
+def recovery_markdown(summary: dict[str, Any] | None) -> str:
+    """The recovery question as a short Markdown table (empty without one)."""
+    if not summary:
+        return ""
+    declared = M.metric(summary["metric"])
+
+    def role(name: str) -> str:
+        entry = summary[name]
+        spread = f" ± {declared.format(entry['sd'])}" if entry["sd"] is not None else ""
+        seeds = len(entry["values"])
+        return f"{declared.format(entry['mean'])}{spread} ({seeds} seed{'' if seeds == 1 else 's'})"
+
+    share = "-" if summary["share"] is None else f"{100 * summary['share']:.0f}%"
+    heads = [f"{summary[name]['run']} ({name})" for name in RECOVERY_ROLES]
+    return "\n".join([
+        "", f"Recovery in {declared.label}: each run's dev-chosen checkpoint and decoding, mean ± sd over seeds", "",
+        "| " + " | ".join([*heads, "cost", "won back", "share won back", "target", "verdict"]) + " |",
+        "|" + "---|" * 8,
+        "| " + " | ".join([*(role(name) for name in RECOVERY_ROLES), declared.format(summary["cost"]),
+                           declared.format(summary["won_back"]), share, f"{100 * summary['target']:.0f}%",
+                           summary["verdict"]]) + " |",
+    ]) + "\n"
+
+
 def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     """study.json, study.csv and study.md in `study`; returns the JSON content."""
     rows = study_rows(plan, study)
     filters = filter_rows(plan, study)
-    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "filters": filters}
+    recovery = recovery_summary(plan, study)
+    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "filters": filters,
+             "recovery": recovery}
     atomic_write_json(study / STUDY_TABLE, table)
     columns = ["stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs"] + [
         k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
@@ -429,7 +565,8 @@ def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(study / "study.csv", buffer.getvalue().encode())
-    atomic_write_bytes(study / "study.md", (markdown_table(rows) + filters_markdown(filters)).encode())
+    markdown = markdown_table(rows) + filters_markdown(filters) + recovery_markdown(recovery)
+    atomic_write_bytes(study / "study.md", markdown.encode())
     return table
 
 

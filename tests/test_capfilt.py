@@ -266,6 +266,8 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
                                           "--no-progress"], "produces": "{study}/data/boot"},
         {"name": "bootstrapped", "data": "boot-data", "variants": {"tuned": {}}},
     ]
+    raw["recovery"] = {"metric": "cider", "reference": "clean/tuned", "degraded": "noisy/tuned",
+                       "treated": "bootstrapped/tuned"}
     plan = parse_plan(raw)
 
     def train(cfg, folder, resume):
@@ -283,3 +285,9 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     summary = load_capfilt(study / "data" / "boot").summary
     assert table["filters"][0]["auc"] == summary["planted"]["scorers"]["itm"]["auc"]
     assert "CapFilt filters" in (study / "study.md").read_text()
+    recovery = table["recovery"]  # one seed: each role's number, and no verdict without a spread
+    cider = {stage: RunDir(study / f"{stage}-tuned-seed0").load_eval(1, split="test")["strategies"]["greedy"]
+             ["metrics"]["cider"] for stage in ("clean", "noisy", "bootstrapped")}
+    assert [recovery[role]["values"] for role in ("reference", "degraded", "treated")] == [
+        {"0": cider["clean"]}, {"0": cider["noisy"]}, {"0": cider["bootstrapped"]}]
+    assert recovery["verdict"] != "met" and recovery["verdict"] != "missed"

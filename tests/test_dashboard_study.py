@@ -167,6 +167,7 @@ def test_study_page_shows_the_table_first_and_each_section_in_its_tab(monkeypatc
     assert set(table["variant"]) == {"fast", "slow"} and set(table["seeds"]) == {2}
     assert at.get("download_button") and not at.get("plotly_chart")  # lazy tabs: nothing else drawn yet
     assert "4 runs (4 completed)" in texts(at)
+    assert "Recovery in CIDEr" in texts(at) and "recipes/slow (degraded)" in texts(at)  # the plan's question
 
     at = run_page(monkeypatch, study_runs_dir, {"study_section": "Curves by variant"})
     specs = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]

@@ -4,14 +4,25 @@ skips what is done when run again, and writes one table; bad plans are refused b
 from __future__ import annotations
 
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 
 from blipcore.config import BlipConfig
 from blipcore.evaluation import CheckpointEvaluator
+from blipcore.metrics import metric
 from blipcore.runs import RunDir
-from blipcore.study import PlanError, load_plan, parse_plan, run_study
+from blipcore.study import (
+    TABLE_METRICS,
+    PlanError,
+    Recovery,
+    judge_recovery,
+    load_plan,
+    parse_plan,
+    recovery_markdown,
+    run_study,
+)
 from blipcore.trainer import Trainer
 from tests.conftest import SHAPES_PARAMS, small_cfg
 from train.cli import main
@@ -33,6 +44,9 @@ def tiny_plan(shapes_root: Path) -> dict:
             {"name": "recipes", "data": "make-data",
              "variants": {"fast": {"train.lr": 1e-3}, "slow": {"train.lr": 1e-4}}},
         ],
+        # the same run in two roles only to exercise the table: a real plan names three variants
+        "recovery": {"metric": "cider", "reference": "recipes/fast", "degraded": "recipes/slow",
+                     "treated": "recipes/fast"},
     }
 
 
@@ -70,6 +84,14 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     assert greedy["split"] == "test" and greedy["chosen_on_dev"] == 2 and greedy["epochs"] == [1]
     assert (study / "study.csv").read_text().startswith("stage,variant,decoding,split,seeds,chosen_on_dev,epochs,")
     assert "| recipes | fast | greedy | test | 2 (2) |" in (study / "study.md").read_text()
+    # the plan's recovery question, from each run's dev-chosen strategy on the test split
+    recovery = table["recovery"]
+    for role, variant in (("reference", "fast"), ("degraded", "slow")):
+        assert recovery[role]["values"] == {
+            str(seed): RunDir(study / f"recipes-{variant}-seed{seed}").load_eval(1, split="test")
+            ["strategies"]["greedy"]["metrics"]["cider"] for seed in (0, 1)}
+    assert recovery["cost"] == pytest.approx(recovery["reference"]["mean"] - recovery["degraded"]["mean"])
+    assert "Recovery in CIDEr" in (study / "study.md").read_text()
     from blipcore.runs import list_runs
 
     listed = [run.name for run in list_runs(tmp_path)]  # study runs are runs: the dashboard lists them
@@ -91,11 +113,64 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
         ({"stage": [{"name": "a", "variants": {"x": {"train.lr": -1.0}}}]}, "variant 'x' of stage 'a'"),
         ({"stage": [{"name": "a", "command": ["data"]}]}, "produces"),
         ({"stage": [{"name": "make", "command": ["data"], "produces": "x"}]}, "no training stage"),
+        ({"recovery": {"metric": "cider", "reference": "recipes/fast", "degraded": "recipes/nowhere",
+                       "treated": "recipes/fast"}}, "degraded = 'recipes/nowhere' is not a stage/variant"),
+        ({"recovery": {"metric": "mean_length", "reference": "recipes/fast", "degraded": "recipes/slow",
+                       "treated": "recipes/fast"}}, "not a table metric with a better direction"),
+        ({"recovery": {"reference": "recipes/fast", "degraded": "recipes/slow", "treated": "recipes/fast",
+                       "target": 1.5}}, r"target .* in \(0, 1\]"),
     ],
 )
 def test_a_bad_plan_is_refused_with_what_is_wrong(shapes_root, change, message):
     with pytest.raises(PlanError, match=message):
         parse_plan({**tiny_plan(shapes_root), **change})
+
+
+RECOVERY_ROLES_RUNS = (("clean", "tuned"), ("noisy", "tuned"), ("bootstrapped", "tuned"))
+RECOVERY = Recovery("cider", *RECOVERY_ROLES_RUNS, target=0.5)
+
+
+@pytest.mark.parametrize(
+    ("values", "share", "verdict"),
+    [
+        # cost 0.10 against 2 sd of 0.02: decided; won back 0.06 of it
+        ({"reference": {0: 0.30, 1: 0.32}, "degraded": {0: 0.20, 1: 0.22}, "treated": {0: 0.26, 1: 0.28}}, 0.6, "met"),
+        ({"reference": {0: 0.30, 1: 0.32}, "degraded": {0: 0.20, 1: 0.22}, "treated": {0: 0.22, 1: 0.24}}, 0.2,
+         "missed"),
+        # the seeds spread more than the cost: no verdict, whatever the share
+        ({"reference": {0: 0.30, 1: 0.40}, "degraded": {0: 0.25, 1: 0.29}, "treated": {0: 0.35, 1: 0.35}}, None,
+         "within two standard deviations"),
+        ({"reference": {0: 0.30}, "degraded": {0: 0.20}, "treated": {0: 0.29}}, 0.9, "needs 2 or more seeds"),
+        ({"reference": {0: 0.20}, "degraded": {0: 0.25}, "treated": {0: 0.29}}, None, "no cost"),
+        ({"reference": {0: 0.30}, "degraded": {}, "treated": {0: 0.29}}, None, "not yet"),
+    ],
+)
+def test_recovery_is_judged_only_where_the_cost_exceeds_two_sd_over_seeds(values, share, verdict):
+    summary = judge_recovery(RECOVERY, values)
+    assert verdict in summary["verdict"]
+    if share is not None:
+        assert summary["share"] == pytest.approx(share)
+    if values["degraded"]:
+        assert summary["cost"] == pytest.approx(statistics.fmean(values["reference"].values())
+                                                - statistics.fmean(values["degraded"].values()))
+    table = recovery_markdown(summary)
+    assert "clean/tuned (reference)" in table and summary["verdict"] in table
+
+
+def test_recovery_of_a_lower_is_better_metric_counts_a_fall_as_the_gain():
+    lower = next(key for key in TABLE_METRICS if metric(key).better == "lower")
+    summary = judge_recovery(Recovery(lower, *RECOVERY_ROLES_RUNS), {
+        "reference": {0: 0.1, 1: 0.1}, "degraded": {0: 0.5, 1: 0.5}, "treated": {0: 0.2, 1: 0.2}})
+    assert summary["cost"] == pytest.approx(0.4) and summary["share"] == pytest.approx(0.75)
+    assert summary["verdict"] == "met"
+
+
+@pytest.mark.parametrize("name", ["recipes", "capfilt"])
+def test_the_shipped_plans_load(name):
+    plan = load_plan(Path(__file__).parents[1] / "studies" / f"{name}.toml")
+    assert plan.name == name and plan.seeds == [0, 1, 2] and plan.preset == "flickr8k-cpu"
+    if name == "capfilt":
+        assert (plan.recovery.reference, plan.recovery.degraded, plan.recovery.treated) == RECOVERY_ROLES_RUNS
 
 
 def test_a_plan_file_that_is_not_toml_names_itself(tmp_path):
@@ -164,6 +239,7 @@ def test_a_stage_starts_from_the_weights_of_an_earlier_stages_run_of_the_same_se
         {"name": "recipes", "data": "make-data",
          "variants": {"pretrained": {"train.init": "{run:pretraining/text-lm}", "train.max_steps": 2}}},
     ]
+    del table["recovery"]  # it names the variants replaced here
     plan = parse_plan(table)
     assert selection(plan, ["recipes"], [1]) == {("pretraining", "text-lm", 1), ("recipes", "pretrained", 1)}
     study = tmp_path / "study-tiny"

@@ -14,7 +14,7 @@ import streamlit as st
 from blipcore.evaluation import summary_metrics
 from blipcore.metrics import metric, metrics_in
 from blipcore.runs import RunDir
-from blipcore.study import dev_choice, reported_evaluation
+from blipcore.study import dev_choice, recovery_markdown, reported_evaluation
 from dashboard import common, figures
 from dashboard import study_figures as sf
 
@@ -45,6 +45,8 @@ def table_section(folder: Path, table: dict) -> None:
                "over the seeds. Click a column header to sort (by the mean). `chosen_on_dev`: how many seeds' "
                "highest dev CIDEr was this strategy.")
     st.dataframe(sf.styled_table(numbers, texts), hide_index=True, width="stretch", key="study_table")
+    if table.get("recovery"):  # the plan's [recovery] question (CapFilt: how much of the noise's cost is won back)
+        st.markdown(recovery_markdown(table["recovery"]))
     if csv.is_file():
         st.download_button("Download study.csv", csv.read_bytes(), file_name=f"{folder.name}.csv", mime="text/csv",
                            key="study_csv")
