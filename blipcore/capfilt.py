@@ -109,16 +109,17 @@ class Models:
     scorers: tuple[str, ...] = field(default=())
 
 
-def load_models(captioner: str, filter_spec: str, device: torch.device) -> Models:
+def load_models(captioner: str, filter_spec: str, device: torch.device, writes_captions: bool = True) -> Models:
     """Load both checkpoints ("RUN[:EPOCH]"); CapfiltError naming the missing part when the captioner has no
-    trained decoder or the filter neither an ITM head nor ITC."""
+    trained decoder (and is to write captions: with --synthetic 0 it writes none) or the filter neither an
+    ITM head nor ITC."""
     loaded = []
     for spec in (captioner, filter_spec):
         ckpt = init_checkpoint(spec)
         model, cfg, ckpt = RunDir(parse_run_spec(spec)[0]).load_model(ckpt.epoch, device=device)
         loaded.append((model, cfg, ckpt))
     (cap, cap_cfg, cap_ckpt), (fil, fil_cfg, fil_ckpt) = loaded
-    if not cap.use_lm:
+    if writes_captions and not cap.use_lm:
         raise CapfiltError(f"--captioner {captioner}: this run has no decoder (it was trained with model.lm_weight "
                            "= 0): it cannot write captions; give a run trained with the LM loss")
     scorers = tuple(name for name, present in (("itm", fil.use_itm), ("itc", fil.use_itc)) if present)
@@ -304,7 +305,7 @@ def run_capfilt(captioner: str, filter_spec: str, data: str | Path, out: str | P
     data, out = Path(data), Path(out)
     torch_device = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available())
                                 else "cpu")
-    models = load_models(captioner, filter_spec, torch_device)
+    models = load_models(captioner, filter_spec, torch_device, writes_captions=settings.synthetic_per_image > 0)
     scorer = chosen_scorer(settings, models.scorers, filter_spec)
     train_annotations = train_annotations or models.filter_cfg.data.train_annotations
     images_root = data / (train_images or models.filter_cfg.data.train_images)

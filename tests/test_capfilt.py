@@ -225,6 +225,11 @@ def test_capfilt_cli_and_its_refusals(tiny_runs_dir, noisy_root, shapes_root, tm
     assert "neither an ITM head" in capsys.readouterr().err and not out.exists()
     assert main(["capfilt", "--captioner", str(no_decoder), *args[3:], "--out", str(out)]) == 2
     assert "has no decoder" in capsys.readouterr().err and not out.exists()
+    # ... unless it writes no caption: --synthetic 0 scores the originals only, with a filter trained ITM + ITC only
+    scored_only = tmp_path / "scored-by-a-filter-without-decoder"
+    assert main(["capfilt", "--captioner", str(no_decoder), "--filter", str(no_decoder), *args[5:], "--out",
+                 str(scored_only), "--synthetic", "0", "--keep-fraction", "0.5"]) == 0
+    assert json.loads((scored_only / CAPFILT_SUMMARY).read_text())["counts"]["kept_synthetic"] == 0
     # the command itself, originals only: the ITM threshold 0.5 by default, which keeps nothing from this tiny
     # run's ITM head (at chance, p(match) ~ 1/3 for every pair): refused with the scores' range, and --resume
     # re-cuts the scores kept in OUT

@@ -602,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     capfilt.add_argument("--captioner", required=True, metavar="RUN[:EPOCH]",
-                         help="the run whose decoder writes the synthetic captions (default: its newest checkpoint)")
+                         help="the run whose decoder writes the synthetic captions (default: its newest checkpoint; "
+                              "unused with --synthetic 0, so any run, e.g. the filter's)")
     capfilt.add_argument("--filter", required=True, metavar="RUN[:EPOCH]",
                          help="the run whose ITM head (and ITC) scores the captions; may be the captioner's run")
     capfilt.add_argument("--data", required=True, metavar="DIR", help="the COCO-caption-format dataset to bootstrap")
