@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from blipcore.metrics import metric
+from blipcore.study import RECOVERY_ROLES
 from dashboard.figures import _finish, run_colour
 
 ID_COLUMNS = ("stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs")
@@ -252,6 +253,42 @@ def scatter_figure(points: pd.DataFrame, x: str, y: str, height: int = 440) -> g
     fig.update_xaxes(title_text=_label(x))
     fig.update_yaxes(title_text=_label(y))
     return _finish(fig, height)
+
+
+# --- the plan's recovery question ----------------------------------------------------------------
+def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
+    """blipcore.study's recovery summary drawn: each role's runs as dots (one per seed) and their mean ± sd,
+    with the level the treated runs must reach (degraded + target x cost) as a dashed line."""
+    key = str(summary.get("metric", ""))
+    fig = go.Figure()
+    for index, role in enumerate(RECOVERY_ROLES):
+        entry = summary.get(role) or {}
+        name = f"{entry.get('run', role)} ({role})"
+        values = [v for v in (entry.get("values") or {}).values() if _is_number(v)]
+        if not values:
+            continue
+        seeds = list((entry.get("values") or {}).keys())
+        fig.add_trace(go.Scatter(
+            x=[name] * len(values), y=values, mode="markers", name=name, legendgroup=role,
+            marker=dict(color=run_colour(index), size=9, opacity=0.6), text=[f"seed {seed}" for seed in seeds],
+            hovertemplate=f"%{{text}}<br>{_label(key)} %{{y:.4g}}<extra></extra>",
+        ))
+        sd = entry.get("sd")
+        fig.add_trace(go.Scatter(
+            x=[name], y=[entry.get("mean")], mode="markers", showlegend=False, legendgroup=role,
+            marker=dict(color=run_colour(index), size=18, symbol="line-ew-open", line=dict(width=3)),
+            error_y=dict(type="data", array=[sd], visible=_is_number(sd)),
+            hovertemplate=f"mean {_label(key)} %{{y:.4g}}<extra></extra>",
+        ))
+    degraded, cost, target = (summary.get("degraded") or {}).get("mean"), summary.get("cost"), summary.get("target")
+    if _is_number(degraded) and _is_number(cost) and _is_number(target) and cost > 0:
+        declared = metric(key)
+        sign = -1.0 if declared is not None and declared.better == "lower" else 1.0
+        fig.add_hline(y=degraded + sign * target * cost, line=dict(color="#666", dash="dash"),
+                      annotation_text=f"target: win back {100 * target:.0f}% of the cost",
+                      annotation_position="top left")
+    fig.update_yaxes(title_text=_label(key))
+    return _finish(fig, height, title=str(summary.get("verdict", "")))
 
 
 # --- captions side by side -----------------------------------------------------------------------

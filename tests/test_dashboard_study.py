@@ -103,6 +103,25 @@ def test_variant_bands_take_mean_spread_and_range_over_seeds():
         sf.band_figure(bands, "loss", band="quartiles")
 
 
+def test_the_recovery_figure_shows_every_seed_the_means_and_the_target_level():
+    from blipcore.study import Recovery, judge_recovery
+
+    summary = judge_recovery(Recovery("cider", ("clean", "t"), ("noisy", "t"), ("boot", "t"), target=0.5), {
+        "reference": {0: 0.30, 1: 0.32}, "degraded": {0: 0.20, 1: 0.22}, "treated": {0: 0.26, 1: 0.28}})
+    fig = sf.recovery_figure(summary)
+    seeds = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in seeds] == ["clean/t (reference)", "noisy/t (degraded)", "boot/t (treated)"]
+    assert [list(t.y) for t in seeds] == [[0.30, 0.32], [0.20, 0.22], [0.26, 0.28]]
+    means = [t for t in fig.data if t.showlegend is False]
+    assert [t.y[0] for t in means] == pytest.approx([0.31, 0.21, 0.27])
+    assert means[0].error_y.array[0] == pytest.approx(summary["reference"]["sd"])
+    [target] = fig.layout.shapes  # degraded 0.21 + half the cost 0.10
+    assert target.y0 == pytest.approx(0.26) and fig.layout.title.text == "met"
+    one_seed = judge_recovery(Recovery("cider", ("clean", "t"), ("noisy", "t"), ("boot", "t")), {
+        "reference": {0: 0.30}, "degraded": {}, "treated": {0: 0.26}})
+    assert len(sf.recovery_figure(one_seed).data) == 4 and not sf.recovery_figure(one_seed).layout.shapes
+
+
 def test_variant_and_seed_come_from_the_config_name():
     config = {"name": "plan/recipes/fast-lr", "train": {"seed": 3}}
     assert sf.variant_of("study-x/recipes-fast-lr-seed3", config) == "recipes/fast-lr"
@@ -165,9 +184,12 @@ def test_study_page_shows_the_table_first_and_each_section_in_its_tab(monkeypatc
     table = at.dataframe[0].value
     assert {"CIDEr", "share of the most common caption"} <= set(table.columns)
     assert set(table["variant"]) == {"fast", "slow"} and set(table["seeds"]) == {2}
-    assert at.get("download_button") and not at.get("plotly_chart")  # lazy tabs: nothing else drawn yet
-    assert "4 runs (4 completed)" in texts(at)
-    assert "Recovery in CIDEr" in texts(at) and "recipes/slow (degraded)" in texts(at)  # the plan's question
+    assert at.get("download_button") and "4 runs (4 completed)" in texts(at)
+    # the plan's recovery question: its table and its figure, the only chart before a tab is opened (lazy tabs)
+    assert "Recovery in CIDEr" in texts(at) and "recipes/slow (degraded)" in texts(at)
+    [recovery] = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    assert {t["name"] for t in recovery["data"] if t.get("showlegend", True)} == {
+        "recipes/fast (reference)", "recipes/slow (degraded)", "recipes/fast (treated)"}
 
     at = run_page(monkeypatch, study_runs_dir, {"study_section": "Curves by variant"})
     specs = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]

@@ -47,6 +47,7 @@ def table_section(folder: Path, table: dict) -> None:
     st.dataframe(sf.styled_table(numbers, texts), hide_index=True, width="stretch", key="study_table")
     if table.get("recovery"):  # the plan's [recovery] question (CapFilt: how much of the noise's cost is won back)
         st.markdown(recovery_markdown(table["recovery"]))
+        st.plotly_chart(sf.recovery_figure(table["recovery"]), key="study_recovery")
     if csv.is_file():
         st.download_button("Download study.csv", csv.read_bytes(), file_name=f"{folder.name}.csv", mime="text/csv",
                            key="study_csv")
