@@ -246,7 +246,7 @@ def _parse_recovery(raw: Any, stages: list[Stage], fail: Callable[[str], PlanErr
     named = []
     for role in RECOVERY_ROLES:
         value = raw.get(role)
-        if value not in runs:
+        if not isinstance(value, str) or value not in runs:
             raise fail(f"[recovery]: {role} = {value!r} is not a stage/variant of the plan ({', '.join(sorted(runs))})")
         named.append(tuple(value.split("/")))
     target = raw.get("target", 0.5)

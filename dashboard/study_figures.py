@@ -264,13 +264,12 @@ def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
     for index, role in enumerate(RECOVERY_ROLES):
         entry = summary.get(role) or {}
         name = f"{entry.get('run', role)} ({role})"
-        values = [v for v in (entry.get("values") or {}).values() if _is_number(v)]
-        if not values:
+        by_seed = {seed: v for seed, v in (entry.get("values") or {}).items() if _is_number(v)}
+        if not by_seed:
             continue
-        seeds = list((entry.get("values") or {}).keys())
         fig.add_trace(go.Scatter(
-            x=[name] * len(values), y=values, mode="markers", name=name, legendgroup=role,
-            marker=dict(color=run_colour(index), size=9, opacity=0.6), text=[f"seed {seed}" for seed in seeds],
+            x=[name] * len(by_seed), y=list(by_seed.values()), mode="markers", name=name, legendgroup=role,
+            marker=dict(color=run_colour(index), size=9, opacity=0.6), text=[f"seed {seed}" for seed in by_seed],
             hovertemplate=f"%{{text}}<br>{_label(key)} %{{y:.4g}}<extra></extra>",
         ))
         sd = entry.get("sd")

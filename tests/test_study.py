@@ -115,6 +115,8 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
         ({"stage": [{"name": "make", "command": ["data"], "produces": "x"}]}, "no training stage"),
         ({"recovery": {"metric": "cider", "reference": "recipes/fast", "degraded": "recipes/nowhere",
                        "treated": "recipes/fast"}}, "degraded = 'recipes/nowhere' is not a stage/variant"),
+        ({"recovery": {"reference": ["recipes/fast"], "degraded": "recipes/slow", "treated": "recipes/fast"}},
+         "reference = \\['recipes/fast'\\] is not a stage/variant"),
         ({"recovery": {"metric": "mean_length", "reference": "recipes/fast", "degraded": "recipes/slow",
                        "treated": "recipes/fast"}}, "not a table metric with a better direction"),
         ({"recovery": {"reference": "recipes/fast", "degraded": "recipes/slow", "treated": "recipes/fast",
