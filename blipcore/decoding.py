@@ -321,7 +321,8 @@ def generate(model: BLIP, images: Tensor, cfg: DecodingConfig | str = "greedy", 
         model.train(was_training)
 
 
-def encode_for_decoding(model: BLIP, images: Tensor, precision: str = "auto") -> tuple[BLIP, Tensor]:
+def encode_for_decoding(model: BLIP, images: Tensor, precision: str = DecodingConfig.precision
+                        ) -> tuple[BLIP, Tensor]:
     """The model that decodes in `precision` (itself, or its cached bf16 copy where that wins here) and the image
     tokens (B, 1+N, vision_width) it decodes from: what every strategy runs before its first token."""
     device = next(model.parameters()).device

@@ -415,16 +415,30 @@ def _fill(text: str, values: dict[str, str], plan: Plan, study: Path) -> str:
 
 
 # --- the table ----------------------------------------------------------------------------------
-def study_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
+# {(stage, variant): {seed: (run, epoch, split, dev-chosen strategy, evaluation)}}
+Reported = dict[tuple[str, str], dict[int, tuple[RunDir, int, str, str, dict[str, Any]]]]
+
+
+def reported_runs(plan: Plan, study: Path) -> Reported:
+    """Each training variant's runs that have a reported evaluation (see `reported_evaluation`), read once for
+    the whole table."""
+    reported: Reported = {}
+    for stage in (s for s in plan.stages if s.trains):
+        for variant in stage.variants:
+            found = reported.setdefault((stage.name, variant), {})
+            for seed in plan.seeds:
+                run = RunDir(run_dir(study, stage.name, variant, seed))
+                if run.exists() and (evaluation := reported_evaluation(run)) is not None:
+                    found[seed] = (run, *evaluation)
+    return reported
+
+
+def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
     """One row per (stage, variant, strategy or reference row): mean and spread over the seeds' runs."""
     rows = []
     for stage in (s for s in plan.stages if s.trains):
         for variant in stage.variants:
-            found = []
-            for seed in plan.seeds:
-                run = RunDir(run_dir(study, stage.name, variant, seed))
-                if run.exists() and (reported := reported_evaluation(run)) is not None:
-                    found.append((run, *reported))
+            found = list(reported.get((stage.name, variant), {}).values())
             by_row: dict[str, list[dict[str, Any]]] = {}
             splits = {split for _, _, split, _, _ in found}
             for run, epoch, _, chosen, result in found:
@@ -469,26 +483,20 @@ def filter_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def reported_values(study: Path, plan: Plan, stage: str, variant: str, key: str) -> dict[int, float]:
-    """{seed: `key` at the run's reported evaluation and dev-chosen strategy} over the variant's runs that have one."""
-    values = {}
-    for seed in plan.seeds:
-        run = RunDir(run_dir(study, stage, variant, seed))
-        if run.exists() and (reported := reported_evaluation(run)) is not None:
-            _, _, chosen, result = reported
-            value = result.get("strategies", {}).get(chosen, {}).get("metrics", {}).get(key)
-            if M.is_number(value):
-                values[seed] = float(value)
-    return values
-
-
-def recovery_summary(plan: Plan, study: Path) -> dict[str, Any] | None:
-    """The plan's [recovery] question answered from its runs' reported numbers (None when it asks none)."""
-    if plan.recovery is None:
+def recovery_summary(plan: Plan, reported: Reported) -> dict[str, Any] | None:
+    """The plan's [recovery] question answered from its runs' reported numbers (each run's metric at its
+    dev-chosen strategy); None when the plan asks none."""
+    recovery = plan.recovery
+    if recovery is None:
         return None
-    values = {role: reported_values(study, plan, *getattr(plan.recovery, role), plan.recovery.metric)
-              for role in RECOVERY_ROLES}
-    return judge_recovery(plan.recovery, values)
+    values = {}
+    for role in RECOVERY_ROLES:
+        values[role] = {}
+        for seed, (_, _, _, chosen, result) in reported.get(getattr(recovery, role), {}).items():
+            value = result.get("strategies", {}).get(chosen, {}).get("metrics", {}).get(recovery.metric)
+            if M.is_number(value):
+                values[role][seed] = float(value)
+    return judge_recovery(recovery, values)
 
 
 def judge_recovery(recovery: Recovery, values: dict[str, dict[int, float]]) -> dict[str, Any]:
@@ -552,9 +560,10 @@ def recovery_markdown(summary: dict[str, Any] | None) -> str:
 
 def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     """study.json, study.csv and study.md in `study`; returns the JSON content."""
-    rows = study_rows(plan, study)
+    reported = reported_runs(plan, study)
+    rows = study_rows(plan, reported)
     filters = filter_rows(plan, study)
-    recovery = recovery_summary(plan, study)
+    recovery = recovery_summary(plan, reported)
     table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "filters": filters,
              "recovery": recovery}
     atomic_write_json(study / STUDY_TABLE, table)
