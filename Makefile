@@ -31,13 +31,7 @@ train-demo: install
 	fi
 
 dashboard: install
-	@if [ -f dashboard/app.py ]; then \
-		$(BIN)/python -m streamlit run dashboard/app.py -- --runs-dir $(RUNS); \
-	else \
-		echo "The dashboard is not built yet (issue: the dashboard). Inspect the run with:"; \
-		echo "  $(BIN)/python -m train info $(DEMO)"; \
-		echo "  $(BIN)/python -m train eval --run-dir $(DEMO)"; \
-	fi
+	$(BIN)/python -m streamlit run dashboard/app.py -- --runs-dir $(RUNS)
 
 demo: train-demo dashboard
 

@@ -496,12 +496,20 @@ class RunDir:
     def epochs(self) -> list[int]:
         return [c.epoch for c in self.checkpoints()]
 
+    def no_checkpoint_error(self) -> CheckpointError:
+        """Why this folder has no checkpoint to read: it is not there, it is not a run, or no epoch has ended."""
+        if not self.path.is_dir():
+            return CheckpointError(f"{self.path}: no such run folder")
+        if not self.exists():
+            return CheckpointError(f"{self.path}: not a run folder (no run.json)")
+        return CheckpointError(f"{self.path}: no checkpoint yet (one is written at the end of each epoch)")
+
     def checkpoint(self, epoch: int | None = None) -> Checkpoint:
         """The checkpoint of `epoch`, or the newest one; CheckpointError says why one is not there."""
         available = self.checkpoints()
         if epoch is None:
             if not available:
-                raise CheckpointError(f"{self.path}: no checkpoint yet (one is written at the end of each epoch)")
+                raise self.no_checkpoint_error()
             return available[-1]
         for ckpt in available:
             if ckpt.epoch == epoch:

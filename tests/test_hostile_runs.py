@@ -144,6 +144,17 @@ def test_weights_without_a_sidecar_are_not_a_checkpoint(run):
         run.load_model(7)
 
 
+
+def test_a_folder_without_checkpoints_says_why(tmp_path, run):
+    """A missing folder, a folder that is not a run and a run before its first epoch each get their own reason."""
+    for path, reason in [(tmp_path / "absent", "no such run folder"), (tmp_path, r"not a run folder \(no run.json\)")]:
+        with pytest.raises(CheckpointError, match=reason):
+            RunDir(path).load_model()
+    for epoch in run.epochs():
+        run.checkpoint_paths(epoch)[1].unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint yet"):
+        run.load_model()
+
 # --- names and listing -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name", ["../x", "a/b", "", ".", "..", "/abs", "x\x00y", "x\n", ".hidden", "a\\b", " x", "a" * 129, "..."]

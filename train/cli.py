@@ -140,9 +140,7 @@ def _headline_best(best: dict[str, Any]) -> str:
 def _epochs_to_evaluate(run, spec: str | None) -> list[int]:
     available = run.epochs()
     if not available:
-        from blipcore.runs import CheckpointError
-
-        raise CheckpointError(f"{run.path}: no checkpoint yet (one is written at the end of each epoch)")
+        raise run.no_checkpoint_error()
     if spec in (None, "last"):
         return [available[-1]]
     if spec == "all":
