@@ -4,9 +4,10 @@ It builds the model and AdamW as the trainer does (BLIP(cfg), blipcore.trainer.b
 blipcore.speed.autocast_dtype picks for the preset's train.precision on this machine) and trains on a
 synthetic full-length batch: random pixels at the preset's image size, random word pieces filling
 max_text_len ([CLS] first, [SEP] last, no padding), `train.grad_accum_steps` micro-batches per step as the
-trainer accumulates them. Each step runs the trainer's sequence: forward (the model's loss dict: ITC, LM,
-ITM as the preset weighs them), the trainer's finiteness checks, backward, clip_grad_norm_, optimizer.step
-and zero_grad, each in a torch.profiler.record_function region. Inside the forward, regions are opened from
+trainer accumulates them. Each step is the trainer's own (blipcore.trainer.train_step): forward (the model's
+loss dict: ITC, LM, ITM as the preset weighs them), the finiteness checks, backward, clip_grad_norm_,
+optimizer.step and zero_grad, each part in a torch.profiler.record_function region that train_step opens
+through its `region` argument. Inside the forward, regions are opened from
 the outside, without touching blipcore's code: forward pre/post hooks on the vision encoder, the text encoder
 (its ITC pass) and the decoder (and the momentum encoders when on), and record_function wrappers around
 blipcore.losses' ITC and LM losses and the model's ITM loss, for as long as the profile runs.
@@ -46,7 +47,6 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,7 +57,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from blipcore import BLIP, BlipConfig, losses, speed
 from blipcore.flops import forward_flops, training_flops
 from blipcore.tokenizer import load_tokenizer, special_ids
-from blipcore.trainer import build_optimizer
+from blipcore.trainer import build_optimizer, train_step
 
 PREFIX = "blip::"  # every region this script opens is a record_function named blip::<region>
 
@@ -189,59 +189,22 @@ def instrumented(model: BLIP, regions: Regions) -> Iterator[list[str]]:
 
 
 # --- the step --------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    images: Tensor
-    input_ids: Tensor
-    attention_mask: Tensor
-    image_ids: Tensor
-
-
-def synthetic_batch(cfg: BlipConfig, size: int, device: torch.device, generator: torch.Generator) -> Batch:
-    """Random pixels and random word pieces filling max_text_len: [CLS] w ... w [SEP], no padding, every image
-    its own (as the trainer's collator gives: distinct image ids)."""
+def synthetic_batch(cfg: BlipConfig, size: int, device: torch.device, generator: torch.Generator) -> dict[str, Tensor]:
+    """A collated batch as the trainer's loader gives it: random pixels and random word pieces filling
+    max_text_len ([CLS] w ... w [SEP], no padding), every image its own (distinct image ids)."""
     m, ids, tok = cfg.model, special_ids(), load_tokenizer()
     low = max(i for i in tok.all_special_ids if i < min(ids["dec"], ids["enc"])) + 1  # after [PAD] .. [MASK]
     high = min(ids["dec"], ids["enc"])  # bert-base-uncased's word pieces end where [DEC] and [ENC] were added
     words = torch.randint(low, high, (size, m.max_text_len), generator=generator)
     words[:, 0], words[:, -1] = ids["cls"], ids["sep"]
     images = torch.randn(size, 3, m.image_size, m.image_size, generator=generator)
-    return Batch(images.to(device), words.to(device), torch.ones_like(words).to(device),
-                 torch.arange(size, device=device))
+    return {"images": images.to(device), "input_ids": words.to(device),
+            "attention_mask": torch.ones_like(words).to(device), "image_ids": torch.arange(size, device=device)}
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def train_step(model: BLIP, optimizer: torch.optim.Optimizer, micro: list[Batch], cfg: BlipConfig,
-               dtype: torch.dtype | None, regions: Regions) -> None:
-    """blipcore.trainer.Trainer._optimizer_step on one process: the learning rate set, each micro-batch's
-    forward under the trainer's autocast, its finiteness check and backward, then clip_grad_norm_, AdamW and
-    zero_grad; every part in its region."""
-    device = micro[0].images.device
-    with regions("step"):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.train.lr
-        for batch in micro:
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                with regions("forward"):
-                    out = model(batch.images, batch.input_ids, batch.attention_mask, batch.image_ids)
-                values = {k: v.detach().float() for k, v in out.items()}
-                if not all(bool(torch.isfinite(v)) for v in values.values()):
-                    raise FloatingPointError(f"a loss is not finite: {values}")
-                with regions("backward"):
-                    (out["loss"] / len(micro)).backward()
-            _ = {k: v.item() for k, v in values.items()}
-        with regions("clip_grad_norm"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"the gradient norm is {grad_norm.item()}")
-        with regions("optimizer_step"):
-            optimizer.step()
-        with regions("zero_grad"):
-            optimizer.zero_grad(set_to_none=True)
 
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -289,7 +252,9 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     generator = torch.Generator().manual_seed(cfg.train.seed)
     micro = [synthetic_batch(cfg, size, device, generator) for _ in range(cfg.train.grad_accum_steps)]
     regions = Regions(device)
-    step = functools.partial(train_step, model, optimizer, micro, cfg, dtype, regions)
+    # the trainer's own step (blipcore.trainer.train_step) at the preset's peak learning rate, its parts in regions
+    step = functools.partial(train_step, model, optimizer, micro, lr=cfg.train.lr, grad_clip=cfg.train.grad_clip,
+                             device=device, autocast=dtype, step=1, region=regions)
 
     matmul_dtypes = [torch.float32] + [dtype] * (dtype not in (None, torch.float32))
     matmul = {str(d).removeprefix("torch."): speed.matmul_gflops(device.type, speed.MATMUL_SIZE[device.type], dtype=d)

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,75 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
         return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def no_region(name: str) -> contextlib.AbstractContextManager:
+    """train_step's default `region`: none (benchmarks/profile_step.py passes profiler regions instead)."""
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro: list[dict],
+    *,
+    lr: float,
+    grad_clip: float,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    step: int,
+    world_size: int = 1,
+    region: Callable[[str], contextlib.AbstractContextManager] = no_region,
+) -> tuple[dict[str, float], float, int]:
+    """One optimiser step over the accumulated micro-batches (collated dicts); raises NonFiniteLossError before
+    applying a non-finite update. Returns the loss terms averaged over the micro-batches, the gradient norm
+    before clipping and the samples seen (all ranks).
+
+    `model` is what runs the forward: under DDP its wrapper, whose gradients are synchronised at the last
+    micro-batch only. `step` (1-based) names the step in errors. `region(name)` wraps the step ("step") and
+    its parts ("forward", "backward", "clip_grad_norm", "optimizer_step", "zero_grad"): the trainer opens
+    none, the step profiler opens torch.profiler regions, so both time the same code."""
+    with region("step"):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        sums: dict[str, float] = {}
+        samples = 0
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or world_size == 1
+            context = contextlib.nullcontext() if sync else model.no_sync()
+            with context, torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                with region("forward"):
+                    out = model(
+                        batch["images"].to(device, non_blocking=True),
+                        batch["input_ids"].to(device),
+                        batch["attention_mask"].to(device),
+                        batch["image_ids"].to(device),
+                    )
+                values = {k: v.detach().float() for k, v in out.items()}
+                bad = [k for k, v in values.items() if k != "loss" and not torch.isfinite(v)]
+                if bad or not torch.isfinite(values["loss"]):
+                    term = bad[0] if bad else "total"
+                    shown = ", ".join(f"{k}={v.item():.4g}" for k, v in values.items())
+                    raise NonFiniteLossError(
+                        f"step {step}: the {term} loss is not finite ({shown}); the run stops and "
+                        "the last checkpoint is kept. Lower train.lr or check the data."
+                    )
+                with region("backward"):
+                    (out["loss"] / len(micro)).backward()
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / len(micro)
+            samples += len(batch["images"]) * world_size
+        with region("clip_grad_norm"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"step {step}: the gradient norm is {grad_norm.item()}; the run stops "
+                                     "and the last checkpoint is kept. Lower train.lr.")
+        with region("optimizer_step"):
+            optimizer.step()
+        with region("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+    return sums, float(grad_norm), samples
 
 
 class ResumableSampler(DistributedSampler):
@@ -396,46 +465,12 @@ class Trainer:
         barrier(self.dist)
 
     def _optimizer_step(self, micro: list[dict]) -> tuple[dict[str, float], float, int]:
-        """One optimiser step over the accumulated micro-batches; raises before applying a non-finite update."""
+        """One optimiser step over the accumulated micro-batches at the schedule's learning rate."""
         train = self.cfg.train
         lr = learning_rate(self.step, self.total_steps, train.lr, train.warmup_steps, train.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.ddp_model.train()
-        sums: dict[str, float] = {}
-        samples = 0
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or self.dist.world_size == 1
-            context = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
-            autocast = torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
-                                      enabled=self.autocast is not None)
-            with context, autocast:
-                out = self.ddp_model(
-                    batch["images"].to(self.device, non_blocking=True),
-                    batch["input_ids"].to(self.device),
-                    batch["attention_mask"].to(self.device),
-                    batch["image_ids"].to(self.device),
-                )
-                values = {k: v.detach().float() for k, v in out.items()}
-                bad = [k for k, v in values.items() if k != "loss" and not torch.isfinite(v)]
-                if bad or not torch.isfinite(values["loss"]):
-                    term = bad[0] if bad else "total"
-                    shown = ", ".join(f"{k}={v.item():.4g}" for k, v in values.items())
-                    raise NonFiniteLossError(
-                        f"step {self.step + 1}: the {term} loss is not finite ({shown}); the run stops and "
-                        "the last checkpoint is kept. Lower train.lr or check the data."
-                    )
-                (out["loss"] / len(micro)).backward()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / len(micro)
-            samples += len(batch["images"]) * self.dist.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"step {self.step + 1}: the gradient norm is {grad_norm.item()}; the run stops "
-                                     "and the last checkpoint is kept. Lower train.lr.")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return sums, float(grad_norm), samples
+        return train_step(self.ddp_model, self.optimizer, micro, lr=lr, grad_clip=train.grad_clip,
+                          device=self.device, autocast=self.autocast, step=self.step + 1,
+                          world_size=self.dist.world_size)
 
     def _log_window(self, window: dict, terms: dict[str, float], grad_norm: float, samples: int, bar: tqdm) -> None:
         window["samples"] += samples
