@@ -261,6 +261,7 @@ def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
     with the level the treated runs must reach (degraded + target x cost) as a dashed line."""
     key = str(summary.get("metric", ""))
     fig = go.Figure()
+    drawn = 0
     for index, role in enumerate(RECOVERY_ROLES):
         entry = summary.get(role) or {}
         name = f"{entry.get('run', role)} ({role})"
@@ -279,6 +280,7 @@ def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
             error_y=dict(type="data", array=[sd], visible=_is_number(sd)),
             hovertemplate=f"mean {_label(key)} %{{y:.4g}}<extra></extra>",
         ))
+        drawn += 1
     degraded, cost, target = (summary.get("degraded") or {}).get("mean"), summary.get("cost"), summary.get("target")
     if _is_number(degraded) and _is_number(cost) and _is_number(target) and cost > 0:
         declared = metric(key)
@@ -286,8 +288,9 @@ def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
         fig.add_hline(y=degraded + sign * target * cost, line=dict(color="#666", dash="dash"),
                       annotation_text=f"target: win back {100 * target:.0f}% of the cost",
                       annotation_position="top left")
+    fig.update_xaxes(range=[-0.5, max(drawn, 1) - 0.5])  # half a category of room beside the outer roles' marks
     fig.update_yaxes(title_text=_label(key))
-    return _finish(fig, height, title=str(summary.get("verdict", "")))
+    return _finish(fig, height, title=dict(text=str(summary.get("verdict", "")), x=0, y=0.98, font=dict(size=14)))
 
 
 # --- captions side by side -----------------------------------------------------------------------

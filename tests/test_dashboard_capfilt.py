@@ -168,7 +168,8 @@ def run_page(monkeypatch, runs_dir: Path, state: dict | None = None) -> AppTest:
 
 
 def metrics(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
+    """Each metric's value, with its small line beneath (the share of the total) in brackets."""
+    return {m.label: f"{m.value} ({m.delta})" if m.delta else m.value for m in at.metric}
 
 
 @pytest.fixture
@@ -183,8 +184,8 @@ def test_capfilt_page_shows_the_summary_and_the_histograms(monkeypatch, runs_dir
     assert [t.label for t in at.tabs] == TABS
     assert at.sidebar.selectbox[0].value == str(runs_dir / "study-boot" / "data" / "boot")
     shown = metrics(at)
-    assert shown["images kept"] == "4 of 5" and shown["original captions kept"] == "5 of 8"
-    assert shown["synthetic captions kept"] == "2 of 4" and shown["unreadable images"] == "1"
+    assert shown["images kept"] == "4 (80% of 5)" and shown["original captions kept"] == "5 (62% of 8)"
+    assert shown["synthetic captions kept"] == "2 (50% of 4)" and shown["unreadable images"] == "1"
     assert "runs/noisy:3" in texts(at) and "3 of 8" in texts(at)
     detection = at.dataframe[0].value.set_index("scorer")
     assert detection.loc["itm", "ROC AUC"] == pytest.approx(ITM_AUC)
@@ -202,11 +203,11 @@ def test_capfilt_page_roc_threshold_and_images(monkeypatch, runs_dir):
 
     at = run_page(monkeypatch, runs_dir, {"capfilt_section": "Threshold"})
     assert at.slider[0].value == pytest.approx(CUTOFF)
-    assert metrics(at)["pairs kept"] == "7 of 12" and metrics(at)["planted surviving"] == "1 of 3"
+    assert metrics(at)["pairs kept"] == "7 (58% of 12)" and metrics(at)["planted surviving"] == "1 (33% of 3)"
     at.slider[0].set_value(0.7).run()
     assert not at.exception
-    assert metrics(at)["pairs kept"] == "5 of 12" and metrics(at)["originals kept"] == "4 of 8"
-    assert metrics(at)["planted surviving"] == "0 of 3"
+    assert metrics(at)["pairs kept"] == "5 (42% of 12)" and metrics(at)["originals kept"] == "4 (50% of 8)"
+    assert metrics(at)["planted surviving"] == "0 (0% of 3)"
     sweep = at.dataframe[-1].value
     assert len(sweep) == 11 and sweep["pairs kept"].iloc[0] == 12 and sweep["pairs kept"].iloc[-1] == 0
     at.radio[0].set_value("itc").run()  # the ITC slider moves over the observed cosine similarities
@@ -226,14 +227,14 @@ def test_capfilt_page_without_planted_noise_says_why_there_is_no_roc(monkeypatch
     at = run_page(monkeypatch, tmp_path / "runs", {"capfilt_section": "Planted noise (ROC)"})
     assert "No ROC curves" in texts(at) and "noise.jsonl" in texts(at) and not at.get("plotly_chart")
     at = run_page(monkeypatch, tmp_path / "runs", {"capfilt_section": "Threshold"})
-    assert metrics(at)["pairs kept"] == "7 of 12" and metrics(at)["planted surviving"] == "–"
+    assert metrics(at)["pairs kept"] == "7 (58% of 12)" and metrics(at)["planted surviving"] == "–"
 
 
 def test_capfilt_page_reads_a_typed_folder_and_says_what_is_wrong_with_a_damaged_one(monkeypatch, tmp_path):
     good = make_capfilt_folder(tmp_path / "elsewhere" / "boot", tmp_path / "images")
     (tmp_path / "runs").mkdir()
     at = run_page(monkeypatch, tmp_path / "runs", {"capfilt_path": str(good)})
-    assert metrics(at)["original captions kept"] == "5 of 8"
+    assert metrics(at)["original captions kept"] == "5 (62% of 8)"
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -261,7 +262,7 @@ def test_capfilt_page_reads_a_typed_folder_and_says_what_is_wrong_with_a_damaged
 
     (damaged / "capfilt.json").write_text(json.dumps({"scorers": 3, "counts": [], "planted": 1}))
     at = run_page(monkeypatch, tmp_path / "runs", {"capfilt_path": str(damaged)})
-    assert metrics(at)["original captions kept"] == "? of ?" and at.get("plotly_chart")  # the records still show
+    assert metrics(at)["original captions kept"] == "? (of ?)" and at.get("plotly_chart")  # the records still show
     for tab in TABS[1:]:
         run_page(monkeypatch, tmp_path / "runs", {"capfilt_path": str(damaged), "capfilt_section": tab})
 

@@ -117,6 +117,9 @@ def test_the_recovery_figure_shows_every_seed_the_means_and_the_target_level():
     assert means[0].error_y.array[0] == pytest.approx(summary["reference"]["sd"])
     [target] = fig.layout.shapes  # degraded 0.21 + half the cost 0.10
     assert target.y0 == pytest.approx(0.26) and fig.layout.title.text == "met"
+    # the verdict at the figure's top edge (container coordinates), clear of the legend's row above the plot
+    assert fig.layout.title.y is not None and (1 - fig.layout.title.y) * fig.layout.height < 10
+    assert list(fig.layout.xaxis.range) == [-0.5, 2.5]  # the outer roles' marks are not cut at the edges
     one_seed = judge_recovery(Recovery("cider", ("clean", "t"), ("noisy", "t"), ("boot", "t")), {
         "reference": {0: 0.30}, "degraded": {}, "treated": {0: 0.26}})
     assert len(sf.recovery_figure(one_seed).data) == 4 and not sf.recovery_figure(one_seed).layout.shapes

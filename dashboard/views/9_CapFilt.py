@@ -94,9 +94,15 @@ def load(folder: Path) -> tuple[dict[str, Any], pd.DataFrame, Path]:
     return summary, frame, Path(images_root)
 
 
-def _count(counts: dict[str, Any], key: str) -> str:
-    value = counts.get(key)
+def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def kept_metric(column: Any, label: str, kept: Any, total: Any, help: str | None = None) -> None:
+    """A count as the metric's value, with its share of the total in small type beneath it ("7,092 of 30,000"
+    as the value would be cut off in a quarter of the page)."""
+    share = f"{kept / total:.0%} of " if isinstance(kept, int) and isinstance(total, int) and total > 0 else "of "
+    column.metric(label, _count(kept), delta=share + _count(total), delta_color="off", delta_arrow="off", help=help)
 
 
 def _share(value: Any) -> str:
@@ -121,12 +127,11 @@ def summary_section(folder: Path, summary: dict[str, Any]) -> None:
                f"{summary.get('synthetic_per_image', '?')} synthetic caption(s) per image by "
                f"`{summary.get('decoding', '?')}` decoding · kept: {decision_rule(summary)}")
     cols = st.columns(4)
-    cols[0].metric("images kept", f"{_count(counts, 'images_kept')} of {_count(counts, 'images')}",
-                   help="images with at least one kept caption")
-    cols[1].metric("original captions kept", f"{_count(counts, 'kept_original')} of {_count(counts, 'original')}")
-    cols[2].metric("synthetic captions kept",
-                   f"{_count(counts, 'kept_synthetic')} of {_count(counts, 'synthetic')}")
-    cols[3].metric("unreadable images", _count(counts, "unreadable"), help="left out, with their captions")
+    kept_metric(cols[0], "images kept", counts.get("images_kept"), counts.get("images"),
+                help="images with at least one kept caption")
+    kept_metric(cols[1], "original captions kept", counts.get("kept_original"), counts.get("original"))
+    kept_metric(cols[2], "synthetic captions kept", counts.get("kept_synthetic"), counts.get("synthetic"))
+    cols[3].metric("unreadable images", _count(counts.get("unreadable")), help="left out, with their captions")
     detection = cf.detection_table(summary)
     if not detection.empty:
         planted = summary.get("planted") or {}
@@ -193,14 +198,14 @@ def threshold_section(summary: dict[str, Any], frame: pd.DataFrame, scorers: lis
                           key=f"capfilt_threshold_{scorer}_{folder}")
     row = cf.threshold_table(frame, scorer, threshold).to_dict("records")[0]
     cols = st.columns(4)
-    cols[0].metric("pairs kept", f"{row['pairs kept']:,} of {row['originals'] + row['synthetic']:,}")
-    cols[1].metric("originals kept", f"{row['originals kept']:,} of {row['originals']:,}")
-    cols[2].metric("synthetic kept", f"{row['synthetic kept']:,} of {row['synthetic']:,}")
+    kept_metric(cols[0], "pairs kept", row["pairs kept"], row["originals"] + row["synthetic"])
+    kept_metric(cols[1], "originals kept", row["originals kept"], row["originals"])
+    kept_metric(cols[2], "synthetic kept", row["synthetic kept"], row["synthetic"])
     if "planted" in row:
-        cols[3].metric("planted surviving", f"{row['planted kept']:,} of {row['planted']:,}",
-                       help=f"{_share(row['planted surviving'])} of the planted captions are kept; they are "
-                            f"{_share(row['planted share of kept originals'])} of the kept originals; "
-                            f"{_share(row['genuine kept'])} of the genuine originals are kept")
+        kept_metric(cols[3], "planted surviving", row["planted kept"], row["planted"],
+                    help=f"{_share(row['planted surviving'])} of the planted captions are kept; they are "
+                         f"{_share(row['planted share of kept originals'])} of the kept originals; "
+                         f"{_share(row['genuine kept'])} of the genuine originals are kept")
         st.caption(f"At this threshold the kept originals are {_share(row['planted share of kept originals'])} "
                    f"planted noise; {_share(row['planted surviving'])} of the planted captions survive and "
                    f"{_share(row['genuine kept'])} of the genuine ones.")
