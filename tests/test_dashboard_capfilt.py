@@ -96,8 +96,11 @@ def test_histograms_count_each_group_and_draw_the_cutoff(frame):
                       "planted": {"planted": 3, "genuine": 5}}
     assert sorted(cf.histogram_groups(frame, "itm", "planted")["planted"]) == [0.1, 0.2, 0.6]
     fig = cf.score_histogram(frame, "itm", "decision", cutoff=CUTOFF, threshold=0.7)
-    assert {t.legendgroup: len(t.x) for t in fig.data} == {"kept": 7, "dropped": 5}
-    assert fig.data[0].xbins.size == fig.data[1].xbins.size  # shared bins
+    assert {t.legendgroup: sum(t.y) for t in fig.data} == {"kept": 7, "dropped": 5}
+    assert fig.data[0].x == fig.data[1].x and len(fig.data[0].x) == 40  # shared bins
+    scores = cf.histogram_groups(frame, "itm", "decision")  # numpy's counts on the same 40 bins: the reference
+    edges = np.linspace(min(map(min, scores.values())), max(map(max, scores.values())), 41)
+    assert [list(t.y) for t in fig.data] == [np.histogram(scores[t.legendgroup], edges)[0].tolist() for t in fig.data]
     assert [s.x0 for s in fig.layout.shapes] == [CUTOFF, 0.7]
     assert fig.layout.xaxis.title.text == "ITM match probability"
     assert not cf.score_histogram(frame, "itm", "decision").layout.shapes
@@ -191,8 +194,8 @@ def test_capfilt_page_shows_the_summary_and_the_histograms(monkeypatch, runs_dir
     assert detection.loc["itm", "ROC AUC"] == pytest.approx(ITM_AUC)
     specs = plotly_specs(at)
     assert len(specs) == 3  # kept / dropped, original / synthetic, planted / genuine
-    assert [len(t["x"]) for t in specs[0]["data"]] == [7, 5]
-    assert [len(t["x"]) for t in specs[2]["data"]] == [3, 5]
+    assert [sum(t["y"]) for t in specs[0]["data"]] == [7, 5]  # captions counted per group
+    assert [sum(t["y"]) for t in specs[2]["data"]] == [3, 5]
     assert specs[0]["layout"]["shapes"][0]["x0"] == CUTOFF
 
 
