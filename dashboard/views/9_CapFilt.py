@@ -135,8 +135,9 @@ def summary_section(folder: Path, summary: dict[str, Any]) -> None:
     detection = cf.detection_table(summary)
     if not detection.empty:
         planted = summary.get("planted") or {}
-        st.markdown(f"**Finding the planted noise**: {planted.get('planted', '?')} of {planted.get('captions', '?')} "
-                    "original captions were planted (replaced by another image's caption).")
+        st.markdown(f"**Finding the planted noise**: {_count(planted.get('planted'))} of "
+                    f"{_count(planted.get('captions'))} original captions were planted (replaced by another image's "
+                    "caption).")
         st.dataframe(detection, hide_index=True, key="capfilt_detection", column_config={
             "ROC AUC": st.column_config.NumberColumn(format="%.3f", help="the probability that a planted caption "
                                                      "scores below a genuine one (0.5: chance)"),
