@@ -39,7 +39,17 @@ decoding strategy or reference row), the mean and the spread (sample standard de
 how many seeds' dev choice the strategy was, and the minutes each run took.
 
 Placeholders in commands: {study} (the study folder), {data_root} (the preset's data folder after `set`),
-{run:<stage>/<variant>/<seed>} (a run folder of an earlier stage). A variant's settings may name a run of an
+{run:<stage>/<variant>/<seed>} (a run folder of an earlier stage). A command stage whose `produces` holds {seed}
+runs once per seed, and each seed's runs of the stages trained on it use that seed's output; its command may use
+{seed} and name runs without a seed, {run:<stage>/<variant>} meaning the one of the same seed. That is how every
+seed of a CapFilt plan is the whole loop (its own noisy model captions and filters for its own retraining):
+
+    [[stage]]
+    name = "bootstrapped-data"
+    command = ["capfilt", "--captioner", "{run:noisy/tuned}", "--filter", "{run:noisy/tuned}", "--data",
+               "{study}/data/noisy", "--out", "{study}/data/bootstrapped-seed{seed}", "--seed", "{seed}"]
+    produces = "{study}/data/bootstrapped-seed{seed}"
+ A variant's settings may name a run of an
 earlier training stage too, {run:<stage>/<variant>} meaning the one of the same seed: that is how a stage
 starts from another's weights (decoder pretraining, then the full recipe):
 
@@ -53,7 +63,18 @@ starts from another's weights (decoder pretraining, then the full recipe):
     [stage.variants]
     decoder-pretrained = { "train.init" = "{run:pretraining/text-lm}", "train.max_steps" = 600 }
 
-Selecting a run (--only) selects the runs its settings name.
+Selecting a run (--only) selects the runs its settings name, and the runs a command stage it trains on names
+(CapFilt's captioner), while that stage's output is not there yet.
+
+A study stops at a run that did not complete (Ctrl-C, SIGTERM, a step budget cut short): the table leaves it
+out, and the same command resumes it. Its later runs may build on it, so they wait.
+
+Run folders are big and often do not outlive a machine; the numbers do. With a results folder (`--results DIR`)
+every completed run's reported numbers (its dev-chosen checkpoint's evaluation, metrics only: no captions, no
+weights) and every CapFilt stage's summary are kept there as small JSON files, one a run, meant to be committed.
+The table counts a recorded run whose folder is gone, and the study does not train it again, unless a stage still
+to run needs its folder (a captioner), or the plan now gives it other settings (the record is then ignored,
+with a message). A run folder that is there always wins over its record.
 
 A plan may ask one question of its table: how much of what one variant lost against another does a third win
 back (CapFilt: of the CIDEr that noisy captions cost, how much does retraining on the bootstrapped data
@@ -72,6 +93,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import statistics
@@ -99,6 +121,11 @@ class PlanError(ValueError):
     """A study plan that cannot be run: what is wrong and where."""
 
 
+class StudyStopped(Exception):
+    """A run of the study did not complete (stopped by a signal, or its budget cut short): the study stopped
+    after it, with its table written; running the same command again resumes it."""
+
+
 @dataclass
 class Stage:
     name: str
@@ -110,6 +137,11 @@ class Stage:
     @property
     def trains(self) -> bool:
         return self.command is None
+
+    @property
+    def per_seed(self) -> bool:
+        """A command stage that runs once per seed (its `produces` holds {seed})."""
+        return "{seed}" in (self.produces or "")
 
 
 @dataclass
@@ -178,6 +210,10 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
         raise fail(f"preset / set: {err}") from None
     for index, stage in enumerate(stages):
         earlier = {(s.name, v) for s in stages[:index] if s.trains for v in s.variants}
+        for ref_stage, ref_variant, _ in (run for arg in stage.command or [] for run in _command_runs(arg)):
+            if (ref_stage, ref_variant) not in earlier:
+                raise fail(f"command stage {stage.name!r} names run {ref_stage}/{ref_variant}, which is not a variant "
+                           "of an earlier training stage")
         for variant, overrides in stage.variants.items():
             try:
                 base.override(overrides)
@@ -195,11 +231,14 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
 _RUN_REFERENCE = re.compile(r"\{run:([^{}/]+)/([^{}/]+)(?:/(\d+))?\}")
 
 
+def _command_runs(text: str) -> list[tuple[str, str, int | None]]:
+    """The runs a text names: (stage, variant, seed, or None for the seed of the run or command it is part of)."""
+    return [(stage, variant, int(seed) if seed else None) for stage, variant, seed in _RUN_REFERENCE.findall(text)]
+
+
 def _run_references(overrides: dict[str, Any]) -> list[tuple[str, str, int | None]]:
-    """The runs a variant's settings name: (stage, variant, seed, or None for the run's own seed)."""
-    return [(stage, variant, int(seed) if seed else None)
-            for value in overrides.values() if isinstance(value, str)
-            for stage, variant, seed in _RUN_REFERENCE.findall(value)]
+    """The runs a variant's settings name (see _command_runs)."""
+    return [run for value in overrides.values() if isinstance(value, str) for run in _command_runs(value)]
 
 
 def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str], PlanError]) -> Stage:
@@ -217,7 +256,12 @@ def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str],
             raise fail(f"stage {name!r}: command must be a list of `python -m train` arguments")
         if not isinstance(produces, str) or "variants" in raw:
             raise fail(f"stage {name!r}: a command stage names the folder it `produces` and has no variants")
-        return Stage(name, command=command, produces=produces)
+        stage = Stage(name, command=command, produces=produces)
+        if not stage.per_seed and any("{seed}" in arg or any(seed is None for *_, seed in _command_runs(arg))
+                                      for arg in command):
+            raise fail(f"stage {name!r}: its command uses {{seed}} or names a run without its seed, so it runs once "
+                       "per seed: its `produces` must hold {seed} too")
+        return stage
     variants = raw.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise fail(f"stage {name!r}: a training stage needs [stage.variants] (name = {{ overrides }})")
@@ -329,44 +373,91 @@ def selection(plan: Plan, only: Sequence[str] = (), seeds: Sequence[int] | None 
 
 def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
               log: Callable[[str], None] = print, test: TestFn = evaluate_on_test,
-              only: Sequence[str] = (), seeds: Sequence[int] | None = None) -> dict[str, Any]:
-    """Run the stages of `plan` into `study` (skipping what is complete, resuming what is not), evaluate
-    each run's dev-chosen checkpoint on the test split when there is one, then write and return the table
-    (of every run in the folder). `only` and `seeds` restrict which runs train in this call (see
-    `selection`), so a long plan can be spread over sessions; the command stages they need still run.
-    `train` trains one run (blipcore.trainer.Trainer in the CLI); `command` runs `python -m train ARGS` (the
-    CLI passes its own main, so blipcore never imports train)."""
+              only: Sequence[str] = (), seeds: Sequence[int] | None = None,
+              results: Path | None = None) -> dict[str, Any]:
+    """Run the stages of `plan` into `study` (skipping what is complete or recorded in `results`, resuming what
+    is not), evaluate each run's dev-chosen checkpoint on the test split when there is one, then write and return
+    the table (of every run in the folder and in `results`). `only` and `seeds` restrict which runs train in this
+    call (see `selection`), so a long plan can be spread over sessions; the command stages they need, and the runs
+    those name, still run. A run that ends without completing stops the study (StudyStopped, after the table).
+    `train` trains one run (blipcore.trainer.Trainer in the CLI); `command` runs `python -m train ARGS` (the CLI
+    passes its own main, so blipcore never imports train)."""
     selected = selection(plan, only, seeds)
-    needed = {stage.data for stage in plan.stages if any(run[0] == stage.name for run in selected)}
     study.mkdir(parents=True, exist_ok=True)
-    write_table(plan, study)  # from the start: the folder is a study, its finished runs already in the table
-    produced: dict[str, Path] = {}
-    base = plan.base_config()
+    write_table(plan, study, results, log)  # from the start: the folder is a study, its finished runs in the table
+    recorded = set(read_records(plan, study, results)) if results is not None else set()
+    must = _runs_to_train(plan, study, selected, recorded)
+    needed = {(stage.data, seed if _stage(plan, stage.data).per_seed else None)
+              for stage in plan.stages if stage.data is not None
+              for name, _, seed in must if name == stage.name}
     for stage in plan.stages:
         if not stage.trains:
-            if stage.name in needed:
-                produced[stage.name] = _run_command(stage, plan, study, base, command, log)
+            for seed in sorted(seed for name, seed in needed if name == stage.name and seed is not None):
+                _run_command(stage, plan, study, command, log, seed)
+            if (stage.name, None) in needed:
+                _run_command(stage, plan, study, command, log)
             continue
-        for variant, overrides in stage.variants.items():
+        for variant in stage.variants:
             for seed in plan.seeds:
-                if (stage.name, variant, seed) not in selected:
+                run = (stage.name, variant, seed)
+                target = run_dir(study, *run)
+                if run not in must:
+                    if run in selected:
+                        log(f"{target.name}: {'recorded in ' + str(results) if run in recorded else 'completed'}, "
+                            "skipped")
                     continue
-                values = {"study": str(study), "data_root": base.data.root, "seed": str(seed)}
-                filled = {key: _fill(value, values, plan, study) if isinstance(value, str) else value
-                          for key, value in overrides.items()}
-                cfg = base.override({**filled, "train.seed": seed})
-                if stage.data is not None:
-                    cfg = cfg.override({"data.root": str(produced[stage.data])})
-                cfg.name = f"{plan.name}/{stage.name}/{variant}"
-                target = run_dir(study, stage.name, variant, seed)
                 status = _status(target)
-                if status == "completed":
-                    log(f"{target.name}: completed, skipped")
-                else:
-                    log(f"{target.name}: {'resuming' if status else 'training'}")
-                    train(cfg, target, status is not None)
+                log(f"{target.name}: {'resuming' if status else 'training'}")
+                train(planned_config(plan, study, stage, variant, seed), target, status is not None)
+                status = _status(target)
+                if status != "completed":
+                    write_table(plan, study, results)
+                    raise StudyStopped(f"{target} is {status}, so the study stopped there (its later runs may build "
+                                       "on it); run the same command again to resume it")
                 reported_evaluation(RunDir(target), test)  # the test evaluation, once
-    return write_table(plan, study)
+    return write_table(plan, study, results)
+
+
+def planned_config(plan: Plan, study: Path, stage: Stage, variant: str, seed: int) -> BlipConfig:
+    """The config the plan gives one run: the preset, the plan's settings, the variant's (placeholders filled),
+    its seed, and the dataset of the command stage it trains on."""
+    base = plan.base_config()
+    values = {"study": str(study), "data_root": base.data.root, "seed": str(seed)}
+    filled = {key: _fill(value, values, plan, study) if isinstance(value, str) else value
+              for key, value in stage.variants[variant].items()}
+    cfg = base.override({**filled, "train.seed": seed})
+    if stage.data is not None:
+        cfg = cfg.override({"data.root": str(_produces(_stage(plan, stage.data), plan, study, seed))})
+    cfg.name = f"{plan.name}/{stage.name}/{variant}"
+    return cfg
+
+
+def _stage(plan: Plan, name: str) -> Stage:
+    return next(stage for stage in plan.stages if stage.name == name)
+
+
+def _runs_to_train(plan: Plan, study: Path, selected: set[tuple[str, str, int]],
+                   recorded: set[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
+    """The selected runs that neither completed in `study` nor are recorded, and the runs whose folders those
+    need: the runs their settings start from (train.init) and the runs named by the command stage they train on
+    while its output is not there (CapFilt's captioner). A needed run trains even when a record holds its numbers:
+    the record has no weights."""
+    overrides = {(s.name, v): o for s in plan.stages if s.trains for v, o in s.variants.items()}
+
+    def completed(run: tuple[str, str, int]) -> bool:
+        return _status(run_dir(study, *run)) == "completed"
+
+    must = {run for run in selected if run not in recorded and not completed(run)}
+    for stage in reversed(plan.stages):  # runs name only earlier stages' runs: walk back once
+        for name, variant, seed in [run for run in must if run[0] == stage.name]:
+            needs = {(ref_stage, ref_variant, seed if ref_seed is None else ref_seed)
+                     for ref_stage, ref_variant, ref_seed in _run_references(overrides[name, variant])}
+            data = _stage(plan, stage.data) if stage.data is not None else None
+            if data is not None and not (_produces(data, plan, study, seed) / COMPLETE_MARKER).is_file():
+                needs |= {(ref_stage, ref_variant, seed if ref_seed is None else ref_seed)
+                          for arg in data.command or [] for ref_stage, ref_variant, ref_seed in _command_runs(arg)}
+            must |= {run for run in needs if not completed(run)}
+    return must
 
 
 def _status(folder: Path) -> str | None:
@@ -379,13 +470,24 @@ def _status(folder: Path) -> str | None:
         return None
 
 
-def _run_command(stage: Stage, plan: Plan, study: Path, base: BlipConfig, command: CommandFn,
-                 log: Callable[[str], None]) -> Path:
-    values = {"study": str(study), "data_root": base.data.root}
-    output = Path(_fill(stage.produces or "", values, plan, study))
+def _command_values(stage: Stage, plan: Plan, study: Path, seed: int | None) -> dict[str, str]:
+    """A command stage's placeholders: {seed} only for one that runs per seed (then `seed` is its seed)."""
+    values = {"study": str(study), "data_root": plan.base_config().data.root}
+    return {**values, "seed": str(seed)} if stage.per_seed else values
+
+
+def _produces(stage: Stage, plan: Plan, study: Path, seed: int | None = None) -> Path:
+    """The folder a command stage makes (for `seed`, when it runs per seed)."""
+    return Path(_fill(stage.produces or "", _command_values(stage, plan, study, seed), plan, study))
+
+
+def _run_command(stage: Stage, plan: Plan, study: Path, command: CommandFn, log: Callable[[str], None],
+                 seed: int | None = None) -> None:
+    output = _produces(stage, plan, study, seed)
     if (output / COMPLETE_MARKER).is_file():
         log(f"{stage.name}: {output} is complete, skipped")
-        return output
+        return
+    values = _command_values(stage, plan, study, seed)
     args = [_fill(arg, values, plan, study) for arg in stage.command or []]
     log(f"{stage.name}: python -m train {' '.join(args)}")
     code = command(args)
@@ -394,7 +496,6 @@ def _run_command(stage: Stage, plan: Plan, study: Path, base: BlipConfig, comman
     if not output.is_dir():
         raise RunError(f"stage {stage.name!r}: the command succeeded but did not make {output}")
     atomic_write_bytes(output / COMPLETE_MARKER, b"")
-    return output
 
 
 def _fill(text: str, values: dict[str, str], plan: Plan, study: Path) -> str:
@@ -414,22 +515,130 @@ def _fill(text: str, values: dict[str, str], plan: Plan, study: Path) -> str:
     return re.sub(r"\{([^{}]+)\}", replace, text)
 
 
+# --- what a run counts with: its folder, or its record ------------------------------------------------------
+# Config fields that say where a run's files are, not how it trained: a record made on another machine matches.
+LOCATION_FIELDS = ("name", "data.root", "train.init")
+
+
+@dataclass
+class RunResult:
+    """What the table counts for one run: its reported evaluation (see `reported_evaluation`), numbers only, and
+    what the run cost. Made from a completed run folder, or read back from its record in a results folder."""
+    epoch: int
+    split: str
+    chosen: str  # the dev-chosen decoding strategy
+    evaluation: dict[str, Any]  # num_images, losses, retrieval, matching, strategies / reference_rows -> metrics
+    train_seconds: float | None
+    samples_per_s: float | None  # the median of its training lines
+    machine: dict[str, Any]  # device (CPU model, fp32 matmul GFLOP/s), git revision, when it finished
+    config: dict[str, Any]
+    source: str = "run"  # "run" (its folder) or "record" (its results file)
+
+    RECORD_FIELDS = ("epoch", "split", "chosen", "evaluation", "train_seconds", "samples_per_s", "machine", "config")
+
+    def record(self, stage: str, variant: str, seed: int) -> dict[str, Any]:
+        return {"stage": stage, "variant": variant, "seed": seed,
+                **{key: getattr(self, key) for key in self.RECORD_FIELDS}}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], path: Path) -> RunResult:
+        missing = [key for key in cls.RECORD_FIELDS if key not in record]
+        if missing:
+            raise RunError(f"{path}: not a study result record (no {', '.join(missing)})")
+        return cls(**{key: record[key] for key in cls.RECORD_FIELDS}, source="record")
+
+
+def numbers_only(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's numbers, without its sample captions and texts like the most common caption (which quote
+    the dataset): what a record keeps."""
+    def metrics_of(key: str) -> dict[str, Any]:
+        return {name: {"metrics": {k: v for k, v in entry.get("metrics", {}).items() if M.is_number(v)}}
+                for name, entry in evaluation.get(key, {}).items()}
+
+    return {"num_images": evaluation.get("num_images"), "losses": evaluation.get("losses", {}),
+            "retrieval": evaluation.get("retrieval", {}), "matching": evaluation.get("matching", {}),
+            "strategies": metrics_of("strategies"), "reference_rows": metrics_of("reference_rows")}
+
+
+def completed_result(run: RunDir) -> RunResult | None:
+    """A completed run's RunResult; None while it is not completed (a stopped or running run is not a result) or
+    has no reported evaluation yet."""
+    info = run.read_info()
+    if info.get("status") != "completed" or (reported := reported_evaluation(run)) is None:
+        return None
+    epoch, split, chosen, evaluation = reported
+    speeds = [line["samples_per_s"] for line in run.read_metrics()
+              if line.get("split") == "train" and M.is_number(line.get("samples_per_s"))]
+    machine = {"device": info.get("device"), "git_revision": info.get("git_revision"),
+               "finished_at": info.get("finished_at")}
+    return RunResult(epoch, split, chosen, numbers_only(evaluation), info.get("train_seconds"),
+                     statistics.median(speeds) if speeds else None, machine, info.get("config", {}))
+
+
+def record_path(results: Path, stage: str, variant: str, seed: int) -> Path:
+    return results / f"{run_dir(Path(), stage, variant, seed).name}.json"
+
+
+def config_differences(recorded: dict[str, Any], planned: dict[str, Any]) -> list[str]:
+    """The "section.field" names whose values differ between two config dicts, apart from LOCATION_FIELDS."""
+    def flat(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {f"{section}.{key}": value for section, fields in cfg.items() if isinstance(fields, dict)
+                for key, value in fields.items()}
+
+    a, b = flat(recorded), flat(planned)
+    return sorted(key for key in set(a) | set(b) if key not in LOCATION_FIELDS and a.get(key) != b.get(key))
+
+
+def read_records(plan: Plan, study: Path, results: Path,
+                 log: Callable[[str], None] | None = None) -> dict[tuple[str, str, int], RunResult]:
+    """The plan's runs recorded in `results` with the settings the plan gives them now; `log` says which records
+    it leaves out because their settings differ."""
+    found = {}
+    for stage in (s for s in plan.stages if s.trains):
+        for variant in stage.variants:
+            for seed in plan.seeds:
+                path = record_path(results, stage.name, variant, seed)
+                if not path.is_file():
+                    continue
+                result = RunResult.from_record(read_json(path, "study result record"), path)
+                planned = planned_config(plan, study, stage, variant, seed).to_dict()
+                if differences := config_differences(result.config, planned):
+                    if log is not None:
+                        log(f"{path}: recorded with other settings than the plan's ({', '.join(differences[:4])}"
+                            f"{', ...' if len(differences) > 4 else ''}), not counted")
+                    continue
+                found[stage.name, variant, seed] = result
+    return found
+
+
+def _save_record(path: Path, record: dict[str, Any]) -> None:
+    """Write a record unless it already holds exactly this (no churn in a committed folder)."""
+    if path.is_file() and read_json(path, "study result record") == json.loads(json.dumps(record)):
+        return
+    atomic_write_json(path, record)
+
+
 # --- the table ----------------------------------------------------------------------------------
-# {(stage, variant): {seed: (run, epoch, split, dev-chosen strategy, evaluation)}}
-Reported = dict[tuple[str, str], dict[int, tuple[RunDir, int, str, str, dict[str, Any]]]]
+# {(stage, variant): {seed: its RunResult}}
+Reported = dict[tuple[str, str], dict[int, RunResult]]
 
 
-def reported_runs(plan: Plan, study: Path) -> Reported:
-    """Each training variant's runs that have a reported evaluation (see `reported_evaluation`), read once for
-    the whole table."""
+def reported_runs(plan: Plan, study: Path, results: Path | None = None,
+                  log: Callable[[str], None] | None = None) -> Reported:
+    """Each training variant's runs that count in the table: completed runs in `study` with a reported
+    evaluation, and, for the others, their records in `results` (see `read_records`)."""
+    records = read_records(plan, study, results, log) if results is not None else {}
     reported: Reported = {}
     for stage in (s for s in plan.stages if s.trains):
         for variant in stage.variants:
             found = reported.setdefault((stage.name, variant), {})
             for seed in plan.seeds:
                 run = RunDir(run_dir(study, stage.name, variant, seed))
-                if run.exists() and (evaluation := reported_evaluation(run)) is not None:
-                    found[seed] = (run, *evaluation)
+                result = completed_result(run) if run.exists() else None
+                if result is None:
+                    result = records.get((stage.name, variant, seed))
+                if result is not None:
+                    found[seed] = result
     return reported
 
 
@@ -440,18 +649,18 @@ def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
         for variant in stage.variants:
             found = list(reported.get((stage.name, variant), {}).values())
             by_row: dict[str, list[dict[str, Any]]] = {}
-            splits = {split for _, _, split, _, _ in found}
-            for run, epoch, _, chosen, result in found:
-                entries = {**result.get("strategies", {}), **result.get("reference_rows", {})}
+            for result in found:
+                evaluation = result.evaluation
+                entries = {**evaluation.get("strategies", {}), **evaluation.get("reference_rows", {})}
                 for name, entry in entries.items():
-                    values = {**entry.get("metrics", {}), **result.get("retrieval", {}), **result.get("matching", {}),
-                              "epoch": epoch, "minutes": (run.read_info().get("train_seconds") or 0) / 60,
-                              "chosen": name == chosen}
+                    values = {**entry.get("metrics", {}), **evaluation.get("retrieval", {}),
+                              **evaluation.get("matching", {}), "epoch": result.epoch,
+                              "minutes": (result.train_seconds or 0) / 60, "chosen": name == result.chosen}
                     by_row.setdefault(name, []).append(values)
             for name, values in by_row.items():
                 row: dict[str, Any] = {"stage": stage.name, "variant": variant, "decoding": name,
-                                       "split": "/".join(sorted(splits)), "seeds": len(values),
-                                       "chosen_on_dev": sum(v["chosen"] for v in values),
+                                       "split": "/".join(sorted({result.split for result in found})),
+                                       "seeds": len(values), "chosen_on_dev": sum(v["chosen"] for v in values),
                                        "epochs": sorted({v["epoch"] for v in values})}
                 for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes"):
                     numbers = [v[key] for v in values if M.is_number(v.get(key))]
@@ -461,26 +670,78 @@ def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
     return rows
 
 
-def filter_rows(plan: Plan, study: Path) -> list[dict[str, Any]]:
-    """One row per (CapFilt command stage, scorer) whose output exists: how well the filter found the planted
-    captions (ROC AUC, precision, recall) and what it kept (blipcore.capfilt's capfilt.json)."""
-    values = {"study": str(study), "data_root": plan.base_config().data.root}
+def run_rows(reported: Reported) -> list[dict[str, Any]]:
+    """One row per counted run: where its numbers come from, what it reported, and what it cost on which
+    machine (the minutes, the CPU model and its measured fp32 matmul rate go beside every run)."""
+    rows = []
+    for (stage, variant), seeds in reported.items():
+        for seed, result in sorted(seeds.items()):
+            device = result.machine.get("device") or {}
+            rows.append({"run": run_dir(Path(), stage, variant, seed).name, "source": result.source,
+                         "split": result.split, "epoch": result.epoch, "chosen": result.chosen,
+                         "minutes": None if result.train_seconds is None else result.train_seconds / 60,
+                         "samples_per_s": result.samples_per_s,
+                         "device": device.get("cpu_model") or device.get("name"),
+                         "matmul_fp32_gflops": device.get("matmul_fp32_gflops"),
+                         "git_revision": (result.machine.get("git_revision") or "")[:7]})
+    return rows
+
+
+def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The counted runs as a Markdown table (empty without any)."""
+    if not rows:
+        return ""
+
+    def number(value: Any, digits: int) -> str:
+        return "-" if not M.is_number(value) else f"{value:.{digits}f}"
+
+    lines = ["", "Runs: where each number comes from (run = its folder here, record = its results file) and what "
+             "it cost", "", "| run | from | reported | minutes | samples/s | device | fp32 matmul GFLOP/s | "
+             "revision |", "|" + "---|" * 8]
+    for row in rows:
+        lines.append(f"| {row['run']} | {row['source']} | {row['split']} epoch {row['epoch']}, {row['chosen']} | "
+                     f"{number(row['minutes'], 1)} | {number(row['samples_per_s'], 1)} | {row['device'] or '-'} | "
+                     f"{number(row['matmul_fp32_gflops'], 0)} | {row['git_revision'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def filter_rows(plan: Plan, study: Path, results: Path | None = None) -> list[dict[str, Any]]:
+    """One row per (CapFilt command stage, scorer) whose output exists here, or whose summary `results` holds:
+    how well the filter found the planted captions (ROC AUC, precision, recall) and what it kept
+    (blipcore.capfilt's capfilt.json). A summary found here is recorded in `results`."""
     rows = []
     for stage in (s for s in plan.stages if not s.trains):
-        summary_path = Path(_fill(stage.produces or "", values, plan, study)) / CAPFILT_SUMMARY
-        if not summary_path.is_file():
-            continue
-        summary = read_json(summary_path, "CapFilt summary")
-        counts, planted = summary.get("counts", {}), summary.get("planted") or {}
-        for scorer in summary.get("scorers", []):
-            detection = (planted.get("scorers") or {}).get(scorer) or {}
-            rows.append({"stage": stage.name, "scorer": scorer, "decided": scorer == summary.get("score"),
-                         "auc": detection.get("auc"), "precision": detection.get("precision"),
-                         "recall": detection.get("recall"), "dropped_original": detection.get("dropped"),
-                         "planted": planted.get("planted"), "original": counts.get("original"),
-                         "kept_original": counts.get("kept_original"), "synthetic": counts.get("synthetic"),
-                         "kept_synthetic": counts.get("kept_synthetic")})
+        for seed in plan.seeds if stage.per_seed else [None]:
+            summary = _capfilt_summary(stage, plan, study, seed, results)
+            if summary is None:
+                continue
+            counts, planted = summary.get("counts", {}), summary.get("planted") or {}
+            for scorer in summary.get("scorers", []):
+                detection = (planted.get("scorers") or {}).get(scorer) or {}
+                rows.append({"stage": stage.name, "seed": seed, "scorer": scorer,
+                             "decided": scorer == summary.get("score"), "auc": detection.get("auc"),
+                             "precision": detection.get("precision"), "recall": detection.get("recall"),
+                             "dropped_original": detection.get("dropped"), "planted": planted.get("planted"),
+                             "original": counts.get("original"), "kept_original": counts.get("kept_original"),
+                             "synthetic": counts.get("synthetic"), "kept_synthetic": counts.get("kept_synthetic")})
     return rows
+
+
+def _capfilt_summary(stage: Stage, plan: Plan, study: Path, seed: int | None,
+                     results: Path | None) -> dict[str, Any] | None:
+    """A command stage's CapFilt summary: from its output here (then recorded in `results`), else from its record
+    in `results`; None when neither is there (or the stage is not CapFilt)."""
+    found = _produces(stage, plan, study, seed) / CAPFILT_SUMMARY
+    name = stage.name if seed is None else f"{stage.name}-seed{seed}"
+    recorded = None if results is None else results / f"{name}.{CAPFILT_SUMMARY}"
+    if found.is_file():
+        summary = read_json(found, "CapFilt summary")
+        if recorded is not None:
+            _save_record(recorded, summary)
+        return summary
+    if recorded is not None and recorded.is_file():
+        return read_json(recorded, "recorded CapFilt summary")
+    return None
 
 
 def recovery_summary(plan: Plan, reported: Reported) -> dict[str, Any] | None:
@@ -492,8 +753,9 @@ def recovery_summary(plan: Plan, reported: Reported) -> dict[str, Any] | None:
     values = {}
     for role in RECOVERY_ROLES:
         values[role] = {}
-        for seed, (_, _, _, chosen, result) in reported.get(getattr(recovery, role), {}).items():
-            value = result.get("strategies", {}).get(chosen, {}).get("metrics", {}).get(recovery.metric)
+        for seed, result in reported.get(getattr(recovery, role), {}).items():
+            value = result.evaluation.get("strategies", {}).get(result.chosen, {}).get("metrics", {}).get(
+                recovery.metric)
             if M.is_number(value):
                 values[role][seed] = float(value)
     return judge_recovery(recovery, values)
@@ -558,14 +820,22 @@ def recovery_markdown(summary: dict[str, Any] | None) -> str:
     ]) + "\n"
 
 
-def write_table(plan: Plan, study: Path) -> dict[str, Any]:
-    """study.json, study.csv and study.md in `study`; returns the JSON content."""
-    reported = reported_runs(plan, study)
+def write_table(plan: Plan, study: Path, results: Path | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """study.json, study.csv and study.md in `study`, from its completed runs and the records in `results` (which
+    gets a record of every completed run here); returns the JSON content."""
+    reported = reported_runs(plan, study, results, log)
+    if results is not None:
+        for (stage, variant), seeds in reported.items():
+            for seed, result in seeds.items():
+                if result.source == "run":
+                    _save_record(record_path(results, stage, variant, seed), result.record(stage, variant, seed))
     rows = study_rows(plan, reported)
-    filters = filter_rows(plan, study)
+    runs = run_rows(reported)
+    filters = filter_rows(plan, study, results)
     recovery = recovery_summary(plan, reported)
-    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "filters": filters,
-             "recovery": recovery}
+    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "runs": runs,
+             "filters": filters, "recovery": recovery}
     atomic_write_json(study / STUDY_TABLE, table)
     columns = ["stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs"] + [
         k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
@@ -574,7 +844,7 @@ def write_table(plan: Plan, study: Path) -> dict[str, Any]:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(study / "study.csv", buffer.getvalue().encode())
-    markdown = markdown_table(rows) + filters_markdown(filters) + recovery_markdown(recovery)
+    markdown = markdown_table(rows) + filters_markdown(filters) + recovery_markdown(recovery) + runs_markdown(runs)
     atomic_write_bytes(study / "study.md", markdown.encode())
     return table
 
@@ -608,11 +878,12 @@ def filters_markdown(filters: Sequence[dict[str, Any]]) -> str:
         return "-" if not M.is_number(value) else f"{100 * value:.1f}%"
 
     lines = ["", "CapFilt filters: finding the planted captions among the originals (low score = planted)", "",
-             "| stage | scorer | decided | ROC AUC | precision | recall | originals kept | synthetic kept |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| stage | seed | scorer | decided | ROC AUC | precision | recall | originals kept | synthetic kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in filters:
         auc = "-" if not M.is_number(row["auc"]) else f"{row['auc']:.3f}"
-        lines.append(f"| {row['stage']} | {row['scorer']} | {'yes' if row['decided'] else 'no'} | {auc} | "
+        seed = "all" if row["seed"] is None else row["seed"]
+        lines.append(f"| {row['stage']} | {seed} | {row['scorer']} | {'yes' if row['decided'] else 'no'} | {auc} | "
                      f"{share(row['precision'])} | {share(row['recall'])} | {row['kept_original']} of "
                      f"{row['original']} | {row['kept_synthetic']} of {row['synthetic']} |")
     return "\n".join(lines) + "\n"

@@ -5,7 +5,9 @@ dataset that trains; bad input refused before anything is written."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -259,7 +261,7 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     raw["set"]["data.kind"] = "coco"  # a derived folder is read as COCO captions, never regenerated
     make_data = raw["stage"][0]
     study = tmp_path / "study-capfilt"
-    noisy_run = "{run:noisy/tuned/0}"
+    noisy_run = "{run:noisy/tuned}"  # the noisy run of the stage's seed: each seed is the whole loop
     raw["stage"] = [
         make_data,
         {"name": "noisy-data", "command": ["data", "noise", "--from", "{study}/shapes", "--out", "{study}/data/noisy",
@@ -267,15 +269,19 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
         {"name": "clean", "data": "make-data", "variants": {"tuned": {}}},
         {"name": "noisy", "data": "noisy-data", "variants": {"tuned": {}}},
         {"name": "boot-data", "command": ["capfilt", "--captioner", noisy_run, "--filter", noisy_run, "--data",
-                                          "{study}/data/noisy", "--out", "{study}/data/boot", "--keep-fraction", "0.7",
-                                          "--no-progress"], "produces": "{study}/data/boot"},
+                                          "{study}/data/noisy", "--out", "{study}/data/boot-seed{seed}", "--keep-fraction",
+                                          "0.7", "--seed", "{seed}", "--no-progress"],
+         "produces": "{study}/data/boot-seed{seed}"},
         {"name": "bootstrapped", "data": "boot-data", "variants": {"tuned": {}}},
     ]
     raw["recovery"] = {"metric": "cider", "reference": "clean/tuned", "degraded": "noisy/tuned",
                        "treated": "bootstrapped/tuned"}
     plan = parse_plan(raw)
 
+    trained = []
+
     def train(cfg, folder, resume):
+        trained.append(folder.name)
         return Trainer(cfg, folder, resume=resume, progress=False).fit()
 
     def test_without_meteor(run, epoch, strategies):
@@ -284,10 +290,10 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     table = run_study(plan, study, train, main, log=lambda _: None, test=test_without_meteor)
     assert {row["stage"] for row in table["rows"]} == {"clean", "noisy", "bootstrapped"}
     boot = RunDir(study / "bootstrapped-tuned-seed0").config()
-    assert boot.data.root == str(study / "data" / "boot")
-    assert [(f["stage"], f["scorer"], f["decided"]) for f in table["filters"]] == [
-        ("boot-data", "itm", True), ("boot-data", "itc", False)]
-    summary = load_capfilt(study / "data" / "boot").summary
+    assert boot.data.root == str(study / "data" / "boot-seed0")
+    assert [(f["stage"], f["seed"], f["scorer"], f["decided"]) for f in table["filters"]] == [
+        ("boot-data", 0, "itm", True), ("boot-data", 0, "itc", False)]
+    summary = load_capfilt(study / "data" / "boot-seed0").summary
     assert table["filters"][0]["auc"] == summary["planted"]["scorers"]["itm"]["auc"]
     assert "CapFilt filters" in (study / "study.md").read_text()
     recovery = table["recovery"]  # one seed: each role's number, and no verdict without a spread
@@ -296,3 +302,32 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     assert [recovery[role]["values"] for role in ("reference", "degraded", "treated")] == [
         {"0": cider["clean"]}, {"0": cider["noisy"]}, {"0": cider["bootstrapped"]}]
     assert recovery["verdict"] != "met" and recovery["verdict"] != "missed"
+
+    # with a results folder, every completed run and the CapFilt stage leave their numbers there, no captions
+    results = tmp_path / "results"
+    trained.clear()
+    assert run_study(plan, study, train, main, log=lambda _: None, results=results) == {**table, "runs": ANY}
+    assert trained == [] and sorted(path.name for path in results.iterdir()) == [
+        "boot-data-seed0.capfilt.json", "bootstrapped-tuned-seed0.json", "clean-tuned-seed0.json", "noisy-tuned-seed0.json"]
+    recorded = "".join(path.read_text() for path in results.iterdir())
+    dataset = json.loads((study / "shapes" / "annotations" / "captions_heldout.json").read_text())
+    evaluation = RunDir(study / "clean-tuned-seed0").load_eval(1, split="test")
+    samples = [sample for key in ("strategies", "reference_rows") for entry in evaluation[key].values()
+               for sample in entry.get("samples", [])]
+    quoted = {a["caption"] for a in dataset["annotations"]} | {sample["caption"] for sample in samples} | {
+        text for sample in samples for text in sample["references"]}
+    assert len(quoted) > 10 and not any(json.dumps(text) in recorded for text in quoted)
+
+    # the run folders and the made datasets go (a new machine; shapes/ stays, as Flickr8k would): the table is the
+    # same, from the records, and nothing trains again
+    for folder in [*study.glob("*-seed0"), study / "data"]:
+        shutil.rmtree(folder)
+    again = run_study(plan, study, train, main, log=lambda _: None, results=results)
+    assert trained == [] and {run["source"] for run in again["runs"]} == {"record"}
+    assert (again["rows"], again["filters"], again["recovery"]) == (table["rows"], table["filters"], table["recovery"])
+    # ... unless a stage to run needs a folder: the bootstrapped run's record gone, CapFilt needs its captioner
+    (results / "bootstrapped-tuned-seed0.json").unlink()
+    run_study(plan, study, train, main, log=lambda _: None, test=test_without_meteor, results=results,
+              only=["bootstrapped"])
+    assert trained == ["noisy-tuned-seed0", "bootstrapped-tuned-seed0"]
+    assert (results / "bootstrapped-tuned-seed0.json").is_file()

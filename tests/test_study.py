@@ -3,6 +3,7 @@ skips what is done when run again, and writes one table; bad plans are refused b
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -17,9 +18,11 @@ from blipcore.study import (
     TABLE_METRICS,
     PlanError,
     Recovery,
+    StudyStopped,
     judge_recovery,
     load_plan,
     parse_plan,
+    read_records,
     recovery_markdown,
     run_study,
 )
@@ -98,10 +101,62 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     assert listed == [f"study-tiny/recipes-{v}-seed{s}" for v in ("fast", "slow") for s in (0, 1)]
 
     # again: nothing to do; a run that went missing is trained again, the rest skipped
+    log.clear()
     _, trained = run_recorded(plan, study, log=log.append)
-    assert trained == [] and any("make-data" in line and "skipped" in line for line in log)
+    assert trained == [] and "recipes-fast-seed0: completed, skipped" in log
     shutil.rmtree(study / "recipes-slow-seed1")
     assert run_recorded(plan, study)[1] == ["recipes-slow-seed1"]
+
+    # a results folder records each completed run; a record made with other settings is not counted
+    results = tmp_path / "results"
+    assert run_recorded(plan, study, results=results)[1] == []
+    assert sorted(path.name for path in results.iterdir()) == sorted(f"{name}.json" for name in trained_names(plan))
+    assert set(read_records(plan, study, results)) == {("recipes", v, s) for v in ("fast", "slow") for s in (0, 1)}
+    changed = tiny_plan(shapes_root)
+    changed["set"]["train.warmup_steps"] = 3
+    log.clear()
+    assert read_records(parse_plan(changed), study, results, log.append) == {}
+    assert len(log) == 4 and all("recorded with other settings than the plan's (train.warmup_steps)" in line
+                                 for line in log)
+
+
+def trained_names(plan) -> list[str]:
+    return [f"{stage.name}-{variant}-seed{seed}" for stage in plan.stages if stage.trains
+            for variant in stage.variants for seed in plan.seeds]
+
+
+def test_a_run_that_does_not_complete_stops_the_study_and_stays_out_of_its_table(shapes_root, tmp_path):
+    plan, study = parse_plan(tiny_plan(shapes_root)), tmp_path / "study-tiny"
+    trained = []
+
+    def stopped_train(cfg, folder, resume):
+        trained.append(folder.name)
+        trainer = Trainer(cfg, folder, resume=resume, progress=False)
+        trainer.stop_requested = True  # as if Ctrl-C or SIGTERM came before its first step
+        return trainer.fit()
+
+    with pytest.raises(StudyStopped, match="recipes-fast-seed0 is interrupted.*run the same command again"):
+        run_study(plan, study, stopped_train, main, log=lambda _: None)
+    assert trained == ["recipes-fast-seed0"]  # the plan's later runs wait for it
+    assert not RunDir(study / "recipes-fast-seed0").eval_path(1, "test").exists()
+    assert json.loads((study / "study.json").read_text())["rows"] == []
+    # the same call resumes it, then goes on
+    table, trained = run_recorded(plan, study, only=["recipes/fast"], seeds=[0])
+    assert trained == ["recipes-fast-seed0"] and {(r["variant"], r["seeds"]) for r in table["rows"]} == {("fast", 1)}
+    assert RunDir(study / "recipes-fast-seed0").read_info()["status"] == "completed"
+
+
+def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypatch, capsys):
+    import blipcore.study
+
+    def stop(*args, **kwargs):
+        raise StudyStopped("runs/study-x/a-v-seed0 is interrupted, so the study stopped there")
+
+    monkeypatch.setattr(blipcore.study, "run_study", stop)
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text('name = "x"\npreset = "demo"\n[[stage]]\nname = "a"\n[stage.variants]\nv = {}\n')
+    assert main(["study", str(plan_file), "--out", str(tmp_path / "study-x")]) == 130
+    assert "stopped: runs/study-x/a-v-seed0 is interrupted" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -113,6 +168,12 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
         ({"stage": [{"name": "a", "variants": {"x": {"train.lr": -1.0}}}]}, "variant 'x' of stage 'a'"),
         ({"stage": [{"name": "a", "command": ["data"]}]}, "produces"),
         ({"stage": [{"name": "make", "command": ["data"], "produces": "x"}]}, "no training stage"),
+        ({"stage": [{"name": "a", "variants": {"x": {}}}, {"name": "c", "command": ["capfilt", "{run:a/x}"],
+                                                           "produces": "out"}]},
+         "stage 'c': its command uses {seed} or names a run without its seed.*`produces` must hold {seed}"),
+        ({"stage": [{"name": "c", "command": ["capfilt", "{run:a/x/0}"], "produces": "out"},
+                    {"name": "a", "variants": {"x": {}}}]},
+         "command stage 'c' names run a/x, which is not a variant of an earlier training stage"),
         ({"recovery": {"metric": "cider", "reference": "recipes/fast", "degraded": "recipes/nowhere",
                        "treated": "recipes/fast"}}, "degraded = 'recipes/nowhere' is not a stage/variant"),
         ({"recovery": {"reference": ["recipes/fast"], "degraded": "recipes/slow", "treated": "recipes/fast"}},
@@ -183,8 +244,6 @@ def test_a_plan_file_that_is_not_toml_names_itself(tmp_path):
 
 
 def test_the_study_command_runs_a_plan_file_and_prints_its_table(shapes_root, tmp_path, capsys):
-    import json
-
     plan = tiny_plan(shapes_root)
     plan["seeds"] = [0]
     plan["stage"][1]["variants"] = {"fast": {"train.lr": 1e-3}}

@@ -281,7 +281,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Run a study plan into its folder (skipping what is done, resuming what is not) and print its table."""
-    from blipcore.study import load_plan, run_study, save_plan_copy, selection
+    from blipcore.study import StudyStopped, load_plan, run_study, save_plan_copy, selection
     from blipcore.trainer import Trainer
 
     plan = load_plan(args.plan)
@@ -294,10 +294,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     def train(cfg, folder: Path, resume: bool) -> dict:
         return Trainer(cfg, folder, resume=resume, progress=not args.no_progress).fit()
 
-    table = run_study(plan, out, train, main, log=lambda line: print(f"[study] {line}", file=sys.stderr),
-                      only=args.only, seeds=args.seeds)
+    try:
+        table = run_study(plan, out, train, main, log=lambda line: print(f"[study] {line}", file=sys.stderr),
+                          only=args.only, seeds=args.seeds, results=args.results)
+    except StudyStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        return 130
     print((out / "study.md").read_text(), end="")
-    print(f"{len(table['rows'])} rows -> {out / 'study.json'}, {out / 'study.csv'}, {out / 'study.md'}")
+    print(f"{len(table['rows'])} rows -> {out / 'study.json'}, {out / 'study.csv'}, {out / 'study.md'}"
+          + (f"; results recorded in {args.results}" if args.results else ""))
     return 0
 
 
@@ -634,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "ordinary run directories, one per stage x variant x seed, then write study.json, study.csv "
                     "and study.md: one row per variant and decoding strategy (and reference row), mean and "
                     "spread over seeds. Running it again skips completed runs and resumes interrupted ones, so "
-                    "a study can span several sessions; Ctrl-C stops the current run resumably.",
+                    "a study can span several sessions; Ctrl-C stops the current run resumably, and the study with it.",
     )
     study.add_argument("plan", metavar="PLAN.toml")
     study.add_argument("--out", help="the study folder (default runs/study-<plan name>)")
@@ -645,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "table still shows every run in the folder): spread a long plan over sessions")
     study.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None,
                        metavar="0,1", help="train only these of the plan's seeds this time")
+    study.add_argument("--results", type=Path, metavar="DIR",
+                       help="keep each completed run's reported numbers (metrics only: no captions, no weights) "
+                            "and each CapFilt summary in DIR, one small JSON file a run, and count them in the "
+                            "table when the run's folder is gone: commit DIR to spread a study over machines "
+                            "(a recorded run is not trained again)")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=cmd_study)
 
