@@ -55,9 +55,12 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from blipcore import BLIP, BlipConfig, losses, speed
+from blipcore.config import VOCAB_SIZE
+from blipcore.data import build_datasets
 from blipcore.flops import forward_flops, training_flops
 from blipcore.tokenizer import load_tokenizer, special_ids
 from blipcore.trainer import build_optimizer, train_step
+from blipcore.vocabulary import training_word_pieces
 
 PREFIX = "blip::"  # every region this script opens is a record_function named blip::<region>
 
@@ -243,6 +246,11 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     cfg = BlipConfig.preset(args.preset)
     if args.set:
         cfg = cfg.override_strings(args.set)
+    if args.data_root:
+        cfg = cfg.override({"data.root": args.data_root})
+    if cfg.model.vocabulary == "captions" and cfg.model.vocab_size == VOCAB_SIZE:  # counted as the trainer does
+        cfg = cfg.override({"model.vocab_size": len(training_word_pieces(
+            build_datasets(cfg, splits=("train",))["train"], cfg.model.prompt))})
     size = args.batch_size or cfg.train.batch_size
     dtype = speed.autocast_dtype(device, cfg.train.precision)  # the trainer's choice on this machine
     torch.manual_seed(cfg.train.seed)
@@ -397,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                         help="override a config field, as `python -m train fit --set` (repeatable), e.g. "
                              "--set model.itm_weight=1 --set train.precision=fp32")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="the preset's dataset folder, read only to count a 'captions' vocabulary's word pieces "
+                             "as the trainer does (or give their number: --set model.vocab_size=N)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps, also timed without the profiler "
                         "(default %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default %(default)s)")
@@ -418,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: torch sees no CUDA device")
     try:
         report, operators = profile_step(args)
-    except ValueError as err:  # an unknown preset, a bad --set
+    except (ValueError, FileNotFoundError) as err:  # an unknown preset, a bad --set, no dataset to count words in
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:

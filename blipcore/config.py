@@ -26,6 +26,7 @@ from .paths import PRESETS_DIR, project_path
 # bert-base-uncased has 30,522 word pieces; BLIP adds [DEC] (decoder begin) and [ENC] (multimodal encoder).
 BERT_VOCAB_SIZE = 30522
 VOCAB_SIZE = BERT_VOCAB_SIZE + 2
+VOCABULARIES = ("full", "captions")  # model.vocabulary: all word pieces, or those of the training captions
 DATA_KINDS = ("shapes", "coco", "webdataset")
 # Where a dataset comes from, for the message when it is missing (blipcore.data.fetch.fetch_hint): "" none,
 # "coco2017" / "flickr8k" name the `python -m train data ...` command that fetches it, "test-fixture" has none.
@@ -61,6 +62,9 @@ class ModelConfig:
     vision_depth: int = 6
     vision_heads: int = 8
     # Text encoder (bidirectional; cross-attends to the image only for ITM) and decoder (causal + cross)
+    # "full": bert-base-uncased's word pieces; "captions": only those of the training captions (blipcore.vocabulary),
+    # then vocab_size is their number, which the trainer counts when a run starts
+    vocabulary: str = "full"
     vocab_size: int = VOCAB_SIZE
     text_width: int = 512
     text_encoder_depth: int = 4
@@ -98,8 +102,13 @@ class ModelConfig:
                         "text_encoder_depth text_decoder_depth text_heads max_text_len embed_dim queue_size")
         _check_at_least("model", self, 0, "itc_weight lm_weight itm_weight label_smoothing dropout")
         _check([
-            (self.vocab_size >= VOCAB_SIZE,
+            (self.vocabulary in VOCABULARIES,
+             f"model.vocabulary must be one of {', '.join(VOCABULARIES)}, got {self.vocabulary!r}"),
+            (self.vocabulary != "full" or self.vocab_size >= VOCAB_SIZE,
              f"model.vocab_size must be >= {VOCAB_SIZE} (bert-base-uncased's word pieces, [DEC] and [ENC]), "
+             f"got {self.vocab_size}"),
+            (self.vocabulary != "captions" or 2 <= self.vocab_size <= VOCAB_SIZE,
+             f"with model.vocabulary = 'captions', model.vocab_size counts the kept word pieces: 2 to {VOCAB_SIZE}, "
              f"got {self.vocab_size}"),
             (self.vision_width % self.vision_heads == 0,
              f"model.vision_width={self.vision_width} is not divisible by model.vision_heads={self.vision_heads}"),

@@ -13,6 +13,7 @@ and padding are excluded from the LM loss.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from .layers import init_weights
 from .text import KVCache, TextDecoder, TextEncoder
 from .tokenizer import load_tokenizer, special_ids
 from .vision import VisionTransformer
+from .vocabulary import CompactEmbedding
 
 
 @dataclass
@@ -36,7 +38,10 @@ class DecoderBatch:
 
 
 class BLIP(nn.Module):
-    def __init__(self, cfg: BlipConfig | ModelConfig) -> None:
+    def __init__(self, cfg: BlipConfig | ModelConfig, word_pieces: Sequence[int] | None = None) -> None:
+        """`word_pieces`: with model.vocabulary = "captions", the kept bert-base-uncased ids
+        (blipcore.vocabulary.caption_word_pieces of the training captions); without them the model is a skeleton
+        for a checkpoint's weights, its vocabulary loaded with them."""
         super().__init__()
         self.cfg = cfg.model if isinstance(cfg, BlipConfig) else cfg
         m = self.cfg
@@ -47,7 +52,13 @@ class BLIP(nn.Module):
         self.register_buffer("prompt_ids", torch.tensor(prompt_ids, dtype=torch.long), persistent=False)
 
         self.visual_encoder = VisionTransformer(m)
-        self.word_embeddings = nn.Embedding(m.vocab_size, m.text_width, padding_idx=self.ids["pad"])
+        if m.vocabulary == "captions":
+            if word_pieces is not None and len(word_pieces) != m.vocab_size:
+                raise ValueError(f"{len(word_pieces)} word pieces for model.vocab_size={m.vocab_size}")
+            self.word_embeddings = CompactEmbedding(m.vocab_size if word_pieces is None else word_pieces,
+                                                    m.text_width, self.ids["pad"])
+        else:
+            self.word_embeddings = nn.Embedding(m.vocab_size, m.text_width, padding_idx=self.ids["pad"])
         init_weights(self.word_embeddings)
         self.use_itc, self.use_lm, self.use_itm = m.itc_weight > 0, m.lm_weight > 0, m.itm_weight > 0
         if self.use_itc or self.use_itm:
@@ -201,7 +212,10 @@ class BLIP(nn.Module):
         if self.use_lm:
             dec = self.decoder_batch(input_ids, attention_mask)
             hidden, _ = self.text_decoder(dec.input_ids, image_embeds, return_hidden=True)
-            out["lm"] = losses.lm_loss(hidden, dec.labels, self.text_decoder.lm_head, cfg.label_smoothing, distributed)
+            labels = dec.labels  # the LM head predicts this model's vocabulary: a compact one, compact labels
+            if isinstance(self.word_embeddings, CompactEmbedding):
+                labels = self.word_embeddings.compact(labels)
+            out["lm"] = losses.lm_loss(hidden, labels, self.text_decoder.lm_head, cfg.label_smoothing, distributed)
 
         weights = {"itc": cfg.itc_weight, "lm": cfg.lm_weight, "itm": cfg.itm_weight}
         out["loss"] = sum(weights[name] * value for name, value in out.items())

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .layers import Block, LayerCache, init_weights
+from .vocabulary import CompactEmbedding
 
 
 class TextEmbeddings(nn.Module):
@@ -123,7 +124,8 @@ class TextDecoder(nn.Module):
         return_hidden: bool = False,
     ) -> tuple[Tensor, list[Tensor] | None]:
         """input_ids: (B, L) new tokens; image_embeds: (B, N, vision_width), or None for a text-only language
-        model (cross-attention skipped) -> logits (B, L, vocab),
+        model (cross-attention skipped) -> logits (B, L, VOCAB_SIZE) over bert-base-uncased's ids, whatever the
+        model's vocabulary,
         or with return_hidden the final hidden states (B, L, width) that `lm_head` maps to logits
         (training applies the 30k-word head only where there is a label to predict).
 
@@ -146,4 +148,8 @@ class TextDecoder(nn.Module):
             if attentions is not None:
                 attentions.append(weights.cross_attn)
         x = self.norm(x)
-        return (x if return_hidden else self.lm_head(x)), attentions
+        if return_hidden:
+            return x, attentions
+        logits = self.lm_head(x)
+        words = self.embeddings.words  # a compact vocabulary's logits go back on bert-base-uncased's ids
+        return (words.expand(logits) if isinstance(words, CompactEmbedding) else logits), attentions

@@ -42,6 +42,7 @@ from .metrics import is_number, metric
 from .model import BLIP
 from .runs import CheckpointError, RunDir
 from .speed import autocast_dtype, cpu_model, describe, matmul_gflops
+from .vocabulary import CompactEmbedding, training_word_pieces
 
 POSITION_KEYS = ("step", "epoch", "batch_in_epoch")  # where training stands: saved in checkpoints/last/state.json
 
@@ -341,7 +342,11 @@ class Trainer:
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
-        self.model = BLIP(cfg).to(self.device)
+        word_pieces = None
+        if cfg.model.vocabulary == "captions" and not self.resume:  # a resumed run's map comes with its weights
+            word_pieces = training_word_pieces(self.train_set, cfg.model.prompt)
+            cfg = self.cfg = cfg.override({"model.vocab_size": len(word_pieces)})
+        self.model = BLIP(cfg, word_pieces).to(self.device)
         self.init_report = None if self.resume or not cfg.train.init else self._load_init_weights(cfg.train.init)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -561,6 +566,11 @@ class Trainer:
         schedule and data order). What was loaded goes into run.json ("init")."""
         ckpt = runs.init_checkpoint(spec)
         state = runs.read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
+        pieces = state.get("word_embeddings.to_full")
+        if isinstance(self.model.word_embeddings, CompactEmbedding) and (
+                pieces is None or not torch.equal(pieces, self.model.word_embeddings.to_full.cpu())):
+            raise ValueError(f"train.init {spec}: its word embeddings are not of this run's vocabulary (the word "
+                             "pieces of these training captions), so its rows would mean other words")
         parts = runs.load_init_weights(self.model, state, str(ckpt.weights))
         return {"run": str(ckpt.weights.parent.parent), "epoch": ckpt.epoch, "step": ckpt.step, **parts}
 

@@ -269,8 +269,8 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
         {"name": "clean", "data": "make-data", "variants": {"tuned": {}}},
         {"name": "noisy", "data": "noisy-data", "variants": {"tuned": {}}},
         {"name": "boot-data", "command": ["capfilt", "--captioner", noisy_run, "--filter", noisy_run, "--data",
-                                          "{study}/data/noisy", "--out", "{study}/data/boot-seed{seed}", "--keep-fraction",
-                                          "0.7", "--seed", "{seed}", "--no-progress"],
+                                          "{study}/data/noisy", "--out", "{study}/data/boot-seed{seed}",
+                                          "--keep-fraction", "0.7", "--seed", "{seed}", "--no-progress"],
          "produces": "{study}/data/boot-seed{seed}"},
         {"name": "bootstrapped", "data": "boot-data", "variants": {"tuned": {}}},
     ]
@@ -308,7 +308,8 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     trained.clear()
     assert run_study(plan, study, train, main, log=lambda _: None, results=results) == {**table, "runs": ANY}
     assert trained == [] and sorted(path.name for path in results.iterdir()) == [
-        "boot-data-seed0.capfilt.json", "bootstrapped-tuned-seed0.json", "clean-tuned-seed0.json", "noisy-tuned-seed0.json"]
+        "boot-data-seed0.capfilt.json", "bootstrapped-tuned-seed0.json", "clean-tuned-seed0.json",
+        "noisy-tuned-seed0.json"]
     recorded = "".join(path.read_text() for path in results.iterdir())
     dataset = json.loads((study / "shapes" / "annotations" / "captions_heldout.json").read_text())
     evaluation = RunDir(study / "clean-tuned-seed0").load_eval(1, split="test")

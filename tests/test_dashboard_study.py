@@ -188,6 +188,9 @@ def test_study_page_shows_the_table_first_and_each_section_in_its_tab(monkeypatc
     assert {"CIDEr", "share of the most common caption"} <= set(table.columns)
     assert set(table["variant"]) == {"fast", "slow"} and set(table["seeds"]) == {2}
     assert at.get("download_button") and "4 runs (4 completed)" in texts(at)
+    runs = at.dataframe[1].value  # every run counted, from its folder, with its minutes and machine
+    assert list(runs["run"]) == [f"recipes-{v}-seed{s}" for v in ("fast", "slow") for s in (0, 1)]
+    assert set(runs["from"]) == {"run"} and (runs["minutes"] >= 0).all() and runs["device"].notna().all()
     # the plan's recovery question: its table and its figure, the only chart before a tab is opened (lazy tabs)
     assert "Recovery in CIDEr" in texts(at) and "recipes/slow (degraded)" in texts(at)
     [recovery] = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
@@ -230,6 +233,18 @@ def test_study_page_without_a_finished_run_says_so(monkeypatch, study_runs_dir, 
     for tab in TABS:
         at = run_page(monkeypatch, tmp_path, {"study_section": tab})
         assert at.info, tab
+
+
+def test_study_page_shows_a_table_of_recorded_runs_whose_folders_are_elsewhere(monkeypatch, study_runs_dir, tmp_path):
+    study = tmp_path / "study-tiny"
+    study.mkdir()
+    table = json.loads((study_runs_dir / "study-tiny" / STUDY_TABLE).read_text())
+    table["runs"] = [{**run, "source": "record"} for run in table["runs"]]
+    (study / STUDY_TABLE).write_text(json.dumps(table))
+    at = run_page(monkeypatch, tmp_path)
+    assert "No run folder of this study is here" in texts(at) and not at.tabs
+    assert set(at.dataframe[0].value["variant"]) == {"fast", "slow"}
+    assert set(at.dataframe[1].value["from"]) == {"record"}
 
 
 def test_study_page_with_no_study_says_how_to_make_one(monkeypatch, tmp_path):
