@@ -51,6 +51,11 @@ def table_section(folder: Path, table: dict) -> None:
     if csv.is_file():
         st.download_button("Download study.csv", csv.read_bytes(), file_name=f"{folder.name}.csv", mime="text/csv",
                            key="study_csv")
+    if table.get("runs"):
+        st.markdown("**The runs counted**: `from` says whether a run's numbers come from its folder here (run) or "
+                    "from its record (`--results`: a run trained elsewhere, whose folder is not here), and what "
+                    "each run cost on which machine.")
+        st.dataframe(sf.runs_table(table["runs"]), hide_index=True, width="stretch", key="study_runs_table")
 
 
 def curves_section(runs: list[RunDir], variants: dict[str, str]) -> None:
@@ -187,6 +192,11 @@ statuses = Counter(str((info or {}).get("status", "unreadable")) for info in inf
 st.caption(f"`{folder}` · plan `{table.get('name', '?')}` · preset `{table.get('preset', '?')}` · seeds "
            f"{table.get('seeds', '?')} · {len(runs)} runs" + (
                " (" + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ")" if runs else ""))
+if not runs and table.get("rows"):  # a study of recorded runs (`--results`) whose folders are elsewhere
+    st.info("No run folder of this study is here: its table comes from the records of runs trained elsewhere "
+            "(`python -m train study ... --results DIR`). The curves, configs and captions need the run folders.")
+    table_section(folder, table)
+    st.stop()
 if not runs:
     common.stop_with(f"The study `{folder.name}` has no run yet.",
                      "Its runs appear here as `python -m train study` starts them; the table fills in as they finish.")
