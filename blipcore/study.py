@@ -533,6 +533,7 @@ class RunResult:
     machine: dict[str, Any]  # device (CPU model, fp32 matmul GFLOP/s), git revision, when it finished
     config: dict[str, Any]
     source: str = "run"  # "run" (its folder) or "record" (its results file)
+    differs: list[str] = field(default_factory=list)  # config fields its folder's run has that the plan no longer gives
 
     RECORD_FIELDS = ("epoch", "split", "chosen", "evaluation", "train_seconds", "samples_per_s", "machine", "config")
 
@@ -626,7 +627,8 @@ Reported = dict[tuple[str, str], dict[int, RunResult]]
 def reported_runs(plan: Plan, study: Path, results: Path | None = None,
                   log: Callable[[str], None] | None = None) -> Reported:
     """Each training variant's runs that count in the table: completed runs in `study` with a reported
-    evaluation, and, for the others, their records in `results` (see `read_records`)."""
+    evaluation (the folder is the truth, even when the plan now gives the run other settings: `differs` says
+    which), and, for the others, their records in `results` (see `read_records`)."""
     records = read_records(plan, study, results, log) if results is not None else {}
     reported: Reported = {}
     for stage in (s for s in plan.stages if s.trains):
@@ -635,7 +637,10 @@ def reported_runs(plan: Plan, study: Path, results: Path | None = None,
             for seed in plan.seeds:
                 run = RunDir(run_dir(study, stage.name, variant, seed))
                 result = completed_result(run) if run.exists() else None
-                if result is None:
+                if result is not None:
+                    result.differs = config_differences(
+                        result.config, planned_config(plan, study, stage, variant, seed).to_dict())
+                else:
                     result = records.get((stage.name, variant, seed))
                 if result is not None:
                     found[seed] = result
@@ -683,7 +688,7 @@ def run_rows(reported: Reported) -> list[dict[str, Any]]:
                          "samples_per_s": result.samples_per_s,
                          "device": device.get("cpu_model") or device.get("name"),
                          "matmul_fp32_gflops": device.get("matmul_fp32_gflops"),
-                         "git_revision": (result.machine.get("git_revision") or "")[:7]})
+                         "git_revision": (result.machine.get("git_revision") or "")[:7], "differs": result.differs})
     return rows
 
 
@@ -697,11 +702,12 @@ def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
     lines = ["", "Runs: where each number comes from (run = its folder here, record = its results file) and what "
              "it cost", "", "| run | from | reported | minutes | samples/s | device | fp32 matmul GFLOP/s | "
-             "revision |", "|" + "---|" * 8]
+             "revision | settings the plan no longer gives |", "|" + "---|" * 9]
     for row in rows:
         lines.append(f"| {row['run']} | {row['source']} | {row['split']} epoch {row['epoch']}, {row['chosen']} | "
                      f"{number(row['minutes'], 1)} | {number(row['samples_per_s'], 1)} | {row['device'] or '-'} | "
-                     f"{number(row['matmul_fp32_gflops'], 0)} | {row['git_revision'] or '-'} |")
+                     f"{number(row['matmul_fp32_gflops'], 0)} | {row['git_revision'] or '-'} | "
+                     f"{', '.join(row['differs']) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -828,7 +834,7 @@ def write_table(plan: Plan, study: Path, results: Path | None = None,
     if results is not None:
         for (stage, variant), seeds in reported.items():
             for seed, result in seeds.items():
-                if result.source == "run":
+                if result.source == "run" and not result.differs:  # a record holds what the plan asks for
                     _save_record(record_path(results, stage, variant, seed), result.record(stage, variant, seed))
     rows = study_rows(plan, reported)
     runs = run_rows(reported)

@@ -88,14 +88,15 @@ def styled_table(numbers: pd.DataFrame, texts: pd.DataFrame):
 
 RUN_COLUMNS = {"run": "run", "source": "from", "split": "split", "epoch": "epoch", "chosen": "dev choice",
                "minutes": "minutes", "samples_per_s": "samples/s", "device": "device",
-               "matmul_fp32_gflops": "fp32 matmul GFLOP/s", "git_revision": "revision"}
+               "matmul_fp32_gflops": "fp32 matmul GFLOP/s", "git_revision": "revision",
+               "differs": "settings the plan no longer gives"}
 
 
 def runs_table(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """study.json's runs: one row per counted run, where its numbers come from ("run": its folder here,
     "record": its results file) and what it cost on which machine; minutes and samples/s rounded to 0.1."""
-    frame = pd.DataFrame([{label: row.get(key) for key, label in RUN_COLUMNS.items()} for row in runs],
-                         columns=list(RUN_COLUMNS.values()))
+    frame = pd.DataFrame([{label: ", ".join(value) if isinstance(value := row.get(key), list) else value
+                           for key, label in RUN_COLUMNS.items()} for row in runs], columns=list(RUN_COLUMNS.values()))
     return frame.round({"minutes": 1, "samples/s": 1, "fp32 matmul GFLOP/s": 0})
 
 

@@ -25,6 +25,7 @@ from blipcore.study import (
     read_records,
     recovery_markdown,
     run_study,
+    write_table,
 )
 from blipcore.trainer import Trainer
 from tests.conftest import SHAPES_PARAMS, small_cfg
@@ -118,6 +119,11 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     assert read_records(parse_plan(changed), study, results, log.append) == {}
     assert len(log) == 4 and all("recorded with other settings than the plan's (train.warmup_steps)" in line
                                  for line in log)
+    # the run folders still count under the changed plan (the folder is the truth), flagged, and are not recorded
+    other_results = tmp_path / "other-results"
+    table = write_table(parse_plan(changed), study, other_results)
+    assert [run["differs"] for run in table["runs"]] == [["train.warmup_steps"]] * 4 and not other_results.exists()
+    assert "| train.warmup_steps |" in (study / "study.md").read_text()
 
 
 def trained_names(plan) -> list[str]:
