@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from blipcore import BLIP, BlipConfig, losses, speed
+from blipcore import BLIP, BlipConfig, layers, losses, speed
 from blipcore.config import VOCAB_SIZE
 from blipcore.data import build_datasets
 from blipcore.flops import forward_flops, training_flops
@@ -210,6 +210,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of `step` takes."""
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def attention_ab(step: Callable[[], Any], device: torch.device, rounds: int) -> dict[str, float]:
+    """The step with blipcore.layers' attention rule (on a CPU in bf16 / fp16, torch's math backend over at most
+    CPU_MATH_MAX_KEYS keys) against the fused kernel everywhere: median milliseconds of `rounds` alternating pairs
+    in this process, and their ratio (> 1: the rule is faster)."""
+    rule = layers.CPU_MATH_MAX_KEYS
+    times: dict[str, list[float]] = {"rule": [], "fused": []}
+    try:
+        for _ in range(rounds):
+            for name, keys in (("rule", rule), ("fused", 0)):
+                layers.CPU_MATH_MAX_KEYS = keys
+                times[name].append(timed(step, device))
+    finally:
+        layers.CPU_MATH_MAX_KEYS = rule
+    medians = {f"{name}_ms": statistics.median(values) * 1e3 for name, values in times.items()}
+    return {**medians, "fused_over_rule": medians["fused_ms"] / medians["rule_ms"]}
+
+
 # --- measuring -------------------------------------------------------------------------------------
 def region_times(prof: profile) -> tuple[dict[str, float], dict[str, int]]:
     """Host microseconds and calls of each blip:: region over the profile (summed over its occurrences)."""
@@ -271,13 +297,8 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     with instrumented(model, regions) as forward_names:
         for _ in range(args.warmup):
             step()
-        plain = []
-        for _ in range(args.steps):  # the same steps without the profiler: the step's real time
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            plain.append(time.perf_counter() - start)
+        plain = [timed(step, device) for _ in range(args.steps)]  # without the profiler: the step's real time
+        attention = attention_ab(step, device, args.attention_ab) if args.attention_ab else None
         activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
         regions.active = True
         try:
@@ -323,6 +344,7 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "settings": {"preset": cfg.name, "set": list(args.set or []), "batch_size": size, "grad_accum_steps": accum,
                      "steps": args.steps, "warmup": args.warmup, "precision": speed.describe(dtype),
+                     "attention_ab": args.attention_ab,
                      "record_shapes": args.record_shapes},
         "model": {key: getattr(m, key) for key in (
             "image_size", "patch_size", "vision_width", "vision_depth", "text_width", "text_encoder_depth",
@@ -332,6 +354,7 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "forward_ms": forward_ms,
         "unprofiled_step_ms": unprofiled_s * 1e3,
         "unprofiled_rounds_ms": [t * 1e3 for t in plain],
+        "attention_ab": attention,
         "regions": rows,
         "operators": operator_rows(prof, args.steps, step_ms, args.top, args.record_shapes),
         "flops": {
@@ -393,6 +416,10 @@ def print_report(report: dict[str, Any], operators: str) -> None:
     print(f"FLOPs (blipcore.flops): {f['step_gflop']:.2f} GFLOP per step; {f['gflops_per_s']:.0f} GFLOP/s without "
           f"the profiler ({f['profiled_gflops_per_s']:.0f} profiled) = {f['hardware_ratio']:.0%} of the fp32 "
           f"matmul's GFLOP/s{dtype_note} ({f['matmul_n']}^2 matmul GFLOP/s in this process: {refs})\n")
+    if ab := report["attention_ab"]:
+        print(f"attention as blipcore.layers runs it: {ab['rule_ms']:.1f} ms a step; the fused kernel everywhere: "
+              f"{ab['fused_ms']:.1f} ms ({ab['fused_over_rule']:.2f}x; medians of {s['attention_ab']} alternating "
+              "pairs)\n")
     print(operators)
 
 
@@ -411,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps, also timed without the profiler "
                         "(default %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default %(default)s)")
+    parser.add_argument("--attention-ab", type=int, default=0, metavar="ROUNDS",
+                        help="also time ROUNDS alternating pairs of steps: attention as blipcore.layers runs it "
+                             "(the math backend for short sequences on a CPU in bf16) against the fused kernel "
+                             "everywhere, and print their ratio")
     parser.add_argument("--top", type=int, default=20, metavar="N", help="operator rows (default %(default)s)")
     parser.add_argument("--record-shapes", action="store_true",
                         help="record input shapes and split the operator table by them (more profiler overhead)")
@@ -423,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.top < 1 or (args.batch_size is not None and args.batch_size < 1):
-        parser.error("--steps, --top and --batch-size must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or args.top < 1 or args.attention_ab < 0 or (
+            args.batch_size is not None and args.batch_size < 1):
+        parser.error("--steps, --top and --batch-size must be at least 1, --warmup and --attention-ab at least 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     try:

@@ -5,20 +5,29 @@ are asked for, in which case it computes softmax(QK^T / sqrt(d)) explicitly and 
 the dashboard's attention maps and Grad-CAM need them, training does not. Both paths take the same
 masks and give the same output (tests/test_layers.py checks that, and checks against
 torch.nn.MultiheadAttention).
+
+On a CPU in bf16 or fp16 (autocast, the inference copy), torch's fused (flash) kernel is several times slower
+than its math backend for the short sequences of the CPU presets and faster for long ones, so attention over at
+most CPU_MATH_MAX_KEYS keys runs the math backend there (benchmarks/attention_backends.py measures both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # A per-layer cache is a plain dict: {"k": (B, H, T, head_dim), "v": ...}. Self-attention appends the
 # new step's keys/values to it; cross-attention fills it once with the image tokens' keys/values.
 LayerCache = dict[str, Tensor]
+# Forward + backward, batch 64, 4 heads of 64, bf16, torch 2.13 on a 2-core Xeon: 37 keys 25 ms fused, 6 ms math;
+# 197 keys (batch 16, 8 heads) 39 ms fused, 46 ms math.
+CPU_MATH_MAX_KEYS = 64
 
 
 class Attention(nn.Module):
@@ -90,7 +99,11 @@ class Attention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+            short_on_cpu = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and \
+                k_len <= CPU_MATH_MAX_KEYS
+            with sdpa_kernel(SDPBackend.MATH) if short_on_cpu else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                                     is_causal=is_causal)
         out = out.transpose(1, 2).reshape(x.shape[0], q_len, -1)
         return self.proj(out), weights
 

@@ -186,6 +186,7 @@ def test_flops_match_torch_flop_counter(
 PROFILE = REPO_ROOT / "benchmarks" / "profile_step.py"
 PROFILE_TINY = [
     "--preset", "demo", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--top", "8", "--json",
+    "--attention-ab", "1",
     *(f"--set=model.{key}={value}" for key, value in {
         "image_size": 32, "patch_size": 8, "vision_width": 64, "vision_depth": 1, "vision_heads": 2,
         "text_width": 64, "text_encoder_depth": 1, "text_decoder_depth": 1, "text_heads": 2, "max_text_len": 16,
@@ -216,6 +217,11 @@ def test_profile_step_regions(profile_report: tuple[dict[str, Any], str]) -> Non
     assert report["settings"]["precision"] == "fp32"  # conftest: BLIPLAB_CPU_BF16=0
     assert report["model"]["itm_weight"] == 1 and report["model"]["momentum_encoder"] is True
     assert report["machine"]["cpu"] and report["machine"]["torch_threads"] >= 1
+    ab = report["attention_ab"]  # one pair of steps, attention by the CPU rule and fused everywhere
+    assert ab["rule_ms"] > 0 and ab["fused_ms"] > 0 and ab["fused_over_rule"] == ab["fused_ms"] / ab["rule_ms"]
+    from blipcore import layers
+
+    assert layers.CPU_MATH_MAX_KEYS > 0  # the A/B put the rule back (0 = fused everywhere)
     regions = report["regions"]
     assert tuple(regions) == PROFILE_REGIONS
     step = report["step_ms"]

@@ -65,3 +65,29 @@ def test_cached_self_attention_equals_full():
     steps = [first] + [attn(x[:, i : i + 1], is_causal=True, cache=cache)[0] for i in range(3, 6)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache["k"].shape == (2, 4, 6, 8)
+
+
+def test_short_attention_on_a_cpu_in_bf16_runs_the_math_backend_and_long_attention_the_fused_kernel():
+    """blipcore.layers' CPU rule: bf16 attention over at most CPU_MATH_MAX_KEYS keys gives exactly torch's math
+    backend (several times faster there than the fused kernel); longer attention, and fp32, the default kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from blipcore import layers
+
+    torch.manual_seed(2)
+    attn = Attention(64, 4).eval()
+    for keys in (layers.CPU_MATH_MAX_KEYS, layers.CPU_MATH_MAX_KEYS + 1):
+        x = torch.randn(2, keys, 64)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, _ = attn(x, is_causal=True)
+            q = attn._split_heads(attn.q(x))
+            k, v = attn._keys_values(x)
+            with sdpa_kernel(SDPBackend.MATH) if keys <= layers.CPU_MATH_MAX_KEYS else sdpa_kernel(
+                    [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            expected = attn.proj(expected.transpose(1, 2).reshape(2, keys, -1))
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, expected), keys
+    fp32, _ = attn(torch.ones(1, 3, 64))  # outside autocast: the fused kernel, as ever
+    with torch.no_grad():
+        torch.testing.assert_close(fp32, attn(torch.ones(1, 3, 64), need_weights=True)[0])
