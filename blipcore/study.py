@@ -401,20 +401,23 @@ def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
             for seed in plan.seeds:
                 run = (stage.name, variant, seed)
                 target = run_dir(study, *run)
-                if run not in must:
-                    if run in selected:
-                        log(f"{target.name}: {'recorded in ' + str(results) if run in recorded else 'completed'}, "
-                            "skipped")
+                status = _status(target)
+                if run in must:
+                    log(f"{target.name}: {'resuming' if status else 'training'}")
+                    train(planned_config(plan, study, stage, variant, seed), target, status is not None)
+                    status = _status(target)
+                    if status != "completed":
+                        write_table(plan, study, results)
+                        raise StudyStopped(f"{target} is {status}, so the study stopped there (its later runs may "
+                                           "build on it); run the same command again to resume it")
+                elif run not in selected:
                     continue
-                status = _status(target)
-                log(f"{target.name}: {'resuming' if status else 'training'}")
-                train(planned_config(plan, study, stage, variant, seed), target, status is not None)
-                status = _status(target)
-                if status != "completed":
-                    write_table(plan, study, results)
-                    raise StudyStopped(f"{target} is {status}, so the study stopped there (its later runs may build "
-                                       "on it); run the same command again to resume it")
-                reported_evaluation(RunDir(target), test)  # the test evaluation, once
+                elif status != "completed":
+                    log(f"{target.name}: recorded in {results}, skipped")
+                    continue
+                else:
+                    log(f"{target.name}: completed, skipped")
+                reported_evaluation(RunDir(target), test)  # the test evaluation, once (also of a run stopped in it)
     return write_table(plan, study, results)
 
 

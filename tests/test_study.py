@@ -101,10 +101,13 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     listed = [run.name for run in list_runs(tmp_path)]  # study runs are runs: the dashboard lists them
     assert listed == [f"study-tiny/recipes-{v}-seed{s}" for v in ("fast", "slow") for s in (0, 1)]
 
-    # again: nothing to do; a run that went missing is trained again, the rest skipped
+    # again: nothing to train; a test evaluation that never got written (stopped in it) is made; a run that went
+    # missing is trained again, the rest skipped
     log.clear()
+    RunDir(study / "recipes-fast-seed0").eval_path(1, "test").unlink()
     _, trained = run_recorded(plan, study, log=log.append)
     assert trained == [] and "recipes-fast-seed0: completed, skipped" in log
+    assert RunDir(study / "recipes-fast-seed0").eval_path(1, "test").is_file()
     shutil.rmtree(study / "recipes-slow-seed1")
     assert run_recorded(plan, study)[1] == ["recipes-slow-seed1"]
 
