@@ -127,7 +127,7 @@ class TextDecoder(nn.Module):
         model (cross-attention skipped) -> logits (B, L, VOCAB_SIZE) over bert-base-uncased's ids, whatever the
         model's vocabulary,
         or with return_hidden the final hidden states (B, L, width) that `lm_head` maps to logits
-        (training applies the 30k-word head only where there is a label to predict).
+        (training applies the vocabulary head only where there is a label to predict).
 
         Captions are right-padded, so the causal mask alone keeps real tokens from seeing padding
         (padded positions are excluded from the loss). With a cache holding T steps, the new tokens
