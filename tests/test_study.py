@@ -335,3 +335,14 @@ def test_the_shipped_plans_are_valid_and_name_their_runs(name):
     assert plan.seeds == [0, 1, 2] and plan.preset == "flickr8k-cpu"
     if name == "recipes":  # the decoder-pretrained recipe brings its pretraining run along
         assert ("pretraining", "text-lm", 2) in selection(plan, ["recipes/decoder-pretrained"], [2])
+
+
+def test_a_records_settings_are_compared_without_where_its_files_were_or_what_the_run_counted_itself():
+    from blipcore.study import config_differences
+
+    planned = BlipConfig.preset("flickr8k-cpu").override({"data.root": "/here"}).to_dict()
+    run = BlipConfig.from_dict(planned).override({"data.root": "/elsewhere", "model.vocab_size": 6646}).to_dict()
+    assert config_differences(run, planned) == []  # a "captions" vocabulary's size is counted when the run starts
+    full = {**run, "model": {**run["model"], "vocabulary": "full", "vocab_size": 30600}}
+    assert config_differences(full, planned) == ["model.vocab_size", "model.vocabulary"]
+    assert config_differences({**run, "train": {**run["train"], "lr": 1.0}}, planned) == ["train.lr"]
