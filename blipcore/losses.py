@@ -111,16 +111,22 @@ def lm_loss(
 
     hidden: (B, L, width) final decoder states. The vocabulary head runs only at positions with a
     target (not on [DEC], the prompt or padding), which is most of the cost of a small model's step;
-    when training outside autocast it runs fused with the loss (`linear_cross_entropy`).
+    when training it runs fused with the loss (`linear_cross_entropy`, in fp32), except under a GPU's autocast.
     The mean is over the global batch's tokens: each rank divides its sum by the mean token count per
     rank, so DDP's gradient averaging gives exactly the single-process loss on the same global batch.
     """
     targets = labels[:, 1:]
     keep = targets != -100
     states = hidden[:, :-1][keep]  # (number of targets, width)
-    fused = torch.is_grad_enabled() and states.requires_grad and not torch.is_autocast_enabled(states.device.type)
+    device = states.device.type
+    autocast = torch.is_autocast_enabled(device)
+    # Fused when training, in fp32: under a CPU's bf16 autocast too, where autograd's unfused log-softmax over the
+    # vocabulary costs more than the fused kernel's fp32 matmuls save (a GPU's autocast keeps the unfused path)
+    fused = torch.is_grad_enabled() and states.requires_grad and (device == "cpu" or not autocast)
     if fused:
-        total = linear_cross_entropy(states, lm_head.weight, lm_head.bias, targets[keep], label_smoothing)
+        with torch.autocast(device, enabled=False):
+            bias = None if lm_head.bias is None else lm_head.bias.float()
+            total = linear_cross_entropy(states.float(), lm_head.weight.float(), bias, targets[keep], label_smoothing)
     else:
         total = F.cross_entropy(lm_head(states).float(), targets[keep], label_smoothing=label_smoothing,
                                 reduction="sum")

@@ -95,6 +95,27 @@ def test_lm_loss_is_fused_when_training_and_equal_either_way(monkeypatch):
     torch.testing.assert_close(hidden.grad, plain.grad)
 
 
+def test_lm_loss_under_a_cpus_bf16_autocast_is_fused_in_fp32(monkeypatch):
+    """bf16 decoder states (autocast) train through the fused kernel in fp32: the loss is the fp32 cross-entropy of
+    the same states, and the gradient reaches the bf16 states and the fp32 head."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(3, 6, 8).bfloat16().requires_grad_()
+    labels = torch.randint(0, 50, (3, 6))
+    calls = []
+    fused = losses.linear_cross_entropy
+    monkeypatch.setattr(losses, "linear_cross_entropy",
+                        lambda *args: calls.append([a.dtype for a in args[:3]]) or fused(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = losses.lm_loss(hidden, labels, head, label_smoothing=0.1)
+    assert calls == [[torch.float32] * 3] and trained.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(head(hidden[:, :-1].float()).flatten(0, 1), labels[:, 1:].flatten(),
+                                                 label_smoothing=0.1)
+    torch.testing.assert_close(trained, expected)
+    trained.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and head.weight.grad.abs().sum() > 0
+
+
 def test_negatives_never_pick_the_same_image():
     torch.manual_seed(0)
     ids = torch.tensor([0, 0, 1, 2, 3])
