@@ -15,12 +15,14 @@ from blipcore.data import build_datasets
 from blipcore.evaluation import (
     eval_images,
     evaluate_model,
+    itm_match_logits,
     matching_auc,
     mismatched_pairs,
     most_frequent_row,
     rerank_top_k,
     summary_metrics,
 )
+from blipcore.tokenizer import tokenize_captions
 from tests.conftest import small_cfg, tiny_config
 
 
@@ -45,6 +47,27 @@ def test_itm_reranking_runs_on_a_model_with_an_itm_head(shapes_root):
     assert set(result["matching"]) == {"itc_match_auc", "itm_match_auc"}
     assert all(0.0 <= value <= 1.0 for value in result["matching"].values())
     assert set(result["matching"]) <= set(summary_metrics(result))
+    assert {"losses", "itc_retrieval", "itm_retrieval", "matching"} <= set(result["seconds"])  # where the time went
+    assert all(seconds >= 0 for seconds in result["seconds"].values())
+
+
+def test_itm_logits_of_length_sorted_batches_equal_each_pair_scored_alone():
+    cfg = tiny_config(itm_weight=1.0)
+    torch.manual_seed(0)
+    model = BLIP(cfg).eval()
+    image_tokens = torch.randn(3, 5, cfg.model.vision_width)
+    captions = ["a dog", "a very small brown dog runs across a wide green field of grass", "two cats sit",
+                "a man in a red shirt", "the sky"]
+    rng = np.random.default_rng(0)
+    pairs = [(int(i), int(j)) for i, j in zip(rng.integers(0, 3, 11), rng.integers(0, 5, 11), strict=True)]
+    batched = itm_match_logits(model, image_tokens, captions, pairs, cfg, torch.device("cpu"), batch_size=4)
+    alone = []  # each pair by itself: no padding at all, in the pairs' order
+    for i, j in pairs:
+        tokens = tokenize_captions([captions[j]], cfg.model.max_text_len)
+        alone.append(model.itm_logits(image_tokens[[i]], tokens["input_ids"], tokens["attention_mask"])[0, 1].item())
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert len(set(np.round(batched, 4))) > 3  # the pairs really differ: order mistakes would show
+    assert itm_match_logits(model, image_tokens, captions, [], cfg, torch.device("cpu")).shape == (0,)
 
 
 def _embedded(image_embeds: np.ndarray, text_embeds: np.ndarray, captions_per_image: int) -> dict[str, np.ndarray]:

@@ -181,6 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if matching:
             print("matching   " + "  ".join(f"{k}={v:.3f}" for k, v in matching.items()))
         print("summary    " + json.dumps({k: round(v, 4) for k, v in summary_metrics(result).items()}))
+        print("seconds    " + "  ".join(f"{k}={v:.1f}" for k, v in result["seconds"].items()))
     return 0
 
 
