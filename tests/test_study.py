@@ -245,6 +245,15 @@ def test_the_shipped_plans_load(name):
         assert (plan.recovery.reference, plan.recovery.degraded, plan.recovery.treated) == RECOVERY_ROLES_RUNS
 
 
+def test_the_decoder_pretrained_recipe_spends_the_preset_budget_with_its_pretraining():
+    plan = load_plan(Path(__file__).parents[1] / "studies" / "recipes.toml")
+    stages = {stage.name: stage for stage in plan.stages}
+    budget = plan.base_config().train.max_steps
+    pretraining = stages["pretraining"].variants["text-lm"]["train.max_steps"]
+    assert pretraining + stages["recipes"].variants["decoder-pretrained"]["train.max_steps"] == budget
+    assert stages["recipes"].variants["tuned"] == {}  # the tuned recipe is the preset itself
+
+
 def test_a_plan_file_that_is_not_toml_names_itself(tmp_path):
     path = tmp_path / "plan.toml"
     path.write_text("name = [unclosed")
