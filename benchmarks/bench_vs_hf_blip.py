@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,11 +135,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Batch:
     """One training batch in both models' form: ours reads [CLS] caption [SEP]; HF reads our decoder's
@@ -185,14 +179,6 @@ def caption_sets(cfg: BlipConfig, batch: int, count: int) -> dict[str, list[list
 
 
 # --- timing --------------------------------------------------------------------------------------
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def alternate(
     contenders: dict[str, Callable[[int], object]], steps: int, warmup: int, device: torch.device
 ) -> dict[str, list[float]]:
@@ -202,7 +188,7 @@ def alternate(
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + steps):
         for name in names if round_ % 2 == 0 else reversed(names):
-            seconds = timed(functools.partial(contenders[name], round_), device)
+            seconds = speed.seconds_of(functools.partial(contenders[name], round_), device)
             if round_ >= warmup:
                 times[name].append(seconds)
     return times

@@ -44,7 +44,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -96,13 +95,13 @@ class Regions:
         self._open: list[record_function | None] = []
 
     def _enter(self, name: str) -> record_function:
-        sync(self.device)
+        speed.synchronize(self.device)
         region = record_function(PREFIX + name)
         region.__enter__()
         return region
 
     def _exit(self, region: record_function) -> None:
-        sync(self.device)
+        speed.synchronize(self.device)
         region.__exit__(None, None, None)
 
     @contextlib.contextmanager
@@ -205,20 +204,6 @@ def synthetic_batch(cfg: BlipConfig, size: int, device: torch.device, generator:
             "attention_mask": torch.ones_like(words).to(device), "image_ids": torch.arange(size, device=device)}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(step: Callable[[], Any], device: torch.device) -> float:
-    """Seconds one call of `step` takes."""
-    sync(device)
-    start = time.perf_counter()
-    step()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def attention_ab(step: Callable[[], Any], device: torch.device, rounds: int) -> dict[str, float]:
     """The step with blipcore.layers' attention rule (on a CPU in bf16 / fp16, torch's math backend over at most
     CPU_MATH_MAX_KEYS keys) against the fused kernel everywhere: median milliseconds of `rounds` alternating pairs
@@ -229,7 +214,7 @@ def attention_ab(step: Callable[[], Any], device: torch.device, rounds: int) -> 
         for _ in range(rounds):
             for name, keys in (("rule", rule), ("fused", 0)):
                 layers.CPU_MATH_MAX_KEYS = keys
-                times[name].append(timed(step, device))
+                times[name].append(speed.seconds_of(step, device))
     finally:
         layers.CPU_MATH_MAX_KEYS = rule
     medians = {f"{name}_ms": statistics.median(values) * 1e3 for name, values in times.items()}
@@ -297,7 +282,7 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     with instrumented(model, regions) as forward_names:
         for _ in range(args.warmup):
             step()
-        plain = [timed(step, device) for _ in range(args.steps)]  # without the profiler: the step's real time
+        plain = [speed.seconds_of(step, device) for _ in range(args.steps)]  # no profiler: the real step time
         attention = attention_ab(step, device, args.attention_ab) if args.attention_ab else None
         activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
         regions.active = True
@@ -305,7 +290,7 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             with profile(activities=activities, record_shapes=args.record_shapes) as prof:
                 for _ in range(args.steps):
                     step()
-                sync(device)
+                speed.synchronize(device)
         finally:
             regions.active = False
     if args.trace:

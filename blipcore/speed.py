@@ -16,6 +16,7 @@ import functools
 import os
 import time
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,10 +45,24 @@ def matmul_gflops(device_type: str = "cpu", size: int = 2048, repeats: int = 3,
 
     def run() -> None:
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
 
     return 2 * size**3 / _best_time(run, repeats) / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a CUDA device runs them asynchronously; a CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_of(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds one call of `fn` takes, the device's queued work included (the benchmarks' stopwatch)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def cpu_model() -> str:

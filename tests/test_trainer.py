@@ -293,6 +293,16 @@ def test_precision_auto_follows_the_bf16_speedup_measured_on_this_machine(monkey
     assert speed.bf16_speedup.__wrapped__() >= speed.BF16_MIN_SPEEDUP
 
 
+def test_the_benchmarks_stopwatch_times_the_call_it_is_given():
+    import time
+
+    from blipcore import speed
+
+    calls = []
+    seconds = speed.seconds_of(lambda: (calls.append(1), time.sleep(0.05)), torch.device("cpu"))
+    assert calls == [1] and 0.05 <= seconds < 1.0
+
+
 def test_bf16_autocast_trains_on_a_cpu_and_says_so_in_run_json(shapes_root, tmp_path):
     summary = Trainer(small_cfg(shapes_root, epochs=1, precision="bf16"), tmp_path / "run", progress=False).fit()
     run = RunDir(tmp_path / "run")
