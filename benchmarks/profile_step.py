@@ -392,9 +392,9 @@ def print_report(report: dict[str, Any], operators: str) -> None:
     for name, r in regions.items():
         line(("  " if name not in after else "") + r["label"], r)
     line("step", {"ms": report["step_ms"], "share": 1.0})
-    print("(backward's GFLOP: the step's FLOPs less the forward's. On a CPU, and outside autocast, the LM head's "
-          "gradients are computed in its forward, fused with the loss (blipcore.losses.linear_cross_entropy): that "
-          "region then holds three of its matmuls, and backward's GFLOP/s reads high)\n")
+    print("(backward's GFLOP: the step's FLOPs less the forward's. On a CPU (and on a GPU outside autocast) the LM "
+          "head's gradients are computed in its forward, fused with the loss (blipcore.losses.linear_cross_entropy): "
+          "that region then holds three of its matmuls, and backward's GFLOP/s reads high)\n")
     refs = ", ".join(f"{d} {g:.0f}" for d, g in f["matmul_gflops"].items())
     dtype_note = (f"; {f['hardware_ratio_step_dtype']:.0%} of the {f['step_dtype']} matmul's"
                   if f["step_dtype"] != "float32" else "")

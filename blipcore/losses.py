@@ -111,7 +111,8 @@ def lm_loss(
 
     hidden: (B, L, width) final decoder states. The vocabulary head runs only at positions with a
     target (not on [DEC], the prompt or padding), which is most of the cost of a small model's step;
-    when training it runs fused with the loss (`linear_cross_entropy`, in fp32), except under a GPU's autocast.
+    when training it runs fused with the loss (`linear_cross_entropy`: its matmuls in autocast's dtype, the rest in
+    fp32), except under a GPU's autocast.
     The mean is over the global batch's tokens: each rank divides its sum by the mean token count per
     rank, so DDP's gradient averaging gives exactly the single-process loss on the same global batch.
     """
@@ -120,13 +121,16 @@ def lm_loss(
     states = hidden[:, :-1][keep]  # (number of targets, width)
     device = states.device.type
     autocast = torch.is_autocast_enabled(device)
-    # Fused when training, in fp32: under a CPU's bf16 autocast too, where autograd's unfused log-softmax over the
-    # vocabulary costs more than the fused kernel's fp32 matmuls save (a GPU's autocast keeps the unfused path)
+    # Fused when training: under a CPU's bf16 autocast too, with bf16 matmuls as autocast's linear would run them
+    # and the softmax in fp32, where autograd's unfused log-softmax over the vocabulary costs more than the fused
+    # kernel's extra casts (a GPU's autocast keeps the unfused path)
     fused = torch.is_grad_enabled() and states.requires_grad and (device == "cpu" or not autocast)
     if fused:
+        matmul_dtype = torch.get_autocast_dtype(device) if autocast else None
         with torch.autocast(device, enabled=False):
             bias = None if lm_head.bias is None else lm_head.bias.float()
-            total = linear_cross_entropy(states.float(), lm_head.weight.float(), bias, targets[keep], label_smoothing)
+            total = linear_cross_entropy(states.float(), lm_head.weight.float(), bias, targets[keep], label_smoothing,
+                                         matmul_dtype)
     else:
         total = F.cross_entropy(lm_head(states).float(), targets[keep], label_smoothing=label_smoothing,
                                 reduction="sum")
@@ -145,14 +149,19 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, label_smoothing: float = 0.0
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, label_smoothing: float = 0.0,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """sum over rows of F.cross_entropy(hidden @ weight.T + bias, targets, label_smoothing=...), with the same
     value and gradients, computed in row chunks: the (rows, vocabulary) logits are never all in memory, and
     each chunk's softmax is formed in place and multiplied out at once, instead of autograd's separate passes
     of log-softmax, its backward and zero-filled buffers (profiled at the flickr8k-cpu preset: a third of the LM
-    loss's time). hidden (N, width), weight (vocab, width), targets (N,)."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, float(label_smoothing))
+    loss's time). hidden (N, width), weight (vocab, width), targets (N,), all fp32.
+
+    `matmul_dtype` (e.g. bf16 under autocast): the three vocabulary matmuls (logits, and the gradients of hidden
+    and weight) take their inputs in that dtype, as autocast's linear and its backward would; the softmax, the
+    loss and the gradients' sums stay fp32."""
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, float(label_smoothing), matmul_dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -165,7 +174,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                smoothing: float) -> Tensor:
+                smoothing: float, matmul_dtype: torch.dtype | None) -> Tensor:
         vocab = weight.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // vocab)
         grad_hidden = torch.empty_like(hidden)
@@ -173,11 +182,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = None if bias is None else torch.zeros_like(bias)
         total = hidden.new_zeros((), dtype=torch.float32)
         buffer = hidden.new_empty((min(chunk, len(hidden)), vocab))  # one allocation: fresh pages cost a fault each
+        low = matmul_dtype not in (None, hidden.dtype)
+        low_weight = weight.to(matmul_dtype) if low else weight
         for start in range(0, len(hidden), chunk):
             rows = hidden[start : start + chunk]
+            low_rows = rows.to(matmul_dtype) if low else rows
             target = targets[start : start + chunk, None]
             logits = buffer[: len(rows)]  # (rows of the chunk, vocab)
-            if bias is None:
+            if low:
+                logits.copy_(torch.mm(low_rows, low_weight.t()))
+                if bias is not None:
+                    logits.add_(bias)
+            elif bias is None:
                 torch.mm(rows, weight.t(), out=logits)
             else:
                 torch.addmm(bias, rows, weight.t(), out=logits)
@@ -190,8 +206,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (1 - smoothing) * (logsumexp - target_logit).sum()
             # the softmax minus (1 - e) at each target: the gradient without its constant -e/V
             probs.scatter_add_(1, target, probs.new_full(target.shape, smoothing - 1.0))
-            torch.mm(probs, weight, out=grad_hidden[start : start + chunk])
-            torch.addmm(grad_weight, probs.t(), rows, out=grad_weight)  # (not addmm_: FlopCounterMode counts this)
+            if low:
+                low_probs = probs.to(matmul_dtype)
+                grad_hidden[start : start + chunk] = torch.mm(low_probs, low_weight)
+                grad_weight += torch.mm(low_probs.t(), low_rows)
+            else:
+                torch.mm(probs, weight, out=grad_hidden[start : start + chunk])
+                torch.addmm(grad_weight, probs.t(), rows, out=grad_weight)  # (not addmm_: FlopCounterMode counts it)
             if grad_bias is not None:
                 grad_bias += probs.sum(dim=0)
             if smoothing:
@@ -212,7 +233,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (grad_hidden * grad_total, grad_weight * grad_total,
-                grad_bias * grad_total if ctx.has_bias else None, None, None)
+                grad_bias * grad_total if ctx.has_bias else None, None, None, None)
 
 
 @torch.no_grad()

@@ -95,25 +95,51 @@ def test_lm_loss_is_fused_when_training_and_equal_either_way(monkeypatch):
     torch.testing.assert_close(hidden.grad, plain.grad)
 
 
-def test_lm_loss_under_a_cpus_bf16_autocast_is_fused_in_fp32(monkeypatch):
-    """bf16 decoder states (autocast) train through the fused kernel in fp32: the loss is the fp32 cross-entropy of
-    the same states, and the gradient reaches the bf16 states and the fp32 head."""
+def test_lm_loss_under_a_cpus_bf16_autocast_is_fused_with_bf16_matmuls(monkeypatch):
+    """bf16 decoder states (autocast) train through the fused kernel, its vocabulary matmuls in bf16 as autocast's
+    linear runs them: the loss and the gradients are those of autocast's own (unfused) linear + cross-entropy, to
+    bf16's precision, and the gradient reaches the bf16 states and the fp32 head."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 50)
-    hidden = torch.randn(3, 6, 8).bfloat16().requires_grad_()
-    labels = torch.randint(0, 50, (3, 6))
+    head = torch.nn.Linear(32, 500)
+    hidden = torch.randn(4, 12, 32).bfloat16().requires_grad_()
+    labels = torch.randint(0, 500, (4, 12))
     calls = []
     fused = losses.linear_cross_entropy
     monkeypatch.setattr(losses, "linear_cross_entropy",
-                        lambda *args: calls.append([a.dtype for a in args[:3]]) or fused(*args))
+                        lambda *args: calls.append([a.dtype for a in args[:3]] + [args[-1]]) or fused(*args))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         trained = losses.lm_loss(hidden, labels, head, label_smoothing=0.1)
-    assert calls == [[torch.float32] * 3] and trained.dtype == torch.float32
-    expected = torch.nn.functional.cross_entropy(head(hidden[:, :-1].float()).flatten(0, 1), labels[:, 1:].flatten(),
-                                                 label_smoothing=0.1)
-    torch.testing.assert_close(trained, expected)
+    assert calls == [[torch.float32] * 3 + [torch.bfloat16]] and trained.dtype == torch.float32
     trained.backward()
-    assert hidden.grad.dtype == torch.bfloat16 and head.weight.grad.abs().sum() > 0
+    assert hidden.grad.dtype == torch.bfloat16
+    got = (trained.detach(), hidden.grad.clone(), head.weight.grad.clone())
+
+    hidden.grad, head.weight.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's unfused linear, its logits in bf16
+        logits = head(hidden[:, :-1]).flatten(0, 1)
+    expected = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:].flatten(), label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(got[0], expected.detach(), rtol=0, atol=1e-2)
+    for fused_grad, unfused_grad in zip(got[1:], (hidden.grad, head.weight.grad), strict=True):
+        error = (fused_grad.float() - unfused_grad.float()).norm() / unfused_grad.float().norm()
+        assert error < 2e-2
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_cross_entropy_with_bf16_matmuls_equals_the_fp32_one_of_bf16_rounded_inputs(smoothing):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(150, 64, generator=generator).bfloat16().float().requires_grad_()
+    weight = (0.3 * torch.randn(900, 64, generator=generator)).bfloat16().float().requires_grad_()
+    bias = torch.randn(900, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 900, (150,), generator=generator)
+    fused = losses.linear_cross_entropy(hidden, weight, bias, targets, smoothing, torch.bfloat16)
+    reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets,
+                                                  label_smoothing=smoothing, reduction="sum")
+    torch.testing.assert_close(fused, reference, rtol=2e-3, atol=0)  # only the logits' bf16 rounding differs
+    assert fused.item() != losses.linear_cross_entropy(hidden, weight, bias, targets, smoothing).item()  # it does
+    inputs = [hidden, weight, bias]
+    for got, expected in zip(torch.autograd.grad(fused, inputs), torch.autograd.grad(reference, inputs), strict=True):
+        assert (got - expected).norm() / expected.norm() < 2e-2
 
 
 def test_negatives_never_pick_the_same_image():
