@@ -245,7 +245,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
     return {"versions": versions, "device": described, "git_revision": git_revision()}
 
 
-def git_revision() -> str | None:
+def _checkout_revision() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
@@ -253,6 +253,16 @@ def git_revision() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+# Read when this module is imported, with the code it runs: a study process lives for hours, and a checkout moved
+# meanwhile must not stamp its later runs with a revision whose code they never ran.
+_REVISION_AT_IMPORT = _checkout_revision()
+
+
+def git_revision() -> str | None:
+    """The git revision of the code this process imported (None outside a git checkout)."""
+    return _REVISION_AT_IMPORT
 
 
 # --- the trainer -------------------------------------------------------------------------------

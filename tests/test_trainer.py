@@ -293,6 +293,19 @@ def test_precision_auto_follows_the_bf16_speedup_measured_on_this_machine(monkey
     assert speed.bf16_speedup.__wrapped__() >= speed.BF16_MIN_SPEEDUP
 
 
+def test_runs_record_the_revision_of_the_code_the_process_imported(monkeypatch):
+    """A checkout moved under a long study process must not stamp its later runs with code they never ran."""
+    from blipcore import trainer
+
+    imported = trainer.git_revision()
+    assert imported == trainer._checkout_revision()  # nothing moved yet
+    fake = subprocess.CompletedProcess(["git"], 0, stdout="f" * 40 + "\n", stderr="")
+    monkeypatch.setattr(trainer.subprocess, "run", lambda *args, **kwargs: fake)  # the checkout moves on
+    assert trainer._checkout_revision() == "f" * 40
+    info = trainer.environment_info(torch.device("cpu"))
+    assert trainer.git_revision() == imported and info["git_revision"] == imported
+
+
 def test_the_benchmarks_stopwatch_times_the_call_it_is_given():
     import time
 
