@@ -389,9 +389,10 @@ def evaluate_model(
             embedded = embed_eval_set(model, data, cfg, device)
             sim = embedded["image_embeds"] @ embedded["all_text_embeds"].T
             result["retrieval"] = M.retrieval_metrics(sim, embedded["text_to_image"])
-        with timed(seconds, "itm_retrieval"):
-            tokens_of_images = image_tokens(model, data, device) if model.use_itm else None
-            if tokens_of_images is not None:
+        tokens_of_images = None
+        if model.use_itm:
+            with timed(seconds, "itm_retrieval"):
+                tokens_of_images = image_tokens(model, data, device)
                 result["retrieval"].update(itm_reranked_retrieval(model, embedded, tokens_of_images, cfg, device))
         with timed(seconds, "matching"):
             result["matching"] = matching_auc(model, embedded, tokens_of_images, cfg, device)

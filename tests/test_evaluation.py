@@ -150,6 +150,8 @@ def test_evaluation_result_and_summary(shapes_root):
     assert {"val_loss", "i2t_r1", "greedy_cider", "beam_repetition_rate", "greedy_memorised_share",
             "most-frequent_cider", "nearest-neighbour_cider"} <= set(flat)
     assert set(result["reference_rows"]) == {"most-frequent", "nearest-neighbour"}
+    assert set(result["seconds"]) == {"images", "losses", "itc_retrieval", "matching", "decode_greedy", "score_greedy",
+                                      "decode_beam", "score_beam", "reference_rows"}  # no ITM head: no ITM phase
     assert dump["image_embeds"].shape == (8, 32) and np.isfinite(dump["temperature"])
     sim = dump["image_embeds"] @ dump["text_embeds"].T
     assert sim.shape == (8, 8) and np.all(np.abs(sim) <= 1.0 + 1e-5)
