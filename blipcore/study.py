@@ -133,6 +133,7 @@ class Stage:
     data: str | None = None  # train on the dataset this earlier command stage produced
     command: list[str] | None = None  # command stage: `python -m train` arguments
     produces: str | None = None  # command stage: the folder it makes
+    resume: list[str] | None = None  # command stage: arguments added when a stopped run left `produces` unfinished
 
     @property
     def trains(self) -> bool:
@@ -247,7 +248,7 @@ def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str],
     name = raw.get("name", "")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise fail(f"stage {index + 1}: name {name!r}: letters, digits, '_' and '-'")
-    unknown = sorted(set(raw) - {"name", "variants", "data", "command", "produces"})
+    unknown = sorted(set(raw) - {"name", "variants", "data", "command", "produces", "resume"})
     if unknown:
         raise fail(f"stage {name!r}: unknown key(s) {', '.join(unknown)}")
     if "command" in raw:
@@ -256,12 +257,17 @@ def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str],
             raise fail(f"stage {name!r}: command must be a list of `python -m train` arguments")
         if not isinstance(produces, str) or "variants" in raw:
             raise fail(f"stage {name!r}: a command stage names the folder it `produces` and has no variants")
-        stage = Stage(name, command=command, produces=produces)
+        resume = raw.get("resume")
+        if resume is not None and not (isinstance(resume, list) and all(isinstance(a, str) for a in resume)):
+            raise fail(f"stage {name!r}: resume must be a list of arguments (e.g. [\"--resume\"])")
+        stage = Stage(name, command=command, produces=produces, resume=resume)
         if not stage.per_seed and any("{seed}" in arg or any(seed is None for *_, seed in _command_runs(arg))
                                       for arg in command):
             raise fail(f"stage {name!r}: its command uses {{seed}} or names a run without its seed, so it runs once "
                        "per seed: its `produces` must hold {seed} too")
         return stage
+    if "resume" in raw:
+        raise fail(f"stage {name!r}: resume belongs to a command stage (a training run resumes by itself)")
     variants = raw.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise fail(f"stage {name!r}: a training stage needs [stage.variants] (name = {{ overrides }})")
@@ -492,6 +498,11 @@ def _run_command(stage: Stage, plan: Plan, study: Path, command: CommandFn, log:
         return
     values = _command_values(stage, plan, study, seed)
     args = [_fill(arg, values, plan, study) for arg in stage.command or []]
+    if output.exists():  # a stopped command left it unfinished
+        if stage.resume is None:
+            raise RunError(f"stage {stage.name!r}: {output} is unfinished (its command was stopped): give the stage "
+                           "`resume = [...]`, the arguments that continue it, or remove the folder to start again")
+        args += stage.resume
     log(f"{stage.name}: python -m train {' '.join(args)}")
     code = command(args)
     if code != 0:

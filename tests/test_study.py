@@ -177,6 +177,10 @@ def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypa
         ({"stage": [{"name": "a", "variants": {"x": {"train.lr": -1.0}}}]}, "variant 'x' of stage 'a'"),
         ({"stage": [{"name": "a", "command": ["data"]}]}, "produces"),
         ({"stage": [{"name": "make", "command": ["data"], "produces": "x"}]}, "no training stage"),
+        ({"stage": [{"name": "make", "command": ["data"], "produces": "x", "resume": "--resume"}]},
+         "resume must be a list of arguments"),
+        ({"stage": [{"name": "a", "variants": {"x": {}}, "resume": ["--resume"]}]},
+         "resume belongs to a command stage"),
         ({"stage": [{"name": "a", "variants": {"x": {}}}, {"name": "c", "command": ["capfilt", "{run:a/x}"],
                                                            "produces": "out"}]},
          "stage 'c': its command uses {seed} or names a run without its seed.*`produces` must hold {seed}"),
@@ -196,6 +200,35 @@ def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypa
 def test_a_bad_plan_is_refused_with_what_is_wrong(shapes_root, change, message):
     with pytest.raises(PlanError, match=message):
         parse_plan({**tiny_plan(shapes_root), **change})
+
+
+def test_a_stopped_command_stage_continues_with_its_resume_arguments_or_says_what_to_do(shapes_root, tmp_path):
+    from blipcore.runs import RunError
+    from blipcore.study import _run_command
+
+    made = {"name": "made", "command": ["data", "noise", "--out", "{study}/data/x"], "produces": "{study}/data/x"}
+    calls = []
+
+    def command(args: list[str]) -> int:  # makes its folder, as a stopped command would have begun to
+        calls.append(args)
+        (tmp_path / "data" / "x").mkdir(parents=True, exist_ok=True)
+        return 0
+
+    base = {key: value for key, value in tiny_plan(shapes_root).items() if key != "recovery"}
+    plan = parse_plan({**base, "stage": [{**made, "resume": ["--resume"]},
+                                         {"name": "t", "data": "made", "variants": {"v": {}}}]})
+    _run_command(plan.stages[0], plan, tmp_path, command, log=lambda _: None)
+    assert calls == [["data", "noise", "--out", f"{tmp_path}/data/x"]]  # a fresh start: no resume arguments
+    (tmp_path / "data" / "x" / ".complete").unlink()  # stopped before it finished
+    _run_command(plan.stages[0], plan, tmp_path, command, log=lambda _: None)
+    assert calls[-1] == ["data", "noise", "--out", f"{tmp_path}/data/x", "--resume"]
+    _run_command(plan.stages[0], plan, tmp_path, command, log=lambda _: None)
+    assert len(calls) == 2  # complete: skipped
+    (tmp_path / "data" / "x" / ".complete").unlink()
+    without = parse_plan({**base, "stage": [made, {"name": "t", "data": "made", "variants": {"v": {}}}]})
+    with pytest.raises(RunError, match=r"data/x is unfinished .*`resume = \[...\]`"):
+        _run_command(without.stages[0], without, tmp_path, command, log=lambda _: None)
+    assert len(calls) == 2
 
 
 RECOVERY_ROLES_RUNS = (("clean", "tuned"), ("noisy", "tuned"), ("bootstrapped", "tuned"))
