@@ -43,11 +43,7 @@ def matmul_gflops(device_type: str = "cpu", size: int = 2048, repeats: int = 3,
     generator = torch.Generator(device).manual_seed(0)  # its own: measuring never moves a run's random stream
     a, b = (torch.randn(size, size, device=device, generator=generator).to(dtype) for _ in range(2))
 
-    def run() -> None:
-        torch.mm(a, b)
-        synchronize(device)
-
-    return 2 * size**3 / _best_time(run, repeats) / 1e9
+    return 2 * size**3 / _best_time(lambda: torch.mm(a, b), repeats, device) / 1e9
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,14 +75,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocation and kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed warm-up (first-call allocation, kernel
+    selection)."""
+    fn()
+    return min(seconds_of(fn, device) for _ in range(repeats))
 
 
 @functools.cache
@@ -99,8 +92,9 @@ def bf16_speedup(device_type: str = "cpu") -> float:
         return BF16_MIN_SPEEDUP if forced == "1" else 0.0
     a = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))  # the global RNG untouched
     b = a.bfloat16()
-    fp32 = _best_time(lambda: a @ a, repeats=3)
-    bf16 = _best_time(lambda: b @ b, repeats=3)
+    cpu = torch.device("cpu")
+    fp32 = _best_time(lambda: a @ a, 3, cpu)
+    bf16 = _best_time(lambda: b @ b, 3, cpu)
     return fp32 / bf16
 
 
