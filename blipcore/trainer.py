@@ -353,7 +353,9 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         word_pieces = None
-        if cfg.model.vocabulary == "captions" and not self.resume:  # a resumed run's map comes with its weights
+        if cfg.model.vocabulary == "captions" and self.resume:  # its map comes with its weights, its size with run.json
+            cfg = self.cfg = cfg.override({"model.vocab_size": self.run.config().model.vocab_size})
+        elif cfg.model.vocabulary == "captions":
             word_pieces = training_word_pieces(self.train_set, cfg.model.prompt)
             cfg = self.cfg = cfg.override({"model.vocab_size": len(word_pieces)})
         self.model = BLIP(cfg, word_pieces).to(self.device)

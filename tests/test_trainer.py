@@ -64,12 +64,16 @@ def test_fit_writes_a_complete_run_directory(shapes_root, tmp_path):
     assert ckpt.epoch == 1 and loaded_cfg.model == cfg.model and not model.training
 
 
-@pytest.mark.parametrize("data", ["shapes, no workers", "photos, 2 workers"])
+@pytest.mark.parametrize("data", ["shapes, no workers", "shapes, captions vocabulary", "photos, 2 workers"])
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, tmp_path, monkeypatch, data):
     # Photos with workers: every sample's random crop must not depend on which worker made it, nor on how
     # far that worker's random stream had advanced before the interruption.
+    # A captions vocabulary: the resuming config has not counted its word pieces (a study's planned config
+    # never has); the run's own record says how many its weights hold.
     cfg = small_cfg(shapes_root) if data.startswith("shapes") else photos_cfg(shapes_root).override(
         {"data.num_workers": 2})
+    if data.endswith("captions vocabulary"):
+        cfg = cfg.override({"model.vocabulary": "captions"})
     Trainer(cfg, tmp_path / "straight", progress=False).fit()
 
     original = Trainer._optimizer_step
@@ -89,6 +93,8 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, 
     assert summary["status"] == "completed" and summary["step"] == 16
 
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+    counted = RunDir(tmp_path / "straight").config().model.vocab_size
+    assert RunDir(tmp_path / "resumed").config().model.vocab_size == counted
     steps = [r["step"] for r in RunDir(tmp_path / "resumed").read_metrics() if r["split"] == "train"]
     assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
 
