@@ -544,7 +544,7 @@ class RunResult:
     evaluation: dict[str, Any]  # num_images, losses, retrieval, matching, strategies / reference_rows -> metrics
     train_seconds: float | None
     samples_per_s: float | None  # the median of its training lines
-    machine: dict[str, Any]  # device (CPU model, fp32 matmul GFLOP/s), git revision, when it finished
+    machine: dict[str, Any]  # device (CPU model, fp32 matmul GFLOP/s), revisions (start, resumes), when it ended
     config: dict[str, Any]
     source: str = "run"  # "run" (its folder) or "record" (its results file)
     differs: list[str] = field(default_factory=list)  # config fields its folder's run has that the plan no longer gives
@@ -585,6 +585,7 @@ def completed_result(run: RunDir) -> RunResult | None:
     speeds = [line["samples_per_s"] for line in run.read_metrics()
               if line.get("split") == "train" and M.is_number(line.get("samples_per_s"))]
     machine = {"device": info.get("device"), "git_revision": info.get("git_revision"),
+               "resumed_revisions": [resumed.get("git_revision") for resumed in info.get("resumes", [])],
                "finished_at": info.get("finished_at")}
     return RunResult(epoch, split, chosen, numbers_only(evaluation), info.get("train_seconds"),
                      statistics.median(speeds) if speeds else None, machine, info.get("config", {}))
@@ -705,8 +706,18 @@ def run_rows(reported: Reported) -> list[dict[str, Any]]:
                          "samples_per_s": result.samples_per_s,
                          "device": device.get("cpu_model") or device.get("name"),
                          "matmul_fp32_gflops": device.get("matmul_fp32_gflops"),
-                         "git_revision": (result.machine.get("git_revision") or "")[:7], "differs": result.differs})
+                         "git_revision": code_revisions(result.machine), "differs": result.differs})
     return rows
+
+
+def code_revisions(machine: dict[str, Any]) -> str:
+    """The short revisions of the code that trained a run: the one it started with, then each other one a resume
+    continued it with ("b7054b0+eec98c1")."""
+    revisions: list[str] = []
+    for revision in [machine.get("git_revision"), *machine.get("resumed_revisions", [])]:
+        if revision and revision[:7] not in revisions:
+            revisions.append(revision[:7])
+    return "+".join(revisions)
 
 
 def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:

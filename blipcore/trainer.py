@@ -378,8 +378,12 @@ class Trainer:
 
     def _write_run_info(self) -> None:
         if self.resume and self.run.exists():
+            # The code and machine of each resume, beside those the run started with (its top-level fields): a run
+            # continued by other code or on another machine says so.
+            resumes = [*self.run.read_info().get("resumes", []),
+                       {"at": runs.now(), "step": self.step, **environment_info(self.device)}]
             self.run.update_info(status="running", config=self.cfg.to_dict(), error=None, resumed_at=runs.now(),
-                                 autocast=describe(self.autocast))
+                                 autocast=describe(self.autocast), resumes=resumes)
             return
         self.run.write_info({
             "name": self.run.name,

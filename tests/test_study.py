@@ -388,3 +388,13 @@ def test_a_records_settings_are_compared_without_where_its_files_were_or_what_th
     full = {**run, "model": {**run["model"], "vocabulary": "full", "vocab_size": 30600}}
     assert config_differences(full, planned) == ["model.vocab_size", "model.vocabulary"]
     assert config_differences({**run, "train": {**run["train"], "lr": 1.0}}, planned) == ["train.lr"]
+
+
+def test_the_runs_table_names_every_revision_of_the_code_that_trained_a_run():
+    from blipcore.study import code_revisions
+
+    started, resumed = "b7054b0748752fe9017edf83d4e32781a9680ed9", "eec98c1" + "0" * 33
+    assert code_revisions({"git_revision": started}) == "b7054b0"  # a record made before resumes were recorded
+    assert code_revisions({"git_revision": started, "resumed_revisions": [started, resumed, resumed]}) == \
+        "b7054b0+eec98c1"
+    assert code_revisions({"git_revision": None, "resumed_revisions": [None]}) == ""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from blipcore import losses
+from blipcore import losses, trainer
 from blipcore.config import BlipConfig
 from blipcore.model import BLIP
 from blipcore.runs import RunDir, RunError
@@ -91,6 +91,8 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, 
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
     summary = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False).fit()
     assert summary["status"] == "completed" and summary["step"] == 16
+    (resumed,) = RunDir(tmp_path / "resumed").read_info()["resumes"]  # the code and machine that continued it
+    assert resumed["step"] == 5 and resumed["git_revision"] == trainer.git_revision() and resumed["device"]["name"]
 
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
     counted = RunDir(tmp_path / "straight").config().model.vocab_size
@@ -113,17 +115,17 @@ def test_a_training_sample_is_the_same_tensor_in_any_worker(shapes_root):
 
 
 def test_best_metrics_follow_each_metrics_declared_direction(shapes_root, tmp_path):
-    trainer = Trainer(small_cfg(shapes_root), tmp_path / "run", progress=False)
-    trainer.run.write_info({"status": "running"})
-    trainer.step = 0
+    fitter = Trainer(small_cfg(shapes_root), tmp_path / "run", progress=False)
+    fitter.run.write_info({"status": "running"})
+    fitter.step = 0
     for epoch, (share, run_length, cider, loss, length) in enumerate(
         [(0.9, 8.0, 0.1, 3.0, 5.0), (0.2, 1.0, 0.3, 2.0, 9.0), (0.95, 12.0, 0.05, 4.0, 2.0)], start=1
     ):
-        trainer.epoch = epoch
-        trainer._update_best({"greedy_top_caption_share": share, "greedy_longest_run": run_length,
+        fitter.epoch = epoch
+        fitter._update_best({"greedy_top_caption_share": share, "greedy_longest_run": run_length,
                               "greedy_cider": cider, "val_loss": loss, "greedy_mean_length": length,
                               "greedy_top_caption": "a a a"}, epoch)
-    best = trainer.run.read_info()["best"]
+    best = fitter.run.read_info()["best"]
     # the most collapsed epoch (3) is never "best": lower is better for collapse, higher for CIDEr
     assert best["greedy_top_caption_share"] == {"value": 0.2, "epoch": 2}
     assert best["greedy_longest_run"] == {"value": 1.0, "epoch": 2}
@@ -301,8 +303,6 @@ def test_precision_auto_follows_the_bf16_speedup_measured_on_this_machine(monkey
 
 def test_runs_record_the_revision_of_the_code_the_process_imported(monkeypatch):
     """A checkout moved under a long study process must not stamp its later runs with code they never ran."""
-    from blipcore import trainer
-
     imported = trainer.git_revision()
     assert imported == trainer._checkout_revision()  # nothing moved yet
     fake = subprocess.CompletedProcess(["git"], 0, stdout="f" * 40 + "\n", stderr="")
