@@ -67,7 +67,7 @@ def test_missing_dataset_names_the_command_that_fetches_it(tmp_path, monkeypatch
     assert command in err and "Traceback" not in err
 
 
-def test_data_root_applies_on_resume(shapes_root, tmp_path):
+def test_data_root_applies_on_resume_and_info_shows_the_resume(shapes_root, tmp_path, capsys):
     before, after = tmp_path / "before", tmp_path / "after"
     shutil.copytree(shapes_root, before)  # generated scenes are a COCO-caption-format folder like any other
     cfg = small_cfg(shapes_root, max_steps=2).override({"data.kind": "coco", "data.root": str(before)})
@@ -77,6 +77,8 @@ def test_data_root_applies_on_resume(shapes_root, tmp_path):
                  "--data-root", str(after)]) == 0
     info = RunDir(tmp_path / "run").read_info()
     assert info["config"]["data"]["root"] == str(after) and info["steps_done"] == 3
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert f"resumed    at step 2 on {info['resumes'][0]['at']}" in capsys.readouterr().out
 
 
 def test_bad_override_is_a_clear_error(tmp_path, capsys):

@@ -107,6 +107,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"preset     {info.get('preset')}   created {info.get('created_at')}   updated {info.get('updated_at')}")
     print(f"device     {info.get('device', {}).get('type')} {info.get('device', {}).get('name', '')}   "
           f"git {str(info.get('git_revision'))[:10]}")
+    for resumed in info.get("resumes", []):  # the code and machine that continued it
+        print(f"resumed    at step {resumed.get('step')} on {resumed.get('at')}: "
+              f"{resumed.get('device', {}).get('cpu_model') or resumed.get('device', {}).get('name')}   "
+              f"git {str(resumed.get('git_revision'))[:10]}")
     print(f"model      ViT {m.get('image_size')}/{m.get('patch_size')} width {m.get('vision_width')} depth "
           f"{m.get('vision_depth')}; text width {m.get('text_width')} enc {m.get('text_encoder_depth')} dec "
           f"{m.get('text_decoder_depth')}; {info.get('parameters', 0):,} parameters")
