@@ -266,3 +266,14 @@ def test_eval_on_the_test_split_reports_every_image_beside_the_val_evaluation(sh
 def test_eval_on_a_test_split_the_run_does_not_have_is_a_clear_error(tiny_runs_dir, capsys):
     assert main(["eval", "--run-dir", str(tiny_runs_dir / "tiny"), "--split", "test"]) == 2
     assert "no test split" in capsys.readouterr().err
+
+
+def test_a_study_without_progress_bars_runs_its_command_stages_without_them_where_they_have_any():
+    from train.cli import _command_stage_words
+
+    capfilt = ["capfilt", "--captioner", "r", "--filter", "r", "--data", "d", "--out", "o"]
+    noise = ["data", "noise", "--from", "d", "--out", "o", "--fraction", "0.3"]  # seconds: no progress bar
+    assert _command_stage_words(capfilt, progress=False) == [*capfilt, "--no-progress"]
+    assert _command_stage_words(capfilt, progress=True) == capfilt
+    assert _command_stage_words(noise, progress=False) == noise
+    assert _command_stage_words([*capfilt, "--no-progress"], progress=False) == [*capfilt, "--no-progress"]

@@ -299,8 +299,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     def train(cfg, folder: Path, resume: bool) -> dict:
         return Trainer(cfg, folder, resume=resume, progress=not args.no_progress).fit()
 
+    def command(words: list[str]) -> int:
+        return main(_command_stage_words(words, progress=not args.no_progress))
+
     try:
-        table = run_study(plan, out, train, main, log=lambda line: print(f"[study] {line}", file=sys.stderr),
+        table = run_study(plan, out, train, command, log=lambda line: print(f"[study] {line}", file=sys.stderr),
                           only=args.only, seeds=args.seeds, results=args.results)
     except StudyStopped as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
@@ -309,6 +312,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(f"{len(table['rows'])} rows -> {out / 'study.json'}, {out / 'study.csv'}, {out / 'study.md'}"
           + (f"; results recorded in {args.results}" if args.results else ""))
     return 0
+
+
+def _command_stage_words(words: list[str], progress: bool) -> list[str]:
+    """A study's command stage as it runs: with --no-progress when the study has it and the command takes it (a
+    progress bar redrawn in a log file is thousands of lines of noise)."""
+    if progress or "--no-progress" in words:
+        return words
+    takes_it = hasattr(build_parser().parse_args(words), "no_progress")
+    return [*words, "--no-progress"] if takes_it else words
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
