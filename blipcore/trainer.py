@@ -572,6 +572,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "train_seconds": time.time() - self.started,  # a resumed run's minutes go on from here
             }
             position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             self.run.save_state(self.model, training, position, self.cfg)
@@ -602,6 +603,9 @@ class Trainer:
             problem = f"{type(err).__name__}: {err}"
             raise CheckpointError(f"{saved.source}: not the optimizer state of this run ({problem})") from None
         self.step, self.epoch, self.batch_in_epoch = (saved.position[key] for key in POSITION_KEYS)
+        # the wall seconds that led to this state (a state saved before they were kept: those run.json has)
+        earlier = saved.training.get("train_seconds", self.run.read_info().get("train_seconds"))
+        self.started -= earlier if isinstance(earlier, float | int) and math.isfinite(earlier) else 0.0
         if self.dist.is_main:
             self.run.truncate_metrics(after_step=self.step)
 

@@ -82,6 +82,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, 
         result = original(self, micro)
         if self.step + 1 >= 5:  # self.step is incremented after this returns
             self.stop_requested = True
+            self.started -= 1000  # as if these five steps had taken 1,000 s: the resumed run's minutes count them
         return result
 
     monkeypatch.setattr(Trainer, "_optimizer_step", stop_after_five)
@@ -90,7 +91,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes_root, 
     assert RunDir(tmp_path / "resumed").read_info()["status"] == "interrupted"
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
     summary = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False).fit()
-    assert summary["status"] == "completed" and summary["step"] == 16
+    assert summary["status"] == "completed" and summary["step"] == 16 and summary["train_seconds"] > 1000
     (resumed,) = RunDir(tmp_path / "resumed").read_info()["resumes"]  # the code and machine that continued it
     assert resumed["step"] == 5 and resumed["git_revision"] == trainer.git_revision() and resumed["device"]["name"]
 
