@@ -382,7 +382,7 @@ class Trainer:
             # continued by other code or on another machine says so.
             resumes = [*self.run.read_info().get("resumes", []),
                        {"at": runs.now(), "step": self.step, **environment_info(self.device)}]
-            self.run.update_info(status="running", config=self.cfg.to_dict(), error=None, resumed_at=runs.now(),
+            self.run.update_info(status="running", config=self.cfg.to_dict(), error=None,
                                  autocast=describe(self.autocast), resumes=resumes)
             return
         self.run.write_info({
