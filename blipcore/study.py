@@ -87,6 +87,18 @@ recover?). Each run counts with its reported number (its dev-chosen checkpoint a
     treated = "bootstrapped/tuned"     # the repair
     target = 0.5                       # share of the cost it must win back ...
     # ... judged only where the cost exceeds two standard deviations over seeds (of reference and degraded)
+
+And it may state targets, levels every training variant is judged against on the same reported numbers (mean over
+seeds): a metric's level (at least, or at most for a lower-is-better metric), or a margin over a reference row,
+met only where the margin also exceeds two standard deviations over seeds (of the variant and of the row):
+
+    [[target]]
+    metric = "cider"
+    value = 0.30                       # CIDEr at least 0.30
+    [[target]]
+    metric = "cider"
+    above = "nearest-neighbour"        # CIDEr at least 0.05 better than the nearest-neighbour row, and by more
+    by = 0.05                          # than two sd over seeds
 """
 
 from __future__ import annotations
@@ -146,6 +158,23 @@ class Stage:
 
 
 @dataclass
+class Target:
+    """A level the plan's variants should reach: `metric` at least `value` (at most, for a lower-is-better metric),
+    or, with `above`, better than reference row `above` by at least `by` and by more than two standard deviations
+    over seeds. Judged on each run's reported number (its dev-chosen checkpoint and decoding strategy)."""
+    metric: str
+    value: float | None = None
+    above: str | None = None  # a reference row (metrics.REFERENCE_ROWS)
+    by: float = 0.0
+
+    def describe(self) -> str:
+        declared = M.metric(self.metric)
+        if self.above is None:
+            return f"{declared.label} {'≥' if declared.better == 'higher' else '≤'} {declared.format(self.value)}"
+        return f"{declared.label} {declared.format(self.by)} better than {self.above}, by > 2 sd"
+
+
+@dataclass
 class Recovery:
     """How much of what `degraded` lost against `reference` in `metric` the `treated` variant wins back."""
     metric: str
@@ -166,6 +195,7 @@ class Plan:
     overrides: dict[str, Any]
     stages: list[Stage]
     recovery: Recovery | None = None
+    targets: list[Target] = field(default_factory=list)
 
     def base_config(self) -> BlipConfig:
         return load_preset(self.preset).override(self.overrides)
@@ -187,9 +217,9 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
     def fail(message: str) -> PlanError:
         return PlanError(f"{source}: {message}")
 
-    unknown = sorted(set(table) - {"name", "preset", "seeds", "set", "stage", "recovery"})
+    unknown = sorted(set(table) - {"name", "preset", "seeds", "set", "stage", "recovery", "target"})
     if unknown:
-        raise fail(f"unknown key(s) {', '.join(unknown)} (known: name, preset, seeds, set, stage, recovery)")
+        raise fail(f"unknown key(s) {', '.join(unknown)} (known: name, preset, seeds, set, stage, recovery, target)")
     seeds = table.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise fail(f"seeds must be a non-empty list of whole numbers >= 0, got {seeds!r}")
@@ -226,6 +256,10 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
                                "which is not a variant of an earlier training stage")
     if "recovery" in table:
         plan.recovery = _parse_recovery(table["recovery"], stages, fail)
+    raw_targets = table.get("target", [])
+    if not isinstance(raw_targets, list):
+        raise fail("targets are [[target]] tables")
+    plan.targets = [_parse_target(raw, index, fail) for index, raw in enumerate(raw_targets)]
     return plan
 
 
@@ -287,11 +321,7 @@ def _parse_recovery(raw: Any, stages: list[Stage], fail: Callable[[str], PlanErr
     if unknown:
         raise fail(f"[recovery]: unknown key(s) {', '.join(unknown)} (known: metric, {', '.join(RECOVERY_ROLES)}, "
                    "target)")
-    key = raw.get("metric", "cider")
-    declared = M.metric(key) if isinstance(key, str) else None
-    if key not in TABLE_METRICS or declared is None or declared.better is None:
-        raise fail(f"[recovery]: metric {key!r} is not a table metric with a better direction "
-                   f"(one of {', '.join(k for k in TABLE_METRICS if M.metric(k).better)})")
+    key = _judged_metric(raw.get("metric", "cider"), "[recovery]", fail)
     runs = {f"{s.name}/{v}" for s in stages if s.trains for v in s.variants}
     named = []
     for role in RECOVERY_ROLES:
@@ -303,6 +333,44 @@ def _parse_recovery(raw: Any, stages: list[Stage], fail: Callable[[str], PlanErr
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise fail(f"[recovery]: target is the share of the cost to win back, in (0, 1]; got {target!r}")
     return Recovery(key, *named, target=float(target))
+
+
+def _judged_metric(key: Any, where: str, fail: Callable[[str], PlanError]) -> str:
+    """`key` when it is a metric of the table with a better direction, else the PlanError saying which are."""
+    judged = [k for k in (*TABLE_METRICS, *RETRIEVAL_METRICS) if M.metric(k).better]
+    if not isinstance(key, str) or key not in judged:
+        raise fail(f"{where}: metric {key!r} is not a table metric with a better direction "
+                   f"(one of {', '.join(judged)})")
+    return key
+
+
+def _parse_target(raw: Any, index: int, fail: Callable[[str], PlanError]) -> Target:
+    where = f"[[target]] {index + 1}"
+    if not isinstance(raw, dict):
+        raise fail(f"{where} must be a table")
+    unknown = sorted(set(raw) - {"metric", "value", "above", "by"})
+    if unknown:
+        raise fail(f"{where}: unknown key(s) {', '.join(unknown)} (known: metric, value, above, by)")
+    key = _judged_metric(raw.get("metric"), where, fail)
+
+    def number(name: str) -> float:
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise fail(f"{where}: {name} must be a number, got {value!r}")
+        return float(value)
+
+    if ("value" in raw) == ("above" in raw):
+        raise fail(f"{where}: give either a value (a level of {key}) or above (a reference row to beat), not both")
+    if "value" in raw:
+        if "by" in raw:
+            raise fail(f"{where}: by is a margin over a reference row (above = ...), not a level's")
+        return Target(key, value=number("value"))
+    if raw["above"] not in M.REFERENCE_ROWS:
+        raise fail(f"{where}: above = {raw['above']!r} is not a reference row ({', '.join(M.REFERENCE_ROWS)})")
+    by = number("by") if "by" in raw else 0.0
+    if by < 0:
+        raise fail(f"{where}: by is how much better than the row, >= 0; got {by!r}")
+    return Target(key, above=raw["above"], by=by)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -778,6 +846,18 @@ def _capfilt_summary(stage: Stage, plan: Plan, study: Path, seed: int | None,
     return None
 
 
+def reported_value(result: RunResult, key: str, row: str | None = None) -> float | None:
+    """A run's reported number `key`: of its dev-chosen decoding strategy (or of reference row `row`), else of its
+    retrieval or matching evaluation; None when it has none."""
+    evaluation = result.evaluation
+    entry = evaluation.get("reference_rows", {}).get(row, {}) if row else evaluation.get("strategies", {}).get(
+        result.chosen, {})
+    for found in (entry.get("metrics", {}), evaluation.get("retrieval", {}), evaluation.get("matching", {})):
+        if M.is_number(found.get(key)):
+            return float(found[key])
+    return None
+
+
 def recovery_summary(plan: Plan, reported: Reported) -> dict[str, Any] | None:
     """The plan's [recovery] question answered from its runs' reported numbers (each run's metric at its
     dev-chosen strategy); None when the plan asks none."""
@@ -788,10 +868,8 @@ def recovery_summary(plan: Plan, reported: Reported) -> dict[str, Any] | None:
     for role in RECOVERY_ROLES:
         values[role] = {}
         for seed, result in reported.get(getattr(recovery, role), {}).items():
-            value = result.evaluation.get("strategies", {}).get(result.chosen, {}).get("metrics", {}).get(
-                recovery.metric)
-            if M.is_number(value):
-                values[role][seed] = float(value)
+            if (value := reported_value(result, recovery.metric)) is not None:
+                values[role][seed] = value
     return judge_recovery(recovery, values)
 
 
@@ -854,6 +932,85 @@ def recovery_markdown(summary: dict[str, Any] | None) -> str:
     ]) + "\n"
 
 
+def target_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
+    """Every training variant with a counted run judged against each of the plan's targets (`judge_target`)."""
+    rows = []
+    for stage in (s for s in plan.stages if s.trains):
+        for variant in stage.variants:
+            results = reported.get((stage.name, variant), {})
+            if not results:
+                continue
+            for target in plan.targets:
+                values = {seed: v for seed, result in results.items()
+                          if (v := reported_value(result, target.metric)) is not None}
+                references = {} if target.above is None else {
+                    seed: v for seed, result in results.items()
+                    if (v := reported_value(result, target.metric, target.above)) is not None}
+                rows.append({"run": f"{stage.name}/{variant}", **judge_target(target, values, references)})
+    return rows
+
+
+def judge_target(target: Target, values: dict[int, float], references: dict[int, float] | None = None
+                 ) -> dict[str, Any]:
+    """One variant against one target. `values`: each seed's reported number; `references`: each seed's number of
+    the target's reference row (for `above`). The verdict is "met" or "missed", or "not decided" where the
+    margin over a reference row needs a spread that one seed cannot give; a missing number is "no value"."""
+    summary: dict[str, Any] = {"target": target.describe(), "metric": target.metric, "level": target.value,
+                               "above": target.above, "by": target.by if target.above else None,
+                               "values": {str(seed): v for seed, v in values.items()}, "seeds": len(values),
+                               "mean": statistics.fmean(values.values()) if values else None,
+                               "sd": statistics.stdev(values.values()) if len(values) > 1 else None,
+                               "reference_mean": None, "margin": None, "margins": None, "two_sd": None}
+    if not values:
+        summary["verdict"] = "no value: its runs did not report this number"
+        return summary
+    sign = 1.0 if M.metric(target.metric).better == "higher" else -1.0
+    if target.above is None:
+        summary["verdict"] = "met" if sign * (summary["mean"] - target.value) >= 0 else "missed"
+        return summary
+    references = references or {}
+    if not references:
+        summary["verdict"] = f"no value: its runs did not report the {target.above} row"
+        return summary
+    reference_sd = statistics.stdev(references.values()) if len(references) > 1 else None
+    summary["reference_mean"] = statistics.fmean(references.values())
+    summary["margins"] = {str(seed): sign * (v - references[seed]) for seed, v in values.items() if seed in references}
+    summary["margin"] = margin = sign * (summary["mean"] - summary["reference_mean"])
+    if margin < target.by:
+        summary["verdict"] = "missed"
+    elif summary["sd"] is None or reference_sd is None:
+        summary["verdict"] = "not decided: two standard deviations over seeds need 2 or more seeds"
+    else:
+        summary["two_sd"] = 2 * max(summary["sd"], reference_sd)
+        summary["verdict"] = ("met" if margin > summary["two_sd"]
+                              else "missed: the margin is within two standard deviations over seeds")
+    return summary
+
+
+def targets_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The targets as a Markdown table, one row per variant and a column per target (empty without targets)."""
+    if not rows:
+        return ""
+    targets = list(dict.fromkeys(row["target"] for row in rows))
+    cells: dict[str, dict[str, str]] = {}
+    for row in rows:
+        declared = M.metric(row["metric"])
+        shown = row["mean"] if row["above"] is None else row["margin"]
+        value = "-" if shown is None else ("+" if row["above"] and shown >= 0 else "") + declared.format(shown)
+        if row["sd"] is not None and row["above"] is None:
+            value += f" ± {declared.format(row['sd'])}"
+        if row["two_sd"] is not None:
+            value += f" (2 sd {declared.format(row['two_sd'])})"
+        cells.setdefault(row["run"], {})[row["target"]] = f"{value}: {row['verdict'].split(':')[0]}"
+    lines = ["", "Targets: each variant's reported numbers (dev-chosen checkpoint and decoding), mean ± sd over seeds; "
+             "a margin over a reference row counts only beyond two sd over seeds", "",
+             "| variant | seeds | " + " | ".join(targets) + " |", "|" + "---|" * (2 + len(targets))]
+    seeds = {row["run"]: row["seeds"] for row in rows}
+    for run, found in cells.items():
+        lines.append(f"| {run} | {seeds[run]} | " + " | ".join(found.get(t, "-") for t in targets) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(plan: Plan, study: Path, results: Path | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """study.json, study.csv and study.md in `study`, from its completed runs and the records in `results` (which
@@ -868,8 +1025,9 @@ def write_table(plan: Plan, study: Path, results: Path | None = None,
     runs = run_rows(reported)
     filters = filter_rows(plan, study, results)
     recovery = recovery_summary(plan, reported)
+    targets = target_rows(plan, reported)
     table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "runs": runs,
-             "filters": filters, "recovery": recovery}
+             "filters": filters, "recovery": recovery, "targets": targets}
     atomic_write_json(study / STUDY_TABLE, table)
     columns = ["stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs"] + [
         k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
@@ -878,7 +1036,8 @@ def write_table(plan: Plan, study: Path, results: Path | None = None,
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(study / "study.csv", buffer.getvalue().encode())
-    markdown = markdown_table(rows) + filters_markdown(filters) + recovery_markdown(recovery) + runs_markdown(runs)
+    markdown = (markdown_table(rows) + filters_markdown(filters) + recovery_markdown(recovery)
+                + targets_markdown(targets) + runs_markdown(runs))
     atomic_write_bytes(study / "study.md", markdown.encode())
     return table
 

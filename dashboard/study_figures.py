@@ -307,6 +307,46 @@ def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
     return _finish(fig, height, title=dict(text=str(summary.get("verdict", "")), x=0, y=0.98, font=dict(size=14)))
 
 
+# --- the plan's targets --------------------------------------------------------------------------
+def target_figure(rows: Sequence[Mapping[str, Any]], target: str, height: int = 380) -> go.Figure:
+    """blipcore.study's target rows for one target drawn: each variant's runs as dots (one per seed) and their mean
+    ± sd, the level as a dashed line. A margin over a reference row is drawn as the margin, seed by seed (the run's
+    number minus its own reference row's), against the margin it must reach."""
+    picked = [row for row in rows if row.get("target") == target]
+    fig = go.Figure()
+    for index, row in enumerate(picked):
+        values = {seed: v for seed, v in (row.get("values") or {}).items() if _is_number(v)}
+        if row.get("above"):
+            margins = row.get("margins") or {}
+            values = {seed: margins[seed] for seed in values if _is_number(margins.get(seed))}
+        if not values:
+            continue
+        run = str(row.get("run"))
+        fig.add_trace(go.Scatter(
+            x=[run] * len(values), y=list(values.values()), mode="markers", name=run, legendgroup=run,
+            marker=dict(color=run_colour(index), size=9, opacity=0.6), text=[f"seed {seed}" for seed in values],
+            hovertemplate="%{text}<br>%{y:.4g}<extra></extra>",
+        ))
+        sd = float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else None
+        fig.add_trace(go.Scatter(
+            x=[run], y=[float(np.mean(list(values.values())))], mode="markers", showlegend=False, legendgroup=run,
+            marker=dict(color=run_colour(index), size=18, symbol="line-ew-open", line=dict(width=3)),
+            error_y=dict(type="data", array=[sd], visible=sd is not None),
+            hovertemplate=f"mean %{{y:.4g}}<br>{row.get('verdict', '')}<extra></extra>",
+        ))
+    if picked:
+        first = picked[0]
+        margin = bool(first.get("above"))
+        level = first.get("by") if margin else first.get("level")
+        if _is_number(level):
+            fig.add_hline(y=level, line=dict(color="#666", dash="dash"),
+                          annotation_text=f"target: {target}", annotation_position="top left")
+        key = str(first.get("metric", ""))
+        fig.update_yaxes(title_text=f"{_label(key)} minus {first['above']}" if margin else _label(key))
+    fig.update_xaxes(range=[-0.5, max(len(fig.data) // 2, 1) - 0.5])
+    return _finish(fig, height)
+
+
 # --- captions side by side -----------------------------------------------------------------------
 def captions_side_by_side(samples: Mapping[str, Sequence[Mapping[str, Any]]], limit: int | None = None
                           ) -> list[dict[str, Any]]:

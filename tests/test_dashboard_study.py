@@ -125,6 +125,25 @@ def test_the_recovery_figure_shows_every_seed_the_means_and_the_target_level():
     assert len(sf.recovery_figure(one_seed).data) == 4 and not sf.recovery_figure(one_seed).layout.shapes
 
 
+def test_the_target_figure_shows_every_seed_the_means_and_the_level():
+    from blipcore.study import Target, judge_target
+
+    level, margin = Target("cider", value=0.30), Target("cider", above="nearest-neighbour", by=0.05)
+    rows = [{"run": "r/a", **judge_target(level, {0: 0.20, 1: 0.24})}, {"run": "r/b", **judge_target(level, {0: 0.4})},
+            {"run": "r/a", **judge_target(margin, {0: 0.20, 1: 0.24}, {0: 0.10, 1: 0.12})}]
+    fig = sf.target_figure(rows, level.describe())
+    seeds = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in seeds] == ["r/a", "r/b"] and [list(t.y) for t in seeds] == [[0.20, 0.24], [0.4]]
+    means = [t for t in fig.data if t.showlegend is False]
+    assert [t.y[0] for t in means] == pytest.approx([0.22, 0.4]) and means[1].error_y.visible is False
+    [line] = fig.layout.shapes
+    assert line.y0 == pytest.approx(0.30) and list(fig.layout.xaxis.range) == [-0.5, 1.5]
+    # a margin over a reference row: each seed's number minus its own row's, against the margin to reach
+    fig = sf.target_figure(rows, margin.describe())
+    assert [list(t.y) for t in fig.data if t.showlegend is not False] == [pytest.approx([0.10, 0.12])]
+    assert fig.layout.shapes[0].y0 == pytest.approx(0.05) and "minus nearest-neighbour" in fig.layout.yaxis.title.text
+
+
 def test_variant_and_seed_come_from_the_config_name():
     config = {"name": "plan/recipes/fast-lr", "train": {"seed": 3}}
     assert sf.variant_of("study-x/recipes-fast-lr-seed3", config) == "recipes/fast-lr"
@@ -193,9 +212,12 @@ def test_study_page_shows_the_table_first_and_each_section_in_its_tab(monkeypatc
     assert set(runs["from"]) == {"run"} and (runs["minutes"] >= 0).all() and runs["device"].notna().all()
     # the plan's recovery question: its table and its figure, the only chart before a tab is opened (lazy tabs)
     assert "Recovery in CIDEr" in texts(at) and "recipes/slow (degraded)" in texts(at)
-    [recovery] = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    # and its targets: every variant judged, the chosen target drawn (the only charts before a tab is opened)
+    recovery, target = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
     assert {t["name"] for t in recovery["data"] if t.get("showlegend", True)} == {
         "recipes/fast (reference)", "recipes/slow (degraded)", "recipes/fast (treated)"}
+    assert "| recipes/fast | 2 |" in texts(at) and at.selectbox(key="study_target").value == "CIDEr ≥ 0.000"
+    assert {t["name"] for t in target["data"] if t.get("showlegend", True)} == {"recipes/fast", "recipes/slow"}
 
     at = run_page(monkeypatch, study_runs_dir, {"study_section": "Curves by variant"})
     specs = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]

@@ -19,12 +19,16 @@ from blipcore.study import (
     PlanError,
     Recovery,
     StudyStopped,
+    Target,
     judge_recovery,
+    judge_target,
     load_plan,
     parse_plan,
     read_records,
     recovery_markdown,
     run_study,
+    selection,
+    targets_markdown,
     write_table,
 )
 from blipcore.trainer import Trainer
@@ -51,6 +55,7 @@ def tiny_plan(shapes_root: Path) -> dict:
         # the same run in two roles only to exercise the table: a real plan names three variants
         "recovery": {"metric": "cider", "reference": "recipes/fast", "degraded": "recipes/slow",
                      "treated": "recipes/fast"},
+        "target": [{"metric": "cider", "value": 0.0}, {"metric": "cider", "above": "most-frequent", "by": 0.0}],
     }
 
 
@@ -96,6 +101,17 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
             ["strategies"]["greedy"]["metrics"]["cider"] for seed in (0, 1)}
     assert recovery["cost"] == pytest.approx(recovery["reference"]["mean"] - recovery["degraded"]["mean"])
     assert "Recovery in CIDEr" in (study / "study.md").read_text()
+    # every variant judged against the plan's targets on the same numbers, its margin over a reference row too
+    targets = {(row["run"], row["target"]): row for row in table["targets"]}
+    assert set(targets) == {(f"recipes/{v}", t) for v in ("fast", "slow")
+                            for t in ("CIDEr ≥ 0.000", "CIDEr 0.000 better than most-frequent, by > 2 sd")}
+    level = targets["recipes/slow", "CIDEr ≥ 0.000"]
+    assert level["values"] == recovery["degraded"]["values"] and level["verdict"] == "met"
+    margin = targets["recipes/slow", "CIDEr 0.000 better than most-frequent, by > 2 sd"]
+    most_frequent = [RunDir(study / f"recipes-slow-seed{seed}").load_eval(1, split="test")["reference_rows"]
+                     ["most-frequent"]["metrics"]["cider"] for seed in (0, 1)]
+    assert margin["margin"] == pytest.approx(level["mean"] - statistics.fmean(most_frequent))
+    assert "| recipes/slow | 2 |" in (study / "study.md").read_text()
     from blipcore.runs import list_runs
 
     listed = [run.name for run in list_runs(tmp_path)]  # study runs are runs: the dashboard lists them
@@ -195,6 +211,15 @@ def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypa
                        "treated": "recipes/fast"}}, "not a table metric with a better direction"),
         ({"recovery": {"reference": "recipes/fast", "degraded": "recipes/slow", "treated": "recipes/fast",
                        "target": 1.5}}, r"target .* in \(0, 1\]"),
+        ({"target": {"metric": "cider", "value": 0.3}}, r"targets are \[\[target\]\] tables"),
+        ({"target": [{"metric": "cider", "value": 0.3, "colour": "red"}]}, r"\[\[target\]\] 1: unknown key"),
+        ({"target": [{"metric": "mean_length", "value": 10}]}, "not a table metric with a better direction"),
+        ({"target": [{"metric": "cider"}]}, "either a value .* or above"),
+        ({"target": [{"metric": "cider", "value": 0.3, "above": "most-frequent"}]}, "not both"),
+        ({"target": [{"metric": "cider", "value": "high"}]}, "value must be a number"),
+        ({"target": [{"metric": "cider", "value": 0.3, "by": 0.1}]}, "by is a margin over a reference row"),
+        ({"target": [{"metric": "cider", "above": "chance"}]}, "'chance' is not a reference row"),
+        ({"target": [{"metric": "cider", "above": "nearest-neighbour", "by": -0.1}]}, "by is how much better"),
     ],
 )
 def test_a_bad_plan_is_refused_with_what_is_wrong(shapes_root, change, message):
@@ -270,12 +295,47 @@ def test_recovery_of_a_lower_is_better_metric_counts_a_fall_as_the_gain():
     assert summary["verdict"] == "met"
 
 
+@pytest.mark.parametrize(
+    ("target", "values", "references", "verdict"),
+    [
+        (Target("cider", value=0.30), {0: 0.32, 1: 0.29}, None, "met"),  # the mean is judged: 0.305
+        (Target("cider", value=0.30), {0: 0.29, 1: 0.30}, None, "missed"),
+        (Target("top_caption_share", value=0.10), {0: 0.08}, None, "met"),  # lower is better: at most
+        (Target("top_caption_share", value=0.10), {0: 0.12}, None, "missed"),
+        (Target("cider", value=0.30), {}, None, "no value"),
+        # a margin over a reference row: at least `by`, and beyond two sd over seeds of the variant and of the row
+        (Target("cider", above="nearest-neighbour", by=0.05), {0: 0.20, 1: 0.22}, {0: 0.10, 1: 0.10}, "met"),
+        (Target("cider", above="nearest-neighbour", by=0.05), {0: 0.14, 1: 0.15}, {0: 0.10, 1: 0.10}, "missed"),
+        (Target("cider", above="nearest-neighbour", by=0.05), {0: 0.15, 1: 0.25}, {0: 0.10, 1: 0.10},
+         "missed: the margin is within two standard deviations"),
+        (Target("cider", above="nearest-neighbour", by=0.05), {0: 0.20}, {0: 0.10}, "not decided"),
+        (Target("top_caption_share", above="nearest-neighbour", by=0.05), {0: 0.02, 1: 0.03}, {0: 0.10, 1: 0.11},
+         "met"),
+        (Target("cider", above="nearest-neighbour", by=0.05), {0: 0.20}, {}, "no value"),
+    ],
+)
+def test_a_target_is_judged_on_the_mean_and_a_margin_only_beyond_two_sd(target, values, references, verdict):
+    summary = judge_target(target, values, references)
+    assert summary["verdict"].startswith(verdict)
+    if summary["margin"] is not None:
+        sign = 1 if metric(target.metric).better == "higher" else -1
+        assert summary["margin"] == pytest.approx(sign * (statistics.fmean(values.values())
+                                                          - statistics.fmean(references.values())))
+    table = targets_markdown([{"run": "recipes/tuned", **summary}])
+    assert f"| recipes/tuned | {len(values)} |" in table and target.describe() in table
+    assert summary["verdict"].split(":")[0] in table
+
+
 @pytest.mark.parametrize("name", ["recipes", "capfilt"])
 def test_the_shipped_plans_load(name):
     plan = load_plan(Path(__file__).parents[1] / "studies" / f"{name}.toml")
     assert plan.name == name and plan.seeds == [0, 1, 2] and plan.preset == "flickr8k-cpu"
     if name == "capfilt":
         assert (plan.recovery.reference, plan.recovery.degraded, plan.recovery.treated) == RECOVERY_ROLES_RUNS
+    else:  # the targets; the decoder-pretrained recipe brings its pretraining run along
+        assert {target.describe() for target in plan.targets} >= {
+            "BLEU-4 ≥ 0.120", "CIDEr ≥ 0.300", "CIDEr 0.050 better than nearest-neighbour, by > 2 sd"}
+        assert ("pretraining", "text-lm", 2) in selection(plan, ["recipes/decoder-pretrained"], [2])
 
 
 def test_the_decoder_pretrained_recipe_spends_the_preset_budget_with_its_pretraining():
@@ -366,17 +426,6 @@ def test_a_stage_starts_from_the_weights_of_an_earlier_stages_run_of_the_same_se
     table["stage"][2]["variants"]["pretrained"]["train.init"] = "{run:recipes/pretrained}"  # itself: not earlier
     with pytest.raises(PlanError, match="names run recipes/pretrained, which is not a variant of an earlier"):
         parse_plan(table)
-
-
-@pytest.mark.parametrize("name", ["recipes", "capfilt"])
-def test_the_shipped_plans_are_valid_and_name_their_runs(name):
-    from blipcore.paths import PROJECT_ROOT
-    from blipcore.study import selection
-
-    plan = load_plan(PROJECT_ROOT / "studies" / f"{name}.toml")
-    assert plan.seeds == [0, 1, 2] and plan.preset == "flickr8k-cpu"
-    if name == "recipes":  # the decoder-pretrained recipe brings its pretraining run along
-        assert ("pretraining", "text-lm", 2) in selection(plan, ["recipes/decoder-pretrained"], [2])
 
 
 def test_a_records_settings_are_compared_without_where_its_files_were_or_what_the_run_counted_itself():

@@ -14,7 +14,7 @@ import streamlit as st
 from blipcore.evaluation import summary_metrics
 from blipcore.metrics import metric, metrics_in
 from blipcore.runs import RunDir
-from blipcore.study import dev_choice, recovery_markdown, reported_evaluation
+from blipcore.study import dev_choice, recovery_markdown, reported_evaluation, targets_markdown
 from dashboard import common, figures
 from dashboard import study_figures as sf
 
@@ -48,6 +48,11 @@ def table_section(folder: Path, table: dict) -> None:
     if table.get("recovery"):  # the plan's [recovery] question (CapFilt: how much of the noise's cost is won back)
         st.markdown(recovery_markdown(table["recovery"]))
         st.plotly_chart(sf.recovery_figure(table["recovery"]), key="study_recovery")
+    if table.get("targets"):  # the plan's targets, every variant judged against each
+        st.markdown(targets_markdown(table["targets"]))
+        names = list(dict.fromkeys(row["target"] for row in table["targets"]))
+        shown = st.selectbox("Target to draw", names, key="study_target")
+        st.plotly_chart(sf.target_figure(table["targets"], shown), key="study_target_chart")
     if csv.is_file():
         st.download_button("Download study.csv", csv.read_bytes(), file_name=f"{folder.name}.csv", mime="text/csv",
                            key="study_csv")
