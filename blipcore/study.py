@@ -367,6 +367,8 @@ def _parse_target(raw: Any, index: int, fail: Callable[[str], PlanError]) -> Tar
         return Target(key, value=number("value"))
     if raw["above"] not in M.REFERENCE_ROWS:
         raise fail(f"{where}: above = {raw['above']!r} is not a reference row ({', '.join(M.REFERENCE_ROWS)})")
+    if key not in TABLE_METRICS:
+        raise fail(f"{where}: a reference row has no {key} (a captioning or collapse metric is judged above a row)")
     by = number("by") if "by" in raw else 0.0
     if by < 0:
         raise fail(f"{where}: by is how much better than the row, >= 0; got {by!r}")
@@ -850,8 +852,10 @@ def reported_value(result: RunResult, key: str, row: str | None = None) -> float
     """A run's reported number `key`: of its dev-chosen decoding strategy (or of reference row `row`), else of its
     retrieval or matching evaluation; None when it has none."""
     evaluation = result.evaluation
-    entry = evaluation.get("reference_rows", {}).get(row, {}) if row else evaluation.get("strategies", {}).get(
-        result.chosen, {})
+    if row is not None:  # a reference row has captioning and collapse metrics only
+        value = evaluation.get("reference_rows", {}).get(row, {}).get("metrics", {}).get(key)
+        return float(value) if M.is_number(value) else None
+    entry = evaluation.get("strategies", {}).get(result.chosen, {})
     for found in (entry.get("metrics", {}), evaluation.get("retrieval", {}), evaluation.get("matching", {})):
         if M.is_number(found.get(key)):
             return float(found[key])

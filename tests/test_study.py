@@ -220,6 +220,7 @@ def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypa
         ({"target": [{"metric": "cider", "value": 0.3, "by": 0.1}]}, "by is a margin over a reference row"),
         ({"target": [{"metric": "cider", "above": "chance"}]}, "'chance' is not a reference row"),
         ({"target": [{"metric": "cider", "above": "nearest-neighbour", "by": -0.1}]}, "by is how much better"),
+        ({"target": [{"metric": "i2t_r1", "above": "nearest-neighbour"}]}, "a reference row has no i2t_r1"),
     ],
 )
 def test_a_bad_plan_is_refused_with_what_is_wrong(shapes_root, change, message):
