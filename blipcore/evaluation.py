@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .config import BlipConfig
 from .data import CaptionCollator, CaptionDataset, build_transform
-from .runs import RunDir
+from .runs import RunDir, atomic_write_json
+from .scoring import coco_results
 from .speed import autocast_dtype, describe
 from .tokenizer import tokenize_captions
 
@@ -240,10 +241,12 @@ def embeddings_dump(
 def caption_strategies(
     model, data: EvalImages, strategies: list[str], device: torch.device, meteor: bool, progress: bool,
     known_captions: set[str] | None = None, seconds: dict[str, float] | None = None,
+    all_captions: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Captions of the evaluation images by each strategy, scored for quality and collapse, and with the
     normalised training captions `known_captions`, for memorisation. `seconds` gets each strategy's
-    decoding time ("decode_<strategy>") and scoring time ("score_<strategy>")."""
+    decoding time ("decode_<strategy>") and scoring time ("score_<strategy>"); `all_captions` every
+    caption of each strategy, in the COCO results format (the result keeps only a few samples)."""
     seconds = {} if seconds is None else seconds
     from .decoding import decoding_config, generate
 
@@ -256,6 +259,8 @@ def caption_strategies(
             for chunk in _batches(data.images, 32):
                 captions += generate(model, chunk.to(device), dcfg)
         predictions = {i: c.text for i, c in enumerate(captions)}
+        if all_captions is not None:
+            all_captions[name] = coco_results(data.records, [c.text for c in captions])
         with timed(seconds, f"score_{name}"):
             scores = M.caption_metrics(predictions, references, meteor=meteor)
         collapse = M.collapse_metrics([c.text for c in captions], [c.entropies for c in captions])
@@ -315,12 +320,14 @@ def image_features(model, images: torch.Tensor, device: torch.device, batch_size
 def nearest_neighbour_row(
     model, cfg: BlipConfig, train_set: CaptionDataset, data: EvalImages, device: torch.device, meteor: bool,
     neighbours: int = NN_NEIGHBOURS, train_images: int = NN_TRAIN_IMAGES,
+    all_captions: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The nearest-neighbour reference row (Devlin et al. 2015): for each evaluation image, the `neighbours`
     training images nearest by the model's image embedding (cosine), and the consensus caption among all
     their captions. It scores what retrieving a caption, without generating one, would: a captioner below
     it has learned less about the images than its own image encoder has. The training images are the
-    first `train_images` of the split (0 = all), decoded with the evaluation transform."""
+    first `train_images` of the split (0 = all), decoded with the evaluation transform. `all_captions`
+    gets its every caption under "nearest-neighbour", as caption_strategies does."""
     records = train_set.records[:train_images] if train_images else train_set.records
     plain = CaptionDataset(records, build_transform(cfg.model.image_size, train=False), caption_mode="random")
     loader = DataLoader(plain, batch_size=64, collate_fn=_stack_readable)
@@ -333,6 +340,8 @@ def nearest_neighbour_row(
     nearest = (image_features(model, data.images, device) @ torch.cat(feats).T).topk(min(neighbours, len(kept)))
     predictions = {i: M.consensus_caption([c for j in row for c in records[kept[j]].captions])
                    for i, row in enumerate(nearest.indices.tolist())}
+    if all_captions is not None:
+        all_captions["nearest-neighbour"] = coco_results(data.records, list(predictions.values()))
     references = {i: record.captions for i, record in enumerate(data.records)}
     scores = M.reference_row_scores(predictions, references, train_captions(train_set), meteor=meteor)
     samples = [{"image_id": r.image_id, "file_path": r.file_path, "caption": predictions[i],
@@ -349,11 +358,14 @@ def _stack_readable(items: list[dict[str, Any] | None]) -> tuple[torch.Tensor, l
 
 
 def reference_rows(
-    model, cfg: BlipConfig, train_set: CaptionDataset, data: EvalImages, device: torch.device, meteor: bool
+    model, cfg: BlipConfig, train_set: CaptionDataset, data: EvalImages, device: torch.device, meteor: bool,
+    all_captions: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every row of metrics.REFERENCE_ROWS, scored on the evaluation images like a decoding strategy."""
+    """Every row of metrics.REFERENCE_ROWS, scored on the evaluation images like a decoding strategy;
+    `all_captions` gets the model-dependent rows' captions (the most frequent caption is one sentence)."""
     return {"most-frequent": most_frequent_row(train_set, data, meteor),
-            "nearest-neighbour": nearest_neighbour_row(model, cfg, train_set, data, device, meteor)}
+            "nearest-neighbour": nearest_neighbour_row(model, cfg, train_set, data, device, meteor,
+                                                       all_captions=all_captions)}
 
 
 def evaluate_model(
@@ -366,9 +378,11 @@ def evaluate_model(
     meteor: bool = False,
     progress: bool = True,
     split: str = "val",
+    all_captions: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """Full evaluation on `datasets[split]` (its first data.eval_images images). Returns (the
-    eval/epoch_NNN.json content, the embeddings dump or None)."""
+    eval/epoch_NNN.json content, the embeddings dump or None); `all_captions` gets every caption of each
+    strategy and of the nearest-neighbour row (scoring.coco_results)."""
     strategies = list(cfg.train.eval_strategies if strategies is None else strategies)
     if strategies:
         from .decoding import check_strategy_names
@@ -401,10 +415,12 @@ def evaluate_model(
         n = caption_images if caption_images is not None else cfg.train.eval_caption_images
         subset = EvalImages(data.images[:n], data.records[:n])
         known = train_captions(datasets["train"]) if "train" in datasets else None
-        result["strategies"] = caption_strategies(model, subset, strategies, device, meteor, progress, known, seconds)
+        result["strategies"] = caption_strategies(model, subset, strategies, device, meteor, progress, known, seconds,
+                                                  all_captions)
         if "train" in datasets:
             with timed(seconds, "reference_rows"):
-                result["reference_rows"] = reference_rows(model, cfg, datasets["train"], subset, device, meteor)
+                result["reference_rows"] = reference_rows(model, cfg, datasets["train"], subset, device, meteor,
+                                                          all_captions)
     result["seconds"] = seconds
     return result, dump
 
@@ -441,9 +457,11 @@ class CheckpointEvaluator:
         self.datasets: dict[str, CaptionDataset] | None = None
 
     def evaluate(self, epoch: int, strategies: list[str], images: int | None = None, meteor: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, captions_dir: Path | None = None) -> dict[str, Any]:
         """The evaluation of `epoch` on the split: the test split whole, val on its fixed evaluation set
-        (`images` can widen it). Written to the run, embeddings too on val; returns the result."""
+        (`images` can widen it). Written to the run, embeddings too on val; returns the result. With
+        `captions_dir`, every caption of each strategy and of the nearest-neighbour row goes there as a COCO
+        results file, epoch_NNN.<split>.<name>.json (`python -m train score` scores them elsewhere)."""
         from .data import build_datasets
 
         model, cfg, ckpt = self.run.load_model(epoch, device=self.device)
@@ -457,9 +475,12 @@ class CheckpointEvaluator:
         images = images or (len(self.datasets["test"].records) if self.split == "test" else None)
         if images:
             cfg.data.eval_images = max(cfg.data.eval_images, images)
+        all_captions: dict[str, list[dict[str, Any]]] | None = {} if captions_dir is not None else None
         result, dump = evaluate_model(model, cfg, self.datasets, self.device, strategies, caption_images=images,
-                                      meteor=meteor, progress=progress, split=self.split)
+                                      meteor=meteor, progress=progress, split=self.split, all_captions=all_captions)
         result.update(step=ckpt.step, label=f"epoch_{epoch:03d}")
+        for name, entries in (all_captions or {}).items():
+            atomic_write_json(Path(captions_dir) / f"epoch_{epoch:03d}.{self.name}.{name}.json", entries)
         self.run.save_eval(epoch, result, split=self.name)
         if dump is not None and self.split == "val":  # the dashboard's embeddings are of the val set
             self.run.save_embeddings(epoch, dump)

@@ -428,14 +428,17 @@ def consensus_caption(candidates: Sequence[str]) -> str:
 
 
 def reference_row_scores(
-    predictions: dict[int, str], references: dict[int, list[str]], train_captions: set[str], *, meteor: bool
+    predictions: dict[int, str], references: dict[int, list[str]], train_captions: set[str] | None, *, meteor: bool
 ) -> dict[str, Any]:
-    """A reference row scored like a decoding strategy: {"metrics": captioning, collapse and memorisation
-    metrics, "notes": what was skipped}."""
+    """Captions scored like a decoding strategy (a reference row, or captions written elsewhere):
+    {"metrics": captioning, collapse and, given the normalised `train_captions`, memorisation metrics,
+    "notes": what was skipped}."""
     metrics = caption_metrics(predictions, references, meteor=meteor)
     notes = metrics.pop("notes")
     captions = list(predictions.values())
-    metrics.update(collapse_metrics(captions), memorised_share=memorised_share(captions, train_captions))
+    metrics.update(collapse_metrics(captions))
+    if train_captions is not None:
+        metrics["memorised_share"] = memorised_share(captions, train_captions)
     return {"metrics": metrics, "notes": notes}
 
 

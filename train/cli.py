@@ -2,6 +2,8 @@
 
     python -m train fit --preset demo --run-dir runs/demo
     python -m train eval --run-dir runs/demo --epoch all --strategies greedy,beam,nucleus
+    python -m train eval --run-dir runs/gpu --split test --strategies greedy,beam --captions-out captions
+    python -m train score captions/*.json --annotations data/flickr8k/annotations/captions_official_test.json
     python -m train caption --run-dir runs/demo --strategy beam photo.jpg
     python -m train caption --run-dir runs/demo photos/ --out captions.csv
     python -m train info runs/demo
@@ -171,7 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "(evaluate on another dataset)")
     evaluator = CheckpointEvaluator(run, args.split, args.device, other_data=other)
     for epoch in _epochs_to_evaluate(run, args.epoch):
-        result = evaluator.evaluate(epoch, strategies, args.images, meteor=not args.no_meteor)
+        result = evaluator.evaluate(epoch, strategies, args.images, meteor=not args.no_meteor,
+                                    captions_dir=args.captions_out)
         rows = {name: {**entry["metrics"], "notes": entry["notes"]}
                 for name, entry in result.get("strategies", {}).items()}
         for name, reference in result.get("reference_rows", {}).items():  # what learning nothing / retrieval score
@@ -186,6 +189,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print("matching   " + "  ".join(f"{k}={v:.3f}" for k, v in matching.items()))
         print("summary    " + json.dumps({k: round(v, 4) for k, v in summary_metrics(result).items()}))
         print("seconds    " + "  ".join(f"{k}={v:.1f}" for k, v in result["seconds"].items()))
+        if args.captions_out:
+            print(f"captions   -> {args.captions_out}/epoch_{epoch:03d}.{args.split}.<strategy>.json")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from blipcore import metrics
+    from blipcore.runs import atomic_write_json
+    from blipcore.scoring import score_results
+
+    scored = score_results(args.results, args.annotations, args.train_annotations, meteor=not args.no_meteor)
+    print(metrics.format_metrics_table({name: {**row["metrics"], "notes": row["notes"]}
+                                        for name, row in scored.items()}))
+    if args.out:
+        atomic_write_json(args.out, {"annotations": str(args.annotations), "results": scored})
+        print(f"-> {args.out}")
     return 0
 
 
@@ -574,7 +593,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="number of images to caption (default: the run's setting on val, all of test)")
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~10 s to start)")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--captions-out", type=Path, metavar="DIR",
+                    help="also write every caption of each strategy and of the nearest-neighbour row to DIR, one "
+                         "COCO results file each (epoch_NNN.<split>.<name>.json), to score them on another "
+                         "machine with `python -m train score` (e.g. from a GPU machine without Java)")
     ev.set_defaults(func=cmd_eval)
+
+    score = sub.add_parser(
+        "score", help="score COCO results files (captions written elsewhere) against a caption file",
+        description="Score captions written elsewhere (`python -m train eval --captions-out`, or any captioner's "
+                    "COCO results file: a JSON list of {\"image_id\", \"caption\"}) against every reference "
+                    "caption of a COCO caption file: BLEU-1..4, METEOR, ROUGE-L and CIDEr on PTB-tokenised text "
+                    "(Java), the collapse metrics and, with --train-annotations, memorisation. Every image of "
+                    "the annotations must have exactly one caption.",
+    )
+    score.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json")
+    score.add_argument("--annotations", required=True, type=Path, metavar="FILE",
+                       help="the references: a COCO caption file, e.g. "
+                            "../shared/data/flickr8k/annotations/captions_official_test.json")
+    score.add_argument("--train-annotations", type=Path, metavar="FILE",
+                       help="the training captions, for the share of captions found verbatim among them")
+    score.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~10 s to start)")
+    score.add_argument("--out", type=Path, metavar="FILE", help="also write the scores as JSON")
+    score.set_defaults(func=cmd_score)
 
     cap = sub.add_parser(
         "caption", help="caption image files and folders with a checkpoint",
