@@ -33,7 +33,23 @@ DATA_KINDS = ("shapes", "coco", "webdataset")
 DATA_SOURCES = ("", "coco2017", "flickr8k", "test-fixture")
 CAPTION_MODES = ("random", "all")  # one random caption per image per epoch, or every caption a sample
 DEVICES = ("auto", "cpu", "cuda")
+PATCH_EMBEDS = ("linear", "conv-stem")  # model.patch_embed: ViT's patchify Conv2d, or Xiao et al.'s convolutional stem
+ITC_LOSSES = ("softmax", "sigmoid")  # model.itc_loss: CLIP's symmetric cross-entropy, or SigLIP's pairwise sigmoid
+# data.augment: named sets of training-image augmentations, each a tuple of the steps it applies in order.
+# "crop": random resized crop (50-100 % of the area); "jitter": mild colour jitter (brightness, contrast, saturation,
+# no hue: captions name colours); "flip": horizontal flip with "left" and "right" swapped in the caption.
+AUGMENT_SETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "crop": ("crop",),
+    "crop-jitter": ("crop", "jitter"),
+    "crop-flip": ("crop", "flip"),
+    "crop-jitter-flip": ("crop", "jitter", "flip"),
+}
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def _check_at_least(section: str, config: Any, minimum: float, names: str) -> None:
@@ -61,6 +77,11 @@ class ModelConfig:
     vision_width: int = 512
     vision_depth: int = 6
     vision_heads: int = 8
+    # Small-data remedies for the ViT, each off by default (docs: the small-data study)
+    patch_embed: str = "linear"  # one of PATCH_EMBEDS; "conv-stem": 3x3 stride-2 convolutions down to the patch grid
+    drop_path: float = 0.0  # stochastic depth of the vision blocks, rising linearly from 0 to this at the last block
+    shifted_patches: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): patches see their diagonal neighbours
+    locality_attention: bool = False  # Locality Self-Attention: no token attends to itself; learned temperature
     # Text encoder (bidirectional; cross-attends to the image only for ITM) and decoder (causal + cross)
     # "full": bert-base-uncased's word pieces; "captions": only those of the training captions (blipcore.vocabulary),
     # then vocab_size is their number, which the trainer counts when a run starts
@@ -79,6 +100,7 @@ class ModelConfig:
     temperature_init: float = 0.07
     temperature_min: float = 0.001
     temperature_max: float = 0.5
+    itc_loss: str = "softmax"  # one of ITC_LOSSES; "sigmoid" (SigLIP) adds a learned logit bias
     # Loss weights: L = itc_weight*ITC + lm_weight*LM + itm_weight*ITM; a weight of 0 switches the term
     # off and its modules (ITM head, text-encoder cross-attention) are not built.
     itc_weight: float = 1.0
@@ -100,8 +122,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_at_least("model", self, 1, "image_size patch_size vision_width vision_depth vision_heads text_width "
                         "text_encoder_depth text_decoder_depth text_heads max_text_len embed_dim queue_size")
-        _check_at_least("model", self, 0, "itc_weight lm_weight itm_weight label_smoothing dropout")
+        _check_at_least("model", self, 0, "itc_weight lm_weight itm_weight label_smoothing dropout drop_path")
         _check([
+            (self.patch_embed in PATCH_EMBEDS,
+             f"model.patch_embed must be one of {', '.join(PATCH_EMBEDS)}, got {self.patch_embed!r}"),
+            (self.patch_embed != "conv-stem" or _is_power_of_two(self.patch_size) and self.patch_size >= 2,
+             f"model.patch_embed = 'conv-stem' halves the image with each convolution down to the patch grid: "
+             f"model.patch_size must be a power of 2 (>= 2), got {self.patch_size}"),
+            (not (self.shifted_patches and self.patch_embed == "conv-stem"),
+             "model.shifted_patches is a patch embedding of its own: it cannot be combined with "
+             "model.patch_embed = 'conv-stem' (use one of them)"),
+            (self.drop_path < 1, f"model.drop_path must be < 1, got {self.drop_path}"),
+            (self.itc_loss in ITC_LOSSES,
+             f"model.itc_loss must be one of {', '.join(ITC_LOSSES)}, got {self.itc_loss!r}"),
+            (not (self.itc_loss == "sigmoid" and self.momentum_encoder),
+             "model.itc_loss = 'sigmoid' cannot be combined with model.momentum_encoder: the momentum model's "
+             "soft targets and queue are a softmax over negatives (use itc_loss = 'softmax')"),
             (self.vocabulary in VOCABULARIES,
              f"model.vocabulary must be one of {', '.join(VOCABULARIES)}, got {self.vocabulary!r}"),
             (self.vocabulary != "full" or self.vocab_size >= VOCAB_SIZE,
@@ -166,6 +202,9 @@ class DataConfig:
     shapes_n_heldout: int = 300
     shapes_image_size: int = 64
     shapes_seed: int = 0
+    # Training-image augmentation: a name of AUGMENT_SETS. Generated scenes never get the crop (it would move or cut
+    # the objects their captions place); evaluation images are never augmented.
+    augment: str = "crop"
     # Fixed evaluation set for embeddings dumps and per-epoch evaluation (first N val images)
     eval_images: int = 200
 
@@ -178,6 +217,8 @@ class DataConfig:
              f"data.source must be one of {', '.join(map(repr, DATA_SOURCES))}, got {self.source!r}"),
             (self.caption_mode in CAPTION_MODES,
              f"data.caption_mode must be one of {', '.join(CAPTION_MODES)}, got {self.caption_mode!r}"),
+            (self.augment in AUGMENT_SETS,
+             f"data.augment must be one of {', '.join(AUGMENT_SETS)}, got {self.augment!r}"),
             (self.shapes_image_size >= 16,
              f"data.shapes_image_size must be >= 16 pixels, got {self.shapes_image_size}"),
         ])

@@ -75,6 +75,30 @@ def contrastive_loss(
     return loss, image_feat @ text_feat.t()
 
 
+def sigmoid_contrastive_loss(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    temperature: Tensor | float,
+    bias: Tensor | float,
+    image_ids: Tensor,
+    distributed: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) as the ITC term: every (image, text) pair of the batch is
+    a binary question, "same image?", scored by sim / temperature + bias; no softmax over the batch.
+
+    image_feat, text_feat: (B, D), L2-normalised; image_ids: (B,) (two captions of one image are both positives).
+    The loss is the sum over pairs of -log sigmoid(+-logit), divided by the batch size, as the paper writes it.
+    Distributed, each rank scores its own images against every rank's texts: the ranks' pairs together are the
+    global batch's, each once. Returns the loss and the local image-to-text similarity (B, B) before temperature.
+    """
+    all_text = gather_with_grad(text_feat, distributed)
+    all_ids = gather_no_grad(image_ids, distributed)
+    logits = image_feat @ all_text.t() / temperature + bias  # (B, world*B)
+    signs = 2.0 * (image_ids[:, None] == all_ids[None, :]).to(logits.dtype) - 1.0
+    loss = -F.logsigmoid(signs * logits).sum() / image_feat.shape[0]
+    return loss, image_feat @ text_feat.t()
+
+
 def momentum_contrastive_loss(
     image_feat: Tensor,
     text_feat: Tensor,

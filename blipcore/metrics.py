@@ -87,6 +87,9 @@ _DECLARED: tuple[Metric, ...] = (
            "optimisation"),
     Metric("samples_per_s", "throughput (samples/s)", "higher", ".1f", "training samples per second, all processes",
            "optimisation"),
+    Metric("data_wait_share", "data wait (share of step time)", "lower", ".1%",
+           "share of the window's time the training loop waited for the next batch (a starved step waits long)",
+           "optimisation"),
     # retrieval from ITC embeddings (percent); itm_<key> after ITM re-ranking of ITC's top candidates
     *(Metric(f"{d}_r{k}", f"{arrow} R@{k}", "higher", ".1f",
              f"{arrow} retrieval: % of queries with a correct match in the top {k}", "retrieval", summary=True,

@@ -28,6 +28,8 @@ from .tokenizer import load_tokenizer, special_ids
 from .vision import VisionTransformer
 from .vocabulary import CompactEmbedding
 
+SIGLIP_BIAS_INIT = -10.0
+
 
 @dataclass
 class DecoderBatch:
@@ -69,6 +71,8 @@ class BLIP(nn.Module):
             init_weights(self.vision_proj)
             init_weights(self.text_proj)
             self.temp = nn.Parameter(torch.tensor(m.temperature_init))
+            if m.itc_loss == "sigmoid":  # SigLIP's learned logit bias, initialised as the paper does (-10)
+                self.itc_bias = nn.Parameter(torch.tensor(SIGLIP_BIAS_INIT))
         if self.use_itm:
             self.itm_head = nn.Linear(m.text_width, 2)
             init_weights(self.itm_head)
@@ -202,6 +206,9 @@ class BLIP(nn.Module):
             if cfg.momentum_encoder and self.training:
                 out["itc"] = self._momentum_itc(images, input_ids, attention_mask, image_feat, text_feat, image_ids)
                 sim_i2t = image_feat.detach() @ text_feat.detach().t()
+            elif cfg.itc_loss == "sigmoid":
+                out["itc"], sim_i2t = losses.sigmoid_contrastive_loss(image_feat, text_feat, self.temp, self.itc_bias,
+                                                                      image_ids, distributed)
             else:  # evaluation scores in-batch negatives and leaves the momentum encoder and queue untouched
                 out["itc"], sim_i2t = losses.contrastive_loss(image_feat, text_feat, self.temp, image_ids, distributed)
 

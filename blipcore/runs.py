@@ -592,6 +592,20 @@ class RunDir:
     def load_eval(self, epoch: int, split: str = "val") -> dict[str, Any]:
         return read_json(self.eval_path(epoch, split), f"{split} evaluation of epoch {epoch}")
 
+    def validation_evaluations(self) -> list[dict[str, Any]]:
+        """Every evaluation training made on the validation split, epoch ends (eval/epoch_NNN.json) and those inside
+        an epoch (eval/step_NNNNNNNN.json), in the order of their steps. A file that cannot be read (a run being
+        written by an older writer, say) is left out."""
+        paths = [self.eval_path(epoch) for epoch in self.eval_epochs()]
+        paths += [p for p in self.eval_dir.glob("step_*.json") if re.fullmatch(r"step_\d+\.json", p.name)]
+        found = []
+        for path in paths:
+            try:
+                found.append(read_json(path, "validation evaluation"))
+            except RunError:
+                continue
+        return sorted(found, key=lambda result: (result.get("step") if isinstance(result.get("step"), int) else -1))
+
     def eval_epochs(self) -> list[int]:
         return _numbered_epochs(self.eval_dir, ".json")
 

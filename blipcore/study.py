@@ -616,21 +616,28 @@ class RunResult:
     samples_per_s: float | None  # the median of its training lines
     machine: dict[str, Any]  # device (CPU model, fp32 matmul GFLOP/s), revisions (start, resumes), when it ended
     config: dict[str, Any]
+    # What happened on the way there (see `run_history`): every validation evaluation's numbers and the training
+    # log, thinned. Empty for records written before records kept it.
+    history: dict[str, Any] = field(default_factory=dict)
     source: str = "run"  # "run" (its folder) or "record" (its results file)
     differs: list[str] = field(default_factory=list)  # config fields its folder's run has that the plan no longer gives
 
     RECORD_FIELDS = ("epoch", "split", "chosen", "evaluation", "train_seconds", "samples_per_s", "machine", "config")
 
     def record(self, stage: str, variant: str, seed: int) -> dict[str, Any]:
-        return {"stage": stage, "variant": variant, "seed": seed,
-                **{key: getattr(self, key) for key in self.RECORD_FIELDS}}
+        record = {"stage": stage, "variant": variant, "seed": seed,
+                  **{key: getattr(self, key) for key in self.RECORD_FIELDS}}
+        return {**record, "history": self.history} if self.history else record
 
     @classmethod
     def from_record(cls, record: dict[str, Any], path: Path) -> RunResult:
         missing = [key for key in cls.RECORD_FIELDS if key not in record]
         if missing:
             raise RunError(f"{path}: not a study result record (no {', '.join(missing)})")
-        return cls(**{key: record[key] for key in cls.RECORD_FIELDS}, source="record")
+        history = record.get("history", {})
+        if not isinstance(history, dict):
+            raise RunError(f"{path}: its history should be an object, found {type(history).__name__}")
+        return cls(**{key: record[key] for key in cls.RECORD_FIELDS}, history=history, source="record")
 
 
 def numbers_only(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -643,6 +650,26 @@ def numbers_only(evaluation: dict[str, Any]) -> dict[str, Any]:
     return {"num_images": evaluation.get("num_images"), "losses": evaluation.get("losses", {}),
             "retrieval": evaluation.get("retrieval", {}), "matching": evaluation.get("matching", {}),
             "strategies": metrics_of("strategies"), "reference_rows": metrics_of("reference_rows")}
+
+
+# The training log a record keeps: at most this many lines (every k-th, and the last), of these numbers.
+HISTORY_TRAIN_LINES = 200
+HISTORY_TRAIN_KEYS = ("step", "epoch", "loss", "itc", "lm", "itm", "lr", "temperature", "grad_norm", "samples_per_s",
+                      "data_wait_share")
+
+
+def run_history(run: RunDir) -> dict[str, Any]:
+    """What a record keeps of how a run got to its result: `evaluations`, every validation evaluation training made
+    (step, label, and the numbers `numbers_only` keeps: losses, each strategy's and reference row's metrics,
+    retrieval, matching), in step order; `train`, the training log's numbers, thinned to HISTORY_TRAIN_LINES lines.
+    Training curves, collapse over steps and a run's diagnosis can be drawn again from it on any machine."""
+    evaluations = [{"step": result.get("step"), "label": result.get("label"), **numbers_only(result)}
+                   for result in run.validation_evaluations()]
+    lines = [{key: line[key] for key in HISTORY_TRAIN_KEYS if M.is_number(line.get(key))}
+             for line in run.read_metrics() if line.get("split") == "train"]
+    stride = max(1, math.ceil(len(lines) / HISTORY_TRAIN_LINES))
+    kept = lines[::stride] + ([lines[-1]] if lines and (len(lines) - 1) % stride else [])
+    return {"evaluations": evaluations, "train": kept}
 
 
 def completed_result(run: RunDir) -> RunResult | None:
@@ -658,7 +685,8 @@ def completed_result(run: RunDir) -> RunResult | None:
                "resumed_revisions": [resumed.get("git_revision") for resumed in info.get("resumes", [])],
                "finished_at": info.get("finished_at")}
     return RunResult(epoch, split, chosen, numbers_only(evaluation), info.get("train_seconds"),
-                     statistics.median(speeds) if speeds else None, machine, info.get("config", {}))
+                     statistics.median(speeds) if speeds else None, machine, info.get("config", {}),
+                     history=run_history(run))
 
 
 def record_path(results: Path, stage: str, variant: str, seed: int) -> Path:
@@ -667,12 +695,15 @@ def record_path(results: Path, stage: str, variant: str, seed: int) -> Path:
 
 def config_differences(recorded: dict[str, Any], planned: dict[str, Any]) -> list[str]:
     """The "section.field" names whose values differ between a run's config and the one its plan gives, apart
-    from LOCATION_FIELDS and what a run fills in when it starts (the size of a "captions" vocabulary)."""
+    from LOCATION_FIELDS and what a run fills in when it starts (the size of a "captions" vocabulary). A field
+    one side lacks counts at its default: a run recorded before an option existed trained as the option's
+    default does (every new option is off by default)."""
     def flat(cfg: dict[str, Any]) -> dict[str, Any]:
         return {f"{section}.{key}": value for section, fields in cfg.items() if isinstance(fields, dict)
                 for key, value in fields.items()}
 
-    a, b = flat(recorded), flat(planned)
+    defaults = flat(BlipConfig().to_dict())
+    a, b = {**defaults, **flat(recorded)}, {**defaults, **flat(planned)}
     counted = {"model.vocab_size"} if a.get("model.vocabulary") == b.get("model.vocabulary") == "captions" else set()
     return sorted(key for key in set(a) | set(b)
                   if key not in LOCATION_FIELDS and key not in counted and a.get(key) != b.get(key))

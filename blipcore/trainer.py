@@ -213,6 +213,21 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def _timed_batches(loader: DataLoader, window: dict[str, Any]) -> Iterator[Any]:
+    """The loader's batches, adding to window["wait"] the seconds the loop waited for each (starting the
+    workers included): logged as data_wait_share, the share of the time a step waited for its data."""
+    started = time.perf_counter()
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        window["wait"] += time.perf_counter() - started
+        yield batch
+        started = time.perf_counter()
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: SIGINT / SIGTERM sent to the whole process group (Ctrl-C, `timeout`,
     `docker stop`, Slurm) are the main process's to handle. A worker killed by them would fail the run
@@ -430,7 +445,7 @@ class Trainer:
             total=self.total_steps, initial=self.step, desc=f"train {self.run.name}", unit="step",
             disable=not (self.progress and self.dist.is_main), dynamic_ncols=True,
         )
-        window = {"samples": 0, "time": time.time(), "sums": {}, "count": 0}
+        window = {"samples": 0, "time": time.time(), "sums": {}, "count": 0, "wait": 0.0}
         while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stop_requested:
             if self.sampler is None:
                 self.train_set.start_batch = self.batch_in_epoch  # it yields the rest of this epoch's batches
@@ -445,7 +460,7 @@ class Trainer:
                 generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=ignore_stop_signals,
             )
             micro: list[dict] = []
-            for batch in loader:
+            for batch in _timed_batches(loader, window):
                 self.batch_in_epoch += 1
                 if batch is not None:
                     micro.append(batch)
@@ -510,11 +525,12 @@ class Trainer:
             "split": "train", **means, "lr": self.optimizer.param_groups[0]["lr"],
             "temperature": float(self.model.temperature) if self.model.use_itc else None,
             "grad_norm": window["grad"] / window["count"], "samples_per_s": window["samples"] / elapsed,
+            "data_wait_share": min(1.0, window["wait"] / elapsed),
         }
         bar.set_postfix(loss=f"{means['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
         if self.dist.is_main:
             self.run.append_metrics(record)
-        window.update(samples=0, time=time.time(), sums={}, count=0, grad=0.0)
+        window.update(samples=0, time=time.time(), sums={}, count=0, grad=0.0, wait=0.0)
 
     # --- epoch ends, evaluation and state ------------------------------------------------------
     def _end_of_epoch(self) -> None:

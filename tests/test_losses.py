@@ -170,3 +170,39 @@ def test_momentum_itc_reduces_to_plain_targets_with_alpha_zero():
     loss = losses.momentum_contrastive_loss(image, text, image.t(), text.t(), ids, ids, 0.1, alpha=0.0)
     plain, _ = losses.contrastive_loss(image, text, 0.1, ids)
     torch.testing.assert_close(loss, plain)
+
+
+def _siglip_reference(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float) -> torch.Tensor:
+    """The SigLIP paper's pseudo-code (Zhai et al. 2023, Algorithm 1) for a batch of distinct images."""
+    n = image.shape[0]
+    logits = image @ text.t() * scale + bias
+    labels = 2 * torch.eye(n) - torch.ones(n, n)
+    return -torch.nn.functional.logsigmoid(labels * logits).sum() / n
+
+
+def test_sigmoid_itc_is_the_siglip_papers_loss():
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    loss, sim = losses.sigmoid_contrastive_loss(image, text, 0.1, -10.0, torch.arange(6))
+    torch.testing.assert_close(loss, _siglip_reference(image, text, 10.0, -10.0))
+    torch.testing.assert_close(sim, image @ text.t())
+
+
+def test_sigmoid_itc_counts_two_captions_of_one_image_as_positives_and_trains_its_bias():
+    image = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    loss, _ = losses.sigmoid_contrastive_loss(image, text, 0.5, bias, torch.tensor([7, 7, 3]))
+    logits = image @ text.t() / 0.5 + bias.detach()
+    signs = torch.tensor([[1.0, 1.0, -1.0], [1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    torch.testing.assert_close(loss.detach(), -torch.nn.functional.logsigmoid(signs * logits).sum() / 3)
+    loss.backward()
+    assert bias.grad < 0  # 5 positives of 9 pairs at a bias of -10: raising the bias lowers the loss
+
+
+def test_sigmoid_itc_perfect_alignment_has_lower_loss_than_shuffled():
+    feats = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    aligned, _ = losses.sigmoid_contrastive_loss(feats, feats, 0.05, -5.0, torch.arange(8))
+    shuffled, _ = losses.sigmoid_contrastive_loss(feats, feats.roll(1, 0), 0.05, -5.0, torch.arange(8))
+    assert aligned.item() < shuffled.item()

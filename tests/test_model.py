@@ -295,3 +295,31 @@ def test_readme_snippet_seed_model():
     out = model(torch.randn(2, 3, 224, 224), enc.input_ids, enc.attention_mask)
     assert 50_000_000 < model.num_parameters() < 100_000_000
     assert set(out) == {"loss", "itc", "lm"} and all(torch.isfinite(v) for v in out.values())
+
+
+def test_a_sigmoid_itc_model_learns_its_bias_and_trains():
+    cfg = tiny_config(itc_loss="sigmoid", itm_weight=0.5)
+    model = BLIP(cfg)
+    assert model.itc_bias.item() == -10.0 and "itc_bias" in model.state_dict()
+    images, ids, mask = _batch(cfg, ["a", "b c", "d e f", "g"])
+    out = model(images, ids, mask, image_ids=torch.tensor([0, 0, 1, 2]))
+    assert set(out) == {"loss", "itc", "lm", "itm"} and all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert model.itc_bias.grad is not None and model.temp.grad is not None
+    assert not hasattr(BLIP(tiny_config()), "itc_bias")  # the softmax loss has no bias
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"model.itc_loss": "sigmoid", "model.momentum_encoder": True}, r"cannot be combined with model\.momentum_encoder"),
+    ({"model.itc_loss": "hinge"}, r"model\.itc_loss must be one of softmax, sigmoid"),
+    ({"model.patch_embed": "conv-stem", "model.patch_size": 12, "model.image_size": 96},
+     r"model\.patch_size must be a power of 2"),
+    ({"model.patch_embed": "conv-stem", "model.shifted_patches": True}, r"cannot be combined with model\.patch_embed"),
+    ({"model.patch_embed": "resnet"}, r"model\.patch_embed must be one of linear, conv-stem"),
+    ({"model.drop_path": 1.0}, r"model\.drop_path must be < 1"),
+    ({"model.drop_path": -0.1}, r"model\.drop_path must be >= 0"),
+    ({"data.augment": "mixup"}, r"data\.augment must be one of none, crop, crop-jitter"),
+])
+def test_small_data_options_that_cannot_work_are_refused_at_config_time(override, message):
+    with pytest.raises(ValueError, match=message):
+        BlipConfig.preset("demo").override(override)

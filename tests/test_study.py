@@ -32,7 +32,7 @@ from blipcore.study import (
     write_table,
 )
 from blipcore.trainer import Trainer
-from tests.conftest import SHAPES_PARAMS, small_cfg
+from tests.conftest import REPO_ROOT, SHAPES_PARAMS, small_cfg
 from train.cli import main
 
 
@@ -132,6 +132,19 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
     assert run_recorded(plan, study, results=results)[1] == []
     assert sorted(path.name for path in results.iterdir()) == sorted(f"{name}.json" for name in trained_names(plan))
     assert set(read_records(plan, study, results)) == {("recipes", v, s) for v in ("fast", "slow") for s in (0, 1)}
+    # a record keeps the run's history: every validation evaluation in step order, and the training log
+    record = json.loads((results / "recipes-fast-seed0.json").read_text())
+    run = RunDir(study / "recipes-fast-seed0")
+    evaluations = record["history"]["evaluations"]
+    assert [e["step"] for e in evaluations] == [4] and evaluations[0]["label"] == "epoch_001"
+    assert evaluations[0]["losses"] == run.load_eval(1)["losses"]
+    assert evaluations[0]["strategies"]["greedy"]["metrics"]["cider"] == \
+        run.load_eval(1)["strategies"]["greedy"]["metrics"]["cider"]
+    assert "itc_match_auc" in evaluations[0]["matching"] and "i2t_r1" in evaluations[0]["retrieval"]
+    train_lines = [line for line in run.read_metrics() if line["split"] == "train"]
+    assert [line["step"] for line in record["history"]["train"]] == [line["step"] for line in train_lines]
+    assert all(0 <= line["data_wait_share"] <= 1 for line in record["history"]["train"])
+    assert read_records(plan, study, results)["recipes", "fast", 0].history == record["history"]
     changed = tiny_plan(shapes_root)
     changed["set"]["train.warmup_steps"] = 3
     log.clear()
@@ -438,6 +451,44 @@ def test_a_records_settings_are_compared_without_where_its_files_were_or_what_th
     full = {**run, "model": {**run["model"], "vocabulary": "full", "vocab_size": 30600}}
     assert config_differences(full, planned) == ["model.vocab_size", "model.vocabulary"]
     assert config_differences({**run, "train": {**run["train"], "lr": 1.0}}, planned) == ["train.lr"]
+
+
+def test_a_field_a_record_predates_counts_at_its_default():
+    from blipcore.study import config_differences
+
+    planned = BlipConfig.preset("flickr8k-cpu").to_dict()
+    older = json.loads(json.dumps(planned))
+    del older["model"]["patch_embed"], older["data"]["augment"]  # recorded before these options existed
+    assert config_differences(older, planned) == []
+    assert config_differences(older, BlipConfig.from_dict(planned).override(
+        {"model.patch_embed": "conv-stem"}).to_dict()) == ["model.patch_embed"]
+
+
+def test_a_history_is_thinned_to_its_line_budget_keeping_the_last_line(tmp_path):
+    from blipcore.study import HISTORY_TRAIN_LINES, run_history
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    for step in range(1, 2 * HISTORY_TRAIN_LINES + 6):
+        run.append_metrics({"step": step, "split": "train", "loss": 1.0 / step, "note": "not a number"})
+    run.save_step_eval(7, {"losses": {"val_loss": 2.0}, "strategies": {"greedy": {"metrics": {"cider": 0.1}}}})
+    history = run_history(run)
+    steps = [line["step"] for line in history["train"]]
+    assert len(steps) <= HISTORY_TRAIN_LINES + 1 and steps[0] == 1 and steps[-1] == 2 * HISTORY_TRAIN_LINES + 5
+    assert set(history["train"][0]) == {"step", "loss"}
+    assert history["evaluations"] == [{"step": 7, "label": None, "num_images": None, "losses": {"val_loss": 2.0},
+                                       "retrieval": {}, "matching": {}, "reference_rows": {},
+                                       "strategies": {"greedy": {"metrics": {"cider": 0.1}}}}]
+
+
+@pytest.mark.parametrize("name", ["recipes", "capfilt"])
+def test_every_committed_record_still_counts_under_its_plan(name):
+    plan = load_plan(REPO_ROOT / "studies" / f"{name}.toml")
+    results = REPO_ROOT / "studies" / "results" / name
+    log = []
+    counted = read_records(plan, Path("/nonexistent-study"), results, log.append)
+    committed = [p for p in results.glob("*-seed*.json")]
+    assert log == [] and len(counted) == len(committed) > 0
 
 
 def test_the_runs_table_names_every_revision_of_the_code_that_trained_a_run():

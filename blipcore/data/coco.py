@@ -25,7 +25,7 @@ from blipcore.config import CAPTION_MODES, BlipConfig
 from blipcore.data.fetch import fetch_hint
 from blipcore.data.images import ImageLoadError, load_image
 from blipcore.data.shapes import generate_shapes, shapes_ready
-from blipcore.data.transforms import build_transform
+from blipcore.data.transforms import build_transform, draws_flip, flips, swap_left_right
 from blipcore.tokenizer import tokenize_captions
 
 if TYPE_CHECKING:
@@ -150,7 +150,10 @@ class CaptionDataset(Dataset):
     """Images with captions. "random": one item per image, caption chosen from (seed, epoch, index);
     "all": one item per (image, caption) pair.
 
-    Every random draw of an item (its caption, its augmentation) is a function of (seed, epoch, item)
+    `flip`: flip each item's image horizontally with probability 0.5 (data.augment's "flip" step), its
+    caption's left and right swapped with it (`swap_left_right`), before the collator tokenizes it.
+
+    Every random draw of an item (its caption, its augmentation, its flip) is a function of (seed, epoch, item)
     alone, never of a process's random stream: the same item is the same tensor in the main process or
     in any DataLoader worker, so a run resumed in the middle of an epoch sees exactly the data it would
     have seen uninterrupted, whatever `num_workers` is.
@@ -165,6 +168,7 @@ class CaptionDataset(Dataset):
         transform: Any,
         caption_mode: str = "random",
         seed: int = 0,
+        flip: bool = False,
     ) -> None:
         if caption_mode not in CAPTION_MODES:
             raise ValueError(f"caption_mode {caption_mode!r}: expected one of {', '.join(CAPTION_MODES)}")
@@ -172,6 +176,7 @@ class CaptionDataset(Dataset):
         self.transform = transform
         self.caption_mode = caption_mode
         self.seed = seed
+        self.flip = flip
         self.epoch = 0
         self.skipped: dict[str, str] = {}
         # "all": item i is caption i - starts[r] of the record r with starts[r] <= i < starts[r + 1]
@@ -210,9 +215,12 @@ class CaptionDataset(Dataset):
                 self.skipped[record.file_path] = str(exc)
                 warnings.warn(f"skipping image: {exc}", ImageSkippedWarning, stacklevel=2)
             return None
+        pixels, text = self._augment(image, item), record.captions[caption]
+        if self.flip and draws_flip(f"{self.seed}:{self.epoch}:{item}"):  # the image and its caption together
+            pixels, text = pixels.flip(-1), swap_left_right(text)
         return {
-            "image": self._augment(image, item),
-            "caption": record.captions[caption],
+            "image": pixels,
+            "caption": text,
             "image_id": record.image_id,
             "index": index,
             "file_path": record.file_path,
@@ -257,10 +265,11 @@ def build_datasets(
     """Datasets for the requested splits ("train", "val", and for shapes "heldout").
 
     Shapes are generated into data.root first if that folder is not a complete generation with these
-    parameters. Train uses the train transform and data.caption_mode; val and heldout use the eval
-    transform and one fixed caption per image (caption_mode "random", epoch 0: do not call set_epoch
-    on them), with every reference caption in `dataset.records`. For data.kind "webdataset" the train split is
-    a ShardDataset (an IterableDataset streamed from the shards) and val the files written beside them.
+    parameters. Train uses the augmentation set data.augment (for shapes, without its crop) and
+    data.caption_mode; val and heldout use the eval transform and one fixed caption per image (caption_mode
+    "random", epoch 0: do not call set_epoch on them), with every reference caption in `dataset.records`. For
+    data.kind "webdataset" the train split is a ShardDataset (an IterableDataset streamed from the shards) and
+    val the files written beside them.
     """
     data = cfg.data
     root = Path(data.root)
@@ -310,7 +319,8 @@ def build_datasets(
         _require(root / images, f"{split} image folder", hint)
         train = split == "train"
         # Shapes captions say where things are: a random crop would move or cut objects and make them wrong.
-        transform = build_transform(cfg.model.image_size, train=train and data.kind != "shapes")
+        transform = build_transform(cfg.model.image_size, train=train, augment=data.augment,
+                                    crop=data.kind != "shapes")
         if train and data.kind == "webdataset":  # streamed from the shards
             from blipcore.data.shards import build_shard_dataset
 
@@ -318,5 +328,6 @@ def build_datasets(
             continue
         records = load_coco_annotations(root / annotations, root / images, subset)
         mode = data.caption_mode if train else "random"
-        datasets[split] = CaptionDataset(records, transform, caption_mode=mode, seed=cfg.train.seed)
+        datasets[split] = CaptionDataset(records, transform, caption_mode=mode, seed=cfg.train.seed,
+                                         flip=train and flips(data.augment))
     return datasets

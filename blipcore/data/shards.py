@@ -59,6 +59,7 @@ from blipcore.data.fetch import (
     write_json,
 )
 from blipcore.data.images import ImageLoadError, load_image
+from blipcore.data.transforms import draws_flip, flips, swap_left_right
 
 MANIFEST = "shards.json"
 PIPE_ALLOWED = "BLIPLAB_ALLOW_PIPE_SHARDS"  # environment variable: set to 1 to read shards through pipe: commands
@@ -249,7 +250,8 @@ class ShardDataset(IterableDataset):
     `records` are the train images in shard order (evaluation reads their captions, and the first ones as files);
     an item is {image, caption, image_id, index (record index), file_path}, as CaptionDataset's. caption_mode
     "random": one item per image, its caption drawn from (seed, epoch, image); "all": one per caption. Every
-    random draw (caption, crop, shuffle, shard order) is seeded by the run's seed and the epoch.
+    random draw (caption, crop, flip, shuffle, shard order) is seeded by the run's seed and the epoch. `flip`: the
+    image flipped horizontally with probability 0.5 and the caption's left and right swapped, as CaptionDataset's.
 
     The trainer sets `epoch` (set_epoch) and `start_batch` (batches of this epoch already taken on each rank)
     before it iterates a DataLoader over the dataset, with `batch_size` and drop_last=True; each rank then gets
@@ -257,7 +259,7 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, records: Sequence[ImageRecord], shards: Sequence[Shard], transform: Any, caption_mode: str,
-                 seed: int, batch_size: int, shuffle_buffer: int) -> None:
+                 seed: int, batch_size: int, shuffle_buffer: int, flip: bool = False) -> None:
         self.records = list(records)
         self.shards = list(shards)
         self.transform = transform
@@ -265,6 +267,7 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
+        self.flip = flip
         self.epoch = 0
         self.start_batch = 0
         self.skipped: dict[str, str] = {}  # sample or shard -> reason, in this process
@@ -358,9 +361,12 @@ class ShardDataset(IterableDataset):
         except ImageLoadError as err:
             self._skip(where, str(err).removeprefix(f"{where}: "))
             return None
+        key = f"{self.seed}:{self.epoch}:{image_id}:{number}"
         with torch.random.fork_rng(devices=[]):  # the crop's draws seeded by (seed, epoch, item), as CaptionDataset
-            torch.manual_seed(random.Random(f"{self.seed}:{self.epoch}:{image_id}:{number}:augment").getrandbits(63))
+            torch.manual_seed(random.Random(f"{key}:augment").getrandbits(63))
             pixels = self.transform(image)
+        if self.flip and draws_flip(key):  # the image and its caption together
+            pixels, caption = pixels.flip(-1), swap_left_right(caption)
         index = self._index[image_id]
         return {"image": pixels, "caption": caption, "image_id": image_id, "index": index,
                 "file_path": self.records[index].file_path}
@@ -402,8 +408,9 @@ def shard_urls(data: DataConfig, names: Sequence[str]) -> list[str]:
 
 
 def build_shard_dataset(cfg: BlipConfig, transform: Any) -> ShardDataset:
-    """The train split of data.root (written by `data shards`) as a ShardDataset; data.subset > 0 keeps the
-    first N images (whole shards, and the first images of the last one)."""
+    """The train split of data.root (written by `data shards`) as a ShardDataset, with the image transform
+    `transform` and the flip if data.augment has one; data.subset > 0 keeps the first N images (whole shards, and the
+    first images of the last one)."""
     data, root = cfg.data, Path(cfg.data.root)
     manifest = read_manifest(root)
     records = load_coco_annotations(root / "annotations/captions_train.json", root / "train", data.subset)
@@ -416,5 +423,5 @@ def build_shard_dataset(cfg: BlipConfig, transform: Any) -> ShardDataset:
         shards.append(Shard(url, min(shard["images"], left)))
         left -= shard["images"]
     return ShardDataset(records, shards, transform, data.caption_mode, cfg.train.seed, cfg.train.batch_size,
-                        data.shuffle_buffer)
+                        data.shuffle_buffer, flip=flips(data.augment))
 
