@@ -11,6 +11,12 @@ Forward, with vision width d_v, text width d_t, MLP widths h = int(d * mlp_ratio
   Conv2d that is a Linear(3 p^2, d_v) on each patch, 2 (S/p)^2 3p^2 d_v; each block
   2 T_v (4 d_v^2 + 2 d_v h_v) for the query, key+value and output projections and the MLP, plus
   attention 4 T_v^2 d_v (Q K^T and weights x V, 2 T_v^2 d_v each).
+  With model.patch_embed = "conv-stem" the patch embedding is its convolutions instead, each
+  2 H_out W_out k^2 C_in C_out (k = 3 for the stride-2 ones, then the 1x1 one to d_v); with
+  model.shifted_patches, a Linear(15 p^2, d_v) on each patch (its LayerNorm is not counted).
+  model.drop_path and model.locality_attention change no product: a dropped branch is still computed
+  (then multiplied by 0) and counted, so with drop path the count is an upper bound on the work that
+  reaches the output; LSA's learned scale and diagonal mask are elementwise.
 - text encoder for ITC, per caption of L tokens ([CLS] caption [SEP], padded as the batch is), each
   block 2 L (4 d_t^2 + 2 d_t h_t) + 4 L^2 d_t; the ITC projections 2 (d_v + d_t) embed_dim on the
   two [CLS] tokens.
@@ -26,14 +32,17 @@ Forward, with vision width d_v, text width d_t, MLP widths h = int(d * mlp_ratio
 Training: the backward pass computes, for each product, the gradient with respect to its input
 and to its weight, two products of the forward one's size, so a step costs 3x the forward: for a
 decoder-only transformer that is nanoGPT's 6 N T + 12 n_layer d T^2 per sequence of T tokens.
-Two exceptions: the patch embedding's input (the images) needs no gradient, 2x; the momentum
-encoder runs without gradients, 1x.
+Two exceptions: the product that reads the images (the patch embedding, or the conv stem's first
+convolution) needs no gradient for its input, 2x; the momentum encoder runs without gradients, 1x.
+(Shifted Patch Tokenization reads the images through a LayerNorm with learned weights, whose gradient
+needs its Linear's input gradient: 3x.)
 """
 
 from __future__ import annotations
 
 from .config import BlipConfig, ModelConfig
 from .tokenizer import load_tokenizer
+from .vision import ShiftedPatchTokenizer, conv_stem_channels
 
 
 def _model(cfg: BlipConfig | ModelConfig) -> ModelConfig:
@@ -79,8 +88,33 @@ def full_lm_targets(cfg: BlipConfig | ModelConfig, batch: int, text_len: int) ->
     return batch * (decoder_length(cfg, text_len) - 1 - prompt_length(cfg))
 
 
+def _conv_stem_flops(m: ModelConfig, batch: int) -> list[int]:
+    """Forward FLOPs of each convolution of the conv stem, in order (the last is the 1x1 one)."""
+    flops, side, channels_in = [], m.image_size, 3
+    for channels in conv_stem_channels(m.patch_size, m.vision_width):
+        side //= 2  # 3x3, stride 2, padding 1 on an even side
+        flops.append(2 * batch * side * side * 3 * 3 * channels_in * channels)
+        channels_in = channels
+    return [*flops, linear_flops(batch * side * side, channels_in, m.vision_width)]
+
+
 def _patch_embed_flops(m: ModelConfig, batch: int) -> int:
-    return linear_flops(batch * (m.image_size // m.patch_size) ** 2, 3 * m.patch_size**2, m.vision_width)
+    """Forward FLOPs of the ViT's patch embedding."""
+    patches = batch * (m.image_size // m.patch_size) ** 2
+    if m.shifted_patches:
+        return linear_flops(patches, ShiftedPatchTokenizer.SHIFTS * 3 * m.patch_size**2, m.vision_width)
+    if m.patch_embed == "conv-stem":
+        return sum(_conv_stem_flops(m, batch))
+    return linear_flops(patches, 3 * m.patch_size**2, m.vision_width)
+
+
+def _image_input_flops(m: ModelConfig, batch: int) -> int:
+    """Forward FLOPs of the product whose input is the images: its backward computes no input gradient."""
+    if m.shifted_patches:  # the images go through a LayerNorm with weights first
+        return 0
+    if m.patch_embed == "conv-stem":
+        return _conv_stem_flops(m, batch)[0]
+    return _patch_embed_flops(m, batch)
 
 
 def _vision_flops(m: ModelConfig, batch: int) -> int:
@@ -130,11 +164,11 @@ def training_flops(
     cfg: BlipConfig | ModelConfig, batch: int, text_len: int, lm_targets: int | None = None
 ) -> dict[str, int]:
     """FLOPs of one training step (forward + backward) per part, as forward_flops: 3x the forward,
-    except the patch embedding (no gradient for the images: 2x) and the momentum encoder (1x)."""
+    except the product that reads the images (no gradient for them: 2x) and the momentum encoder (1x)."""
     parts = {name: (1 if name == "momentum" else 3) * flops
              for name, flops in forward_flops(cfg, batch, text_len, lm_targets).items()}
     if "vision" in parts:
-        parts["vision"] -= _patch_embed_flops(_model(cfg), batch)
+        parts["vision"] -= _image_input_flops(_model(cfg), batch)
     return parts
 
 

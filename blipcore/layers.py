@@ -6,6 +6,9 @@ the dashboard's attention maps and Grad-CAM need them, training does not. Both p
 masks and give the same output (tests/test_layers.py checks that, and checks against
 torch.nn.MultiheadAttention).
 
+Two small-data remedies for the ViT live here too (tests/test_vision_options.py): `DropPath`, stochastic
+depth on a block's residual branches, and Locality Self-Attention (`Attention(..., locality=True)`).
+
 On a CPU in bf16 or fp16 (autocast, the inference copy), torch's fused (flash) kernel is several times slower
 than its math backend for the short sequences of the CPU presets and faster for long ones, so attention over at
 most CPU_MATH_MAX_KEYS keys runs the math backend there (benchmarks/attention_backends.py measures both).
@@ -31,18 +34,32 @@ CPU_MATH_MAX_KEYS = 64
 
 
 class Attention(nn.Module):
-    """Multi-head attention: self-attention, or cross-attention when `context` is given."""
+    """Multi-head attention: self-attention, or cross-attention when `context` is given.
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0) -> None:
+    locality: Locality Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets";
+    as aanna0701/SPT_LSA_ViT computes it): no query attends to its own key (the diagonal is masked),
+    and the softmax scale is learned, one per head, starting at the usual 1/sqrt(head_dim). Both
+    sharpen the attention, which in a ViT trained on little data stays smooth and is dominated by
+    each token's attention to itself.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0, locality: bool = False
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        if locality and context_dim is not None:
+            raise ValueError("locality self-attention masks each token's own key: it needs self-attention")
         self.heads = heads
         self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
+        self.locality = locality
+        if locality:  # the learned inverse temperature of each head, multiplying Q K^T
+            self.scale = nn.Parameter(torch.full((heads,), self.head_dim**-0.5))
 
     def _split_heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape  # (B, N, H*hd) -> (B, H, N, hd)
@@ -84,6 +101,13 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k, v
 
         q_len, k_len = q.shape[2], k.shape[2]
+        if self.locality:
+            # Learned scale on the queries (SDPA then runs with scale=1); query i, at position k_len - q_len + i,
+            # may attend to every key but its own.
+            q = q * self.scale.to(q.dtype).view(1, -1, 1, 1)
+            positions = torch.arange(k_len, device=x.device)
+            not_self = positions[None, :] != positions[k_len - q_len :, None]  # (Lq, Lk)
+            attn_mask = not_self if attn_mask is None else attn_mask & not_self
         if is_causal and (q_len != k_len or attn_mask is not None or need_weights):
             # Bottom-right aligned causal mask: query i (of q_len) sees keys up to k_len - q_len + i.
             causal = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).tril(k_len - q_len)
@@ -92,7 +116,9 @@ class Attention(nn.Module):
 
         dropout = self.dropout if self.training else 0.0
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            scores = q @ k.transpose(-2, -1)  # (B, H, Lq, Lk)
+            if not self.locality:  # (LSA's learned scale is on the queries already)
+                scores = scores / math.sqrt(self.head_dim)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             weights = scores.softmax(dim=-1)
@@ -103,9 +129,43 @@ class Attention(nn.Module):
                 k_len <= CPU_MATH_MAX_KEYS
             with sdpa_kernel(SDPBackend.MATH) if short_on_cpu else contextlib.nullcontext():
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                                     is_causal=is_causal)
+                                                     is_causal=is_causal, scale=1.0 if self.locality else None)
         out = out.transpose(1, 2).reshape(x.shape[0], q_len, -1)
         return self.proj(out), weights
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth (Huang et al. 2016, as timm's `drop_path`): in training, zero whole samples of a
+    residual branch's output x (B, ...) with probability `rate` and scale the rest by 1 / (1 - rate),
+    so the expectation is unchanged; the identity in evaluation."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # one draw per sample
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    """`drop_path` as a module, for a residual branch of a Block."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.rate, self.training)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block drop path rates rising linearly from 0 at the first block to `rate` at the last (as timm's
+    `torch.linspace(0, rate, depth)`): early blocks, which every later one builds on, are dropped least."""
+    # plain Python, not torch.linspace: models are also built on the meta device (checkpoint loading)
+    return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
 
 
 class MLP(nn.Module):
@@ -128,7 +188,11 @@ class BlockAttention:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP."""
+    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP.
+
+    drop_path: stochastic depth rate of each residual branch; locality: Locality Self-Attention in the
+    self-attention (see Attention). Both are off for the text towers.
+    """
 
     def __init__(
         self,
@@ -137,10 +201,12 @@ class Block(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         context_dim: int | None = None,
+        drop_path: float = 0.0,
+        locality: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout=dropout)
+        self.attn = Attention(dim, heads, dropout=dropout, locality=locality)
         self.has_cross = context_dim is not None
         if self.has_cross:
             self.norm_cross = nn.LayerNorm(dim)
@@ -148,6 +214,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
         self.drop = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
         self,
@@ -167,7 +234,7 @@ class Block(nn.Module):
             cache=None if cache is None else cache["self"],
             need_weights=need_weights,
         )
-        x = x + self.drop(h)
+        x = x + self.drop_path(self.drop(h))
         cross_w = None
         if context is not None:
             if not self.has_cross:
@@ -179,8 +246,8 @@ class Block(nn.Module):
                 cache=None if cache is None else cache["cross"],
                 need_weights=need_weights,
             )
-            x = x + self.drop(h)
-        x = x + self.mlp(self.norm2(x))
+            x = x + self.drop_path(self.drop(h))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, BlockAttention(self_w, cross_w)
 
 

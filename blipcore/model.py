@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .config import BlipConfig, ModelConfig
-from .layers import init_weights
+from .layers import DropPath, init_weights
 from .text import KVCache, TextDecoder, TextEncoder
 from .tokenizer import load_tokenizer, special_ids
 from .vision import VisionTransformer
@@ -93,6 +93,9 @@ class BLIP(nn.Module):
         for online, target in self.momentum_pairs:
             module = copy.deepcopy(getattr(self, online))
             module.requires_grad_(False)
+            for layer in module.modules():  # the momentum model computes targets: no stochastic depth (as ALBEF)
+                if isinstance(layer, DropPath):
+                    layer.rate = 0.0
             setattr(self, target, module)
         self.register_buffer("image_queue", F.normalize(torch.randn(m.embed_dim, m.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(m.embed_dim, m.queue_size), dim=0))

@@ -169,6 +169,38 @@ def test_itm_gradcam_needs_an_itm_head():
         itm_gradcam(model, _image(model), "a red circle")
 
 
+# --- every ViT option -------------------------------------------------------------------------------
+VISION_OPTIONS = {
+    "conv-stem": {"patch_embed": "conv-stem"},
+    "drop-path": {"drop_path": 0.3},
+    "shifted-patches": {"shifted_patches": True},
+    "locality-attention": {"locality_attention": True},
+    "conv-stem-drop-path-lsa": {"patch_embed": "conv-stem", "drop_path": 0.3, "locality_attention": True},
+}
+
+
+@pytest.mark.parametrize("options", VISION_OPTIONS.values(), ids=VISION_OPTIONS.keys())
+def test_explanations_of_every_vision_option(options):
+    """Rollout, [CLS] maps, decoder cross-attention and ITM Grad-CAM read the ViT through its attention weights and
+    tokens, which every model.patch_embed / drop_path / shifted_patches / locality_attention keeps."""
+    model = _model(itm_weight=1.0, **options)
+    image = _image(model)
+    attn = vit_attention(model, image)
+    assert attn.shape == (2, 2, 17, 17)
+    np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(attn, vit_attention(model, image))  # eval: drop path off
+    heats = {f"rollout-{fusion}-{ratio}": attention_rollout(attn, fusion, ratio)
+             for fusion in ("mean", "max", "min") for ratio in (0.0, 0.5)}
+    heats["gradcam"] = itm_gradcam(model, image, "a red circle on the left")
+    heats["token"] = decoder_cross_attention(model, image, [1037, 2417, 4418, 102]).token_map(1)
+    for name, heat in heats.items():
+        assert heat.shape == (4, 4) and np.isfinite(heat).all(), name
+        assert heat.min() >= 0.0 and heat.max() <= 1.0, name
+    maps = cls_attention_maps(attn)
+    assert maps.shape == (2, 2, 4, 4) and np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
+    assert all(p.grad is None for p in model.parameters())
+
+
 # --- overlays --------------------------------------------------------------------------------------
 def test_overlay_heatmap():
     rng = np.random.default_rng(0)

@@ -1,9 +1,13 @@
-"""Attention against torch's own MultiheadAttention, and the explicit path against SDPA."""
+"""Attention against torch's own MultiheadAttention, and the explicit path against SDPA; drop path and
+Locality Self-Attention."""
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
-from blipcore.layers import Attention
+from blipcore.layers import Attention, Block, DropPath, drop_path, drop_path_rates
 
 
 def _attention_pair(dim=32, heads=4):
@@ -91,3 +95,109 @@ def test_short_attention_on_a_cpu_in_bf16_runs_the_math_backend_and_long_attenti
     fp32, _ = attn(torch.ones(1, 3, 64))  # outside autocast: the fused kernel, as ever
     with torch.no_grad():
         torch.testing.assert_close(fp32, attn(torch.ones(1, 3, 64), need_weights=True)[0])
+
+
+# --- drop path (stochastic depth) --------------------------------------------------------------------------------
+def test_drop_path_is_the_identity_in_evaluation_and_at_rate_0():
+    x = torch.randn(8, 5, 4)
+    assert drop_path(x, 0.5, training=False) is x
+    assert drop_path(x, 0.0, training=True) is x
+    module = DropPath(0.5).eval()
+    assert torch.equal(module(x), x)
+    for rate in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="drop path rate"):
+            DropPath(rate)
+
+
+def test_drop_path_zeroes_whole_samples_at_its_rate_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    rate, samples = 0.3, 20_000
+    out = DropPath(rate).train()(torch.ones(samples, 3, 4))
+    per_sample = out.flatten(1)
+    dropped = (per_sample == 0).all(dim=1)
+    kept = (per_sample == 1 / (1 - rate)).all(dim=1)
+    assert torch.all(dropped | kept)  # every sample is either zeroed whole or kept whole, scaled by 1 / keep
+    assert dropped.float().mean().item() == pytest.approx(rate, abs=0.015)  # binomial sd 0.0032
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)  # E[out] = x
+
+
+def test_drop_path_rates_rise_linearly_from_0_to_the_rate():
+    assert drop_path_rates(0.1, 5) == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    assert drop_path_rates(0.2, 1) == [0.0]
+    assert drop_path_rates(0.0, 3) == [0.0, 0.0, 0.0]
+
+
+def test_block_drop_path_drops_both_residual_branches_per_sample():
+    torch.manual_seed(0)
+    block = Block(16, 2, drop_path=0.6)
+    plain = Block(16, 2)
+    plain.load_state_dict(block.state_dict())  # drop path adds no parameter
+    assert isinstance(plain.drop_path, nn.Identity) and block.drop_path.rate == 0.6
+    x = torch.randn(256, 5, 16)
+    block.eval()
+    plain.eval()
+    torch.testing.assert_close(block(x)[0], plain(x)[0], rtol=0, atol=0)  # identity in evaluation
+
+    block.train()
+    out, _ = block(x)
+    both_dropped = (out == x).flatten(1).all(dim=1)  # both branches dropped: the block passes x through
+    assert 0.2 < both_dropped.float().mean().item() < 0.5  # P = 0.6^2 = 0.36
+    with torch.no_grad():  # a sample whose attention branch alone was dropped: x + MLP branch / keep
+        attn_dropped = x + block.mlp(block.norm2(x)) / 0.4
+    assert ((out - attn_dropped).abs().flatten(1).amax(dim=1) < 1e-5).any()
+
+
+# --- Locality Self-Attention -------------------------------------------------------------------------------------
+def test_locality_attention_has_an_exact_zero_diagonal_and_its_fused_path_matches_the_explicit_one():
+    torch.manual_seed(3)
+    attn = Attention(32, 4, locality=True).eval()
+    with torch.no_grad():
+        attn.scale.copy_(torch.tensor([0.05, 0.2, 0.35, 1.0]))  # learned, away from the initial 1/sqrt(8)
+    x = torch.randn(2, 7, 32)
+    fused, none = attn(x)
+    explicit, weights = attn(x, need_weights=True)
+    assert none is None and weights.shape == (2, 4, 7, 7)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 7))
+    # with a padding mask too: masked keys and the diagonal both get exactly 0
+    keep = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1] * 7], dtype=torch.bool)[:, None, None, :]
+    fused, _ = attn(x, attn_mask=keep)
+    explicit, weights = attn(x, attn_mask=keep, need_weights=True)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert torch.all(weights[0, :, :, 5:] == 0) and torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)
+
+
+def test_locality_attention_at_init_is_standard_attention_without_the_diagonal():
+    torch.manual_seed(4)
+    attn = Attention(32, 4, locality=True).eval()
+    torch.testing.assert_close(attn.scale.detach(), torch.full((4,), 1 / math.sqrt(8)))
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():  # by hand: softmax(Q K^T / sqrt(d)) with -inf on the diagonal
+        q, (k, v) = attn._split_heads(attn.q(x)), attn._keys_values(x)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+        scores = scores.masked_fill(torch.eye(6, dtype=torch.bool), float("-inf"))
+        expected_w = scores.softmax(dim=-1)
+        expected = attn.proj((expected_w @ v).transpose(1, 2).reshape(2, 6, 32))
+        out, weights = attn(x, need_weights=True)
+        fused, _ = attn(x)
+    torch.testing.assert_close(weights, expected_w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_locality_attention_learns_its_scale_and_runs_in_bf16():
+    torch.manual_seed(5)
+    attn = Attention(32, 4, locality=True)
+    x = torch.randn(3, 9, 32)
+    attn(x)[0].square().sum().backward()
+    assert attn.scale.grad is not None and torch.all(attn.scale.grad != 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the fp32 scale must not upcast q
+        low, _ = attn.eval()(x)
+        low_w, weights = attn(x, need_weights=True)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), attn(x)[0].detach(), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(low, low_w, atol=0.02, rtol=0.02)
+    assert torch.all(weights.diagonal(dim1=-2, dim2=-1) == 0)
+    with pytest.raises(ValueError, match="self-attention"):
+        Attention(32, 4, context_dim=16, locality=True)
