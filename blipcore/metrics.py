@@ -35,7 +35,7 @@ SPICE_NOTE = (
 @dataclass(frozen=True)
 class Metric:
     """The one declaration of a number this project logs or reports: every table, chart, 'best' record
-    and README row reads its label, direction and format from here."""
+    and docs row reads its label, direction and format from here."""
 
     key: str
     label: str
@@ -145,7 +145,8 @@ REFERENCE_ROWS: dict[str, str] = {
                          "(Devlin et al. 2015: retrieval, no generation)",
 }
 METRICS: dict[str, Metric] = {m.key: m for m in _DECLARED}
-# The collapse metrics and their docs, in declaration order (the README's collapse table lists them).
+# The collapse metrics and their docs, in declaration order (the collapse tables of README.md and docs/metrics.md
+# list them).
 COLLAPSE_METRIC_DOCS: dict[str, str] = {m.key: m.doc for m in _DECLARED if m.group == "collapse"}
 
 

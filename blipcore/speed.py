@@ -38,7 +38,7 @@ MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 def matmul_gflops(device_type: str = "cpu", size: int = 2048, repeats: int = 3,
                   dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of a size x size matmul in `dtype` on all threads (best of `repeats`), once per process: the
-    hardware number a run's minutes are read against (run.json's device, the README's Results)."""
+    hardware number a run's minutes are read against (run.json's device, docs/results.md)."""
     device = torch.device(device_type)
     generator = torch.Generator(device).manual_seed(0)  # its own: measuring never moves a run's random stream
     a, b = (torch.randn(size, size, device=device, generator=generator).to(dtype) for _ in range(2))

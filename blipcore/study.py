@@ -27,7 +27,7 @@ A plan is a TOML file:
 
 Each run is `<study>/<stage>-<variant>-seed<seed>`, an ordinary run directory: the Runs, Training and
 Compare pages list it, and `python -m train fit --run-dir ... --resume` continues it. Running the
-plan again skips what is complete and resumes what is not, so a study spreads over sessions. A command
+plan again skips what is complete and resumes what is not, so a long study can be run a few runs at a time. A command
 stage is done when its `produces` folder holds a `.complete` marker, which this module writes after
 the command succeeded.
 
@@ -454,7 +454,7 @@ def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
     """Run the stages of `plan` into `study` (skipping what is complete or recorded in `results`, resuming what
     is not), evaluate each run's dev-chosen checkpoint on the test split when there is one, then write and return
     the table (of every run in the folder and in `results`). `only` and `seeds` restrict which runs train in this
-    call (see `selection`), so a long plan can be spread over sessions; the command stages they need, and the runs
+    call (see `selection`), so a long plan can be run a few runs at a time; the command stages they need, and the runs
     those name, still run. A run that ends without completing stops the study (StudyStopped, after the table).
     `train` trains one run (blipcore.trainer.Trainer in the CLI); `command` runs `python -m train ARGS` (the CLI
     passes its own main, so blipcore never imports train)."""

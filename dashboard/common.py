@@ -148,7 +148,7 @@ def select_study(key: str = "study", label: str = "Study") -> Path:
     studies = study_folders()
     if not studies:
         stop_with(f"No study in `{runs_dir()}` yet.",
-                  "Run a plan: `python -m train study PLAN.toml --out runs/study-NAME` (README, \"Studies\"); "
+                  "Run a plan: `python -m train study PLAN.toml --out runs/study-NAME` (docs/studies.md); "
                   "its folder appears here as soon as the study starts.")
     names = [f.name for f in studies]
     current = st.session_state.get("selected_study")

@@ -9,7 +9,7 @@
 #               --train-annotations ../shared/data/flickr8k/annotations/captions_official_train.json
 #
 # Training stops (resumably: `fit --resume` continues it) after TRAIN_SECONDS, so that the test captions of the
-# best epoch so far come back inside a short lease; the preset's 10 epochs are the plan. The model reads 128 px
+# best epoch so far come back within a time limit; the preset's 10 epochs are the plan. The model reads 128 px
 # images (image_size 128, 8x8 patches of 16 px): 224 px would only upsample the 128 px copy. Needs on the GPU
 # machine: torch with CUDA, torchvision, transformers, tokenizers, safetensors, pillow, numpy, tqdm and
 # pycocoevalcap's Python files (BLEU, ROUGE-L and CIDEr for the dev choice; no Java there, so no METEOR).

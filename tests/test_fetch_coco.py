@@ -363,7 +363,7 @@ def test_format_shards_writes_webdataset_shards_of_the_fetched_folder(coco, tmp_
     manifest = json.loads((out / "shards/shards.json").read_text())
     assert manifest["train"]["images"] == TRAIN and manifest["val"]["images"] == VAL
     if not hasattr(blipcore.trainer, "IterableDataset"):
-        pytest.skip("blipcore.trainer does not stream an IterableDataset yet (issue 14, item 3)")
+        pytest.skip("blipcore.trainer does not stream an IterableDataset yet")
     preset = tmp_path / "tiny-seed.toml"
     preset.write_text(TINY_SEED)
     code = main(["fit", "--preset", str(preset), "--data-root", str(out / "shards"), "--set", "data.kind=webdataset",

@@ -73,7 +73,7 @@ def test_the_itm_head_learns_to_match_through_the_enc_path():
     """The [ENC] path (multimodal text encoder, cross-attention, ITM head) can learn: on one fixed batch of 16
     pairs, with negatives drawn at random, the ITM loss leaves chance (0.64, the entropy of the 1-in-3 positive
     rate) and falls far below it. Each negative pairs a caption with another image, so the image must be read.
-    (Trained from scratch on real data with hard negatives it stays at chance: README, "ITM at chance".)"""
+    (Trained from scratch on real data with hard negatives it stays at chance: docs/results.md, "ITM at chance".)"""
     torch.manual_seed(0)
     cfg = tiny_config(itm_weight=1.0, lm_weight=0.0, itm_hard_negatives=False)
     model = BLIP(cfg).train()

@@ -164,7 +164,7 @@ def test_bad_arguments_and_missing_shards(tmp_path, shapes_root, capsys):
 
 
 @pytest.mark.skipif(not hasattr(blipcore.trainer, "IterableDataset"),
-                    reason="blipcore.trainer does not stream an IterableDataset yet (issue 14, item 3)")
+                    reason="blipcore.trainer does not stream an IterableDataset yet")
 def test_trains_five_steps_on_shards_and_resumes(shard_root, shapes_root, tmp_path):
     cfg = shards_cfg(shapes_root, shard_root, num_workers=2).override({"train.max_steps": 3, "train.epochs": 1})
     blipcore.trainer.Trainer(cfg, tmp_path / "run", progress=False).fit()

@@ -347,7 +347,7 @@ def test_the_shipped_plans_load(name):
     assert plan.name == name and plan.seeds == [0, 1, 2] and plan.preset == "flickr8k-cpu"
     if name == "capfilt":
         assert (plan.recovery.reference, plan.recovery.degraded, plan.recovery.treated) == RECOVERY_ROLES_RUNS
-    else:  # the targets; the decoder-pretrained recipe brings its pretraining run along
+    else:  # the plan's targets; the decoder-pretrained recipe brings its pretraining run along
         assert {target.describe() for target in plan.targets} >= {
             "BLEU-4 ≥ 0.120", "CIDEr ≥ 0.300", "CIDEr 0.050 better than nearest-neighbour, by > 2 sd"}
         assert ("pretraining", "text-lm", 2) in selection(plan, ["recipes/decoder-pretrained"], [2])
