@@ -111,6 +111,16 @@ class ModelConfig:
     # Train the decoder as a text-only language model on the captions: no image is read and the decoder's
     # cross-attention is skipped (decoder pretraining, chained into a full recipe with train.init). LM only.
     text_only: bool = False
+    # Train the ViT alone as a masked autoencoder (blipcore.mae): no caption is read, ITC, LM and ITM are off; its
+    # encoder then seeds a full recipe through train.init (image pretraining, as text_only is for the decoder)
+    mae: bool = False
+    mae_mask_ratio: float = 0.75  # share of each image's patches hidden from the encoder (He et al.: 75 %)
+    # The decoder that reconstructs the hidden patches is discarded after pretraining: half the width of the
+    # flickr8k-cpu ViT (256), as MAE's 512 is half of ViT-L's 1024, and 2 blocks (MAE's fine-tuning accuracy is the
+    # same with 1 to 8; the full recipe goes on training the encoder, it is never probed frozen)
+    mae_decoder_width: int = 128
+    mae_decoder_depth: int = 2
+    mae_decoder_heads: int = 4  # 32 dimensions per head, as MAE's decoder (512 wide, 16 heads)
     # BLIP's momentum encoder + queue of negatives for ITC (batch 8 gives only 7 in-batch negatives)
     momentum_encoder: bool = False
     momentum: float = 0.995
@@ -121,7 +131,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_at_least("model", self, 1, "image_size patch_size vision_width vision_depth vision_heads text_width "
-                        "text_encoder_depth text_decoder_depth text_heads max_text_len embed_dim queue_size")
+                        "text_encoder_depth text_decoder_depth text_heads max_text_len embed_dim queue_size "
+                        "mae_decoder_width mae_decoder_depth mae_decoder_heads")
         _check_at_least("model", self, 0, "itc_weight lm_weight itm_weight label_smoothing dropout drop_path")
         _check([
             (self.patch_embed in PATCH_EMBEDS,
@@ -160,14 +171,41 @@ class ModelConfig:
              f"{self.temperature_init} in [{self.temperature_min}, {self.temperature_max}]"),
             (0 <= self.momentum <= 1, f"model.momentum must be in [0, 1], got {self.momentum}"),
             (0 <= self.distill_alpha <= 1, f"model.distill_alpha must be in [0, 1], got {self.distill_alpha}"),
-            (bool(self.itc_weight or self.lm_weight or self.itm_weight),
-             "every loss weight is 0: enable at least one of itc, lm, itm"),
+            (bool(self.itc_weight or self.lm_weight or self.itm_weight or self.mae),
+             "every loss weight is 0: enable at least one of itc, lm, itm (or model.mae)"),
             (not self.itm_weight or bool(self.itc_weight),
              "ITM draws its hard negatives from ITC similarities: itm_weight needs itc_weight > 0"),
+            (not (self.mae and self.text_only),
+             "model.mae trains the image encoder alone and model.text_only the decoder alone: use one of them"),
             (not self.text_only or (self.lm_weight > 0 and not self.itc_weight and not self.itm_weight),
              "model.text_only trains the decoder alone: it needs lm_weight > 0 and itc_weight = itm_weight = 0, got "
              f"lm {self.lm_weight}, itc {self.itc_weight}, itm {self.itm_weight}"),
+            (not self.mae or not (self.itc_weight or self.lm_weight or self.itm_weight),
+             "model.mae trains the image encoder alone: it needs itc_weight = lm_weight = itm_weight = 0, got "
+             f"itc {self.itc_weight}, lm {self.lm_weight}, itm {self.itm_weight}"),
+            (not (self.mae and self.patch_embed == "conv-stem"),
+             "model.mae cannot be combined with model.patch_embed = 'conv-stem': the stem's overlapping "
+             "convolutions let a visible patch's token see the hidden pixels around it (use patch_embed = 'linear')"),
+            (not (self.mae and self.shifted_patches),
+             "model.mae cannot be combined with model.shifted_patches: each shifted patch carries half of its "
+             "neighbours' pixels, the hidden ones included"),
+            (0 < self.mae_mask_ratio < 1, f"model.mae_mask_ratio must be in (0, 1), got {self.mae_mask_ratio}"),
+            (not self.mae or not 0 < self.mae_mask_ratio < 1  # (NaN: refused just above)
+             or 1 <= self.mae_visible_patches() < self._patches(),
+             f"model.mae_mask_ratio={self.mae_mask_ratio} of {self._patches()} patches must leave at least one "
+             "patch visible and hide at least one"),
+            (self.mae_decoder_width % self.mae_decoder_heads == 0,
+             f"model.mae_decoder_width={self.mae_decoder_width} is not divisible by "
+             f"model.mae_decoder_heads={self.mae_decoder_heads}"),
         ])
+
+    def _patches(self) -> int:
+        """Patches per image, (image_size / patch_size)^2."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def mae_visible_patches(self) -> int:
+        """Patches of each image the MAE encoder sees: round((1 - mae_mask_ratio) * patches), 9 of 36 at 0.75."""
+        return round((1 - self.mae_mask_ratio) * self._patches())
 
 
 @dataclass

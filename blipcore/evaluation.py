@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .config import BlipConfig
 from .data import CaptionCollator, CaptionDataset, build_transform
-from .runs import RunDir, atomic_write_json
+from .io import atomic_write_json
+from .runs import RunDir
 from .scoring import coco_results
 from .speed import autocast_dtype, describe
 from .tokenizer import tokenize_captions

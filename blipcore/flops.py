@@ -28,6 +28,11 @@ Forward, with vision width d_v, text width d_t, MLP widths h = int(d * mlp_ratio
   in full, as nanoGPT and the flash-attention kernels' counters do.
 - LM head 2 d_t V at each target position only: the project runs it only where there is a label.
 - momentum encoder (when on, with ITC): one more forward of the ViT and the ITC text encoder.
+- MAE (model.mae, image pretraining; blipcore.mae), per image, with K = round((1 - mae_mask_ratio) (S/p)^2) visible
+  patches and decoder width d_m, MLP width h_m: the patch embedding on every patch (as above: the hidden ones are
+  dropped after it); the ViT blocks on the K + 1 visible tokens, 2 (K+1) (4 d_v^2 + 2 d_v h_v) + 4 (K+1)^2 d_v
+  each; the decoder's embedding 2 (K+1) d_v d_m, its blocks on all 1 + N tokens (N = (S/p)^2), and its
+  prediction head 2 N d_m 3p^2 on the patch tokens. No text is read.
 
 Training: the backward pass computes, for each product, the gradient with respect to its input
 and to its weight, two products of the forward one's size, so a step costs 3x the forward: for a
@@ -122,6 +127,17 @@ def _vision_flops(m: ModelConfig, batch: int) -> int:
     return _patch_embed_flops(m, batch) + batch * m.vision_depth * block_flops(tokens, m.vision_width, mlp)
 
 
+def _mae_flops(m: ModelConfig, batch: int) -> dict[str, int]:
+    """Forward FLOPs of an MAE step: the ViT on the visible patches, the decoder on every patch."""
+    patches, visible = image_tokens(m) - 1, m.mae_visible_patches()
+    width, mlp = m.mae_decoder_width, int(m.mae_decoder_width * m.mlp_ratio)
+    encoder = batch * m.vision_depth * block_flops(visible + 1, m.vision_width, int(m.vision_width * m.mlp_ratio))
+    decoder = (linear_flops(batch * (visible + 1), m.vision_width, width)
+               + batch * m.mae_decoder_depth * block_flops(patches + 1, width, mlp)
+               + linear_flops(batch * patches, width, 3 * m.patch_size**2))
+    return {"vision": _patch_embed_flops(m, batch) + encoder, "mae_decoder": decoder}
+
+
 def _itc_flops(m: ModelConfig, batch: int, text_len: int) -> int:
     blocks = m.text_encoder_depth * block_flops(text_len, m.text_width, int(m.text_width * m.mlp_ratio))
     return batch * blocks + linear_flops(batch, m.vision_width + m.text_width, m.embed_dim)
@@ -131,13 +147,16 @@ def forward_flops(
     cfg: BlipConfig | ModelConfig, batch: int, text_len: int, lm_targets: int | None = None
 ) -> dict[str, int]:
     """Forward FLOPs of `model(images, input_ids, attention_mask)` in training mode, per part of the
-    model (parts that are off are absent): vision, itc, itm, momentum, decoder, lm_head.
+    model (parts that are off are absent): vision, itc, itm, momentum, decoder, lm_head; with model.mae, vision
+    (the ViT on the visible patches) and mae_decoder, whatever text_len.
 
     text_len: the length of input_ids ([CLS] caption [SEP], padded to the batch's longest);
     lm_targets: the batch's label positions (default: every caption fills text_len, see full_lm_targets).
     """
     m = _model(cfg)
     mlp, tokens_v = int(m.text_width * m.mlp_ratio), image_tokens(m)
+    if m.mae:  # image pretraining: no text
+        return _mae_flops(m, batch)
     if m.text_only:  # decoder pretraining: no image, no cross-attention
         length = decoder_length(m, text_len)
         targets = full_lm_targets(m, batch, text_len) if lm_targets is None else lm_targets

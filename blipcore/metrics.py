@@ -67,7 +67,7 @@ class Metric:
 GROUPS = ("record", "loss", "optimisation", "retrieval", "matching", "captioning", "collapse")
 RECALL_KS = (1, 5, 10)
 _LOSS_LABELS = {"loss": "total loss", "itc": "ITC loss (image-text contrastive)", "lm": "LM loss (captioning)",
-                "itm": "ITM loss (image-text matching)"}
+                "itm": "ITM loss (image-text matching)", "mae": "MAE loss (masked patch reconstruction)"}
 _RETRIEVAL_DIRECTIONS = {"i2t": "image→text", "t2i": "text→image"}
 
 _DECLARED: tuple[Metric, ...] = (
@@ -190,6 +190,131 @@ def metric(key: str) -> Metric | None:
 
 def is_declared(key: str) -> bool:
     return metric(key) is not None
+
+
+# --------------------------------------------------------------------------- diagnosis thresholds
+# A run diagnosis (blipcore.diagnosis) judges these numbers; every level it uses is declared here, once, with the
+# reason for it, taken from the committed records (studies/results/): the recipes and CapFilt studies' test
+# evaluations (1,000 Flickr8k test images) and the GPU run's training log and validation lines (500 dev images).
+SEVERITIES = ("info", "warning", "error")  # a finding's severity, mildest first
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One level of one diagnosis finding: the finding fires with `severity` when the registry key `key` passes
+    `level` as `test` says ("{level}" in it stands for the level, shown in `unit`: "metric" the key's own
+    format, "share" a percentage, "factor" a plain number); `reason` says why this level."""
+
+    finding: str
+    key: str
+    level: float
+    severity: str
+    test: str
+    reason: str
+    unit: Literal["metric", "share", "factor"] = "metric"
+    subject: str = ""  # which of the finding's kinds it judges, where one finding has several (a loss spike, ...)
+
+    def level_text(self) -> str:
+        if self.unit == "share":
+            return f"{self.level:.0%}"
+        if self.unit == "factor":
+            return f"{self.level:g}"
+        return metric(self.key).format(self.level)
+
+    def condition(self) -> str:
+        """The test with its level filled in, e.g. "≥ 0.320"."""
+        return self.test.format(level=self.level_text())
+
+
+THRESHOLDS: tuple[Threshold, ...] = (
+    Threshold("token-repeat collapse", "repetition_rate", 0.32, "warning", "≥ {level}",
+              "the original recipe's test captions repeat 0.34-0.50 of their words (greedy; beam 0.37-0.46), every "
+              "other recorded recipe's 0.22-0.30 (greedy), human captions (nearest-neighbour row) 0.12-0.13"),
+    Threshold("token-repeat collapse", "repetition_rate", 0.60, "error", "≥ {level}",
+              "no recorded run reaches it (worst: noisy-data CapFilt greedy, 0.52); the write-up's "
+              "\"carriages carriages ...\" captions, most of whose words repeat, do"),
+    Threshold("token-repeat collapse", "longest_run", 1.5, "warning", "≥ {level}",
+              "the recorded runs' mean longest run is 1.00-1.08 (a few looping captions in 1,000); 1.5 means "
+              "every other caption repeats a word back to back"),
+    Threshold("token-repeat collapse", "max_longest_run", 4, "info", "≥ {level}",
+              "two CapFilt runs' greedy captions (clean and bootstrapped data, seed 2) hold a loop of one word 14 "
+              "times; every other recorded strategy's longest run is 1-3"),
+    Threshold("caption collapse", "top_caption_share", 0.10, "warning", "≥ {level}",
+              "human captions (nearest-neighbour row) give their most common caption to 0.8-1.6 % of the test "
+              "images, the tuned recipe's greedy and beam captions to at most 8.5 %, the original recipe's greedy "
+              "captions to 9.1-21.3 %"),
+    Threshold("caption collapse", "top_caption_share", 0.50, "error", "≥ {level}",
+              "one caption for half the images: only the text-only pretraining stage (no image input: 100 %) and "
+              "the most-frequent row (by construction) get there; the worst image-conditioned run, 29.5 %"),
+    Threshold("no better than a reference row", "most-frequent_cider", 0.0, "error",
+              "best strategy's CIDEr minus the row's ≤ {level}",
+              "every recorded run's best strategy beats the most-frequent row (CIDEr 0.062-0.067) by 0.020 (the "
+              "text-only stage) to 0.150; at or below it, the captions say no more than one fixed sentence"),
+    Threshold("no better than a reference row", "nearest-neighbour_cider", 0.0, "warning",
+              "best strategy's CIDEr minus the row's ≤ {level}",
+              "every recorded run's best strategy beats the nearest-neighbour row (by 0.007 to 0.121); the GPU "
+              "run's first epoch did not (beam 0.125, row 0.146): retrieving training captions did as well"),
+    Threshold("alignment near chance", "i2t_r1", 3, "warning",
+              "R@1 of both directions ≤ {level} × chance (100/N %)", unit="factor", reason=(
+                  "a random ranking finds 1 image in N; the recorded runs' better direction reaches 4.4-16 x chance "
+                  "on 1,000 test images, the GPU run's 7-20 x on 500; within 3 x a few hits are counting noise")),
+    Threshold("alignment near chance", "i2t_r1", 1.5, "error",
+              "R@1 of both directions ≤ {level} × chance (100/N %)", unit="factor", reason=(
+                  "as good as a random ranking: the ITC embeddings have learned no image-text alignment")),
+    Threshold("alignment near chance", "itc_match_auc", 0.60, "warning", "≤ {level}",
+              "the recorded runs' ITC match AUC is 0.70-0.81 (the GPU run's 0.72-0.79); 0.5 is chance"),
+    Threshold("alignment near chance", "itc_match_auc", 0.55, "error", "≤ {level}",
+              "within 0.05 of chance (0.5): ITC cannot tell an image's own caption from another image's"),
+    Threshold("ITM at chance", "itm_match_auc", 0.60, "warning", "≤ {level}",
+              "the recorded ITM heads reach 0.59 (decoder-pretrained recipe, seed 0: its ITC does better, 0.73) to "
+              "0.79 (the CapFilt filters 0.68-0.79)"),
+    Threshold("ITM at chance", "itm_match_auc", 0.55, "error", "≤ {level}",
+              "within 0.05 of chance (0.5): a CapFilt filter with this head keeps and drops captions at random"),
+    Threshold("over-confidence", "val_loss", 0.05, "info", "a validation loss ≥ {level} above its minimum",
+              unit="share", reason=(
+                  "the GPU run's validation ITC loss rose 4.6 % one epoch after its minimum (3.57, epoch 3) and "
+                  "25.6 % by epoch 8 (4.48), while its dev ranking kept improving; 5 % leaves a one-epoch wobble out")),
+    Threshold("memorisation", "rsum", 0.10, "warning",
+              "a dev ranking metric (R sum, text→image R@1, match AUC above 0.5) ≥ {level} below its best, with "
+              "a validation loss risen", unit="share", reason=(
+                  "while its validation ITC loss rose 26 %, the GPU run's rsum, text→image R@1 and ITC match AUC "
+                  "stayed within 0.8 %, 1.3 % and 4.5 % of their best: smaller falls are the noise of 500 images")),
+    Threshold("memorisation", "cider", 0.20, "warning",
+              "the best strategy's CIDEr ≥ {level} below its best, with the validation LM loss risen", unit="share",
+              reason=("CIDEr of 200 captioned images moves more: the GPU run's best-strategy CIDEr fell 10.8 % "
+                      "(0.265 to 0.236) in its last epoch while every ranking metric held")),
+    Threshold("optimisation fault", "loss", 1.5, "warning", "≥ {level} × the median of the 10 lines before",
+              unit="factor", subject="loss spike", reason=(
+                  "none of the GPU run's 378 training lines exceeds the median of the 10 before it by more than "
+                  "3.2 %; a loss half as high again is a blow-up starting, not noise")),
+    Threshold("optimisation fault", "grad_norm", math.inf, "error", "not finite (NaN or infinite)",
+              subject="non-finite", reason=(
+                  "a NaN or infinite loss or gradient norm stops the trainer (NonFiniteLossError); no recorded run "
+                  "had one")),
+    Threshold("optimisation fault", "lr", 0.05, "info",
+              "≤ its floor + {level} of (peak − floor), the training loss still falling", unit="share",
+              subject="learning rate at its floor", reason=(
+                  "a cosine schedule spends its last 14 % of steps within 5 % of its floor: a loss still falling "
+                  "there was stopped by the schedule, not by convergence")),
+    Threshold("optimisation fault", "loss", 0.02, "info",
+              "falling ≥ {level} from the first half of the stretch at the floor to the second", unit="share",
+              subject="learning rate at its floor", reason=(
+                  "the GPU run's training loss still fell 3.5 % over its eighth epoch (5.69 to 5.49): 2 % over the "
+                  "last stretch is still learning")),
+    Threshold("starved step", "data_wait_share", 0.30, "warning", "median over the training lines ≥ {level}",
+              "no committed record logs it yet (the GPU run predates it); the test suite's tiny CPU runs, whose "
+              "batches are built inside the training loop, wait 2-38 %: a third of the time is the loader, "
+              "not the model, setting the pace"),
+)
+
+
+def thresholds(finding: str, key: str | None = None, subject: str = "") -> list[Threshold]:
+    """The declared thresholds of a finding (of one key, of one subject), most severe first."""
+    found = [t for t in THRESHOLDS
+             if t.finding == finding and (key is None or t.key == key) and (not subject or t.subject == subject)]
+    if not found:
+        raise ValueError(f"no threshold declared for {finding!r}" + (f" on {key!r}" if key else ""))
+    return sorted(found, key=lambda t: -SEVERITIES.index(t.severity))
 
 
 _PUNCTUATION = string.punctuation

@@ -5,6 +5,9 @@ with image-text contrast (ITC), language modelling (LM) and optionally image-tex
     cfg = BlipConfig.preset("seed"); model = BLIP(cfg); tok = load_tokenizer()
     out = model(images, input_ids, attention_mask)  # {'loss', 'itc', 'lm'[, 'itm']}
 
+With model.mae the model is the ViT and a masked-autoencoder decoder only (image pretraining, blipcore.mae): its
+forward reads the images alone and returns {'mae', 'loss'}.
+
 `input_ids` are the tokenizer's [CLS] caption [SEP] (right-padded). The model derives the other two
 views itself: [ENC] caption for ITM, and [DEC] prompt caption for the decoder, whose prompt tokens
 and padding are excluded from the LM loss.
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from . import losses
 from .config import BlipConfig, ModelConfig
 from .layers import DropPath, init_weights
+from .mae import EVAL_MASK_SEED, MAEDecoder, masked_autoencoder_loss
 from .text import KVCache, TextDecoder, TextEncoder
 from .tokenizer import load_tokenizer, special_ids
 from .vision import VisionTransformer
@@ -54,6 +58,11 @@ class BLIP(nn.Module):
         self.register_buffer("prompt_ids", torch.tensor(prompt_ids, dtype=torch.long), persistent=False)
 
         self.visual_encoder = VisionTransformer(m)
+        self.use_itc, self.use_lm, self.use_itm = m.itc_weight > 0, m.lm_weight > 0, m.itm_weight > 0
+        if m.mae:  # image pretraining: the ViT and the decoder that fills in its hidden patches, no text tower
+            self.word_embeddings = None
+            self.mae_decoder = MAEDecoder(m)
+            return
         if m.vocabulary == "captions":
             if word_pieces is not None and len(word_pieces) != m.vocab_size:
                 raise ValueError(f"{len(word_pieces)} word pieces for model.vocab_size={m.vocab_size}")
@@ -62,7 +71,6 @@ class BLIP(nn.Module):
         else:
             self.word_embeddings = nn.Embedding(m.vocab_size, m.text_width, padding_idx=self.ids["pad"])
         init_weights(self.word_embeddings)
-        self.use_itc, self.use_lm, self.use_itm = m.itc_weight > 0, m.lm_weight > 0, m.itm_weight > 0
         if self.use_itc or self.use_itm:
             self.text_encoder = TextEncoder(m, self.word_embeddings, multimodal=self.use_itm)
         if self.use_itc:
@@ -190,8 +198,14 @@ class BLIP(nn.Module):
 
         images (B, 3, S, S); input_ids, attention_mask (B, L) from the tokenizer; image_ids (B,)
         says which pairs show the same image (two captions of one image are not negatives of each
-        other). Returns {'loss': weighted sum, and each active term: 'itc', 'lm', 'itm'}.
+        other). Returns {'loss': weighted sum, and each active term: 'itc', 'lm', 'itm'}; with model.mae,
+        {'mae', 'loss'} of the images alone (in eval mode on masks of a fixed seed: blipcore.mae).
         """
+        if self.cfg.mae:
+            generator = None if self.training else torch.Generator(images.device).manual_seed(EVAL_MASK_SEED)
+            loss = masked_autoencoder_loss(self.visual_encoder, self.mae_decoder, images,
+                                           self.cfg.mae_visible_patches(), generator)
+            return {"mae": loss, "loss": loss}
         if image_ids is None:
             rank = torch.distributed.get_rank() if self.training and losses.is_distributed() else 0
             image_ids = torch.arange(len(images), device=images.device) + rank * len(images)

@@ -27,12 +27,9 @@ The trainer and the dashboard go through RunDir for every path here.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -53,12 +50,20 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import BlipConfig
+from .io import (
+    STALE_TEMPORARY_PATTERN,
+    FileError,
+    atomic_write_bytes,
+    atomic_write_json,
+    jsonable,
+    sha256_bytes,
+    sha256_file,
+    writing,
+)
 from .metrics import is_number
 
 FORMAT_VERSION = 1
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# What atomic_write_bytes leaves behind when its process is killed mid-write: ".<name>.<8 random chars>.tmp"
-STALE_TEMPORARY_PATTERN = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 # What a run folder holds (everything `--overwrite` deletes); the lock file stays, it belongs to the trainer.
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "embeddings", "eval", "projections")
 LOCK_FILE = "trainer.lock"
@@ -68,87 +73,13 @@ STUDY_TABLE = "study.json"
 STUDY_PLAN = "plan.toml"
 
 
-class RunError(Exception):
+class RunError(FileError):
     """A run directory is missing, unreadable, from another format version, cannot be written, or would be
     overwritten."""
 
 
 class CheckpointError(RunError):
     """A checkpoint is missing, truncated, corrupted, or made for another model configuration."""
-
-
-# --- atomic files ------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Turn an OSError while writing `path` (disk full, read-only or missing folder) into a RunError."""
-    try:
-        yield
-    except OSError as err:
-        raise RunError(
-            f"{path}: cannot be written ({err.strerror or err}); the files written before it are intact. "
-            "Free disk space or fix the folder's permissions, then resume the run"
-        ) from err
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old file or the new one, never half of one.
-    A failed write raises RunError and leaves the old file as it was."""
-    path = Path(path)
-    with _writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_jsonable(value), indent=2, sort_keys=True) + "\n").encode())
-
-
-def _jsonable(value: Any) -> Any:
-    """Tensors, numpy scalars and non-finite floats made JSON-safe (NaN/inf become null)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -406,7 +337,8 @@ class RunDir:
         return _usable_config(self.read_info().get("config"), self.run_json, RunError)
 
     def write_info(self, info: dict[str, Any]) -> None:
-        atomic_write_json(self.run_json, {**info, "format_version": FORMAT_VERSION, "updated_at": now()})
+        atomic_write_json(self.run_json, {**info, "format_version": FORMAT_VERSION, "updated_at": now()},
+                          error=RunError)
 
     def update_info(self, **fields: Any) -> dict[str, Any]:
         info = {**self.read_info(), **fields}
@@ -416,8 +348,8 @@ class RunDir:
     # --- metrics.jsonl -------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one line in a single write and fsync it (RunError if it cannot be written)."""
-        line = json.dumps(_jsonable({**record, "time": record.get("time", time.time())}), sort_keys=True) + "\n"
-        with _writing(self.metrics_file):
+        line = json.dumps(jsonable({**record, "time": record.get("time", time.time())}), sort_keys=True) + "\n"
+        with writing(self.metrics_file, RunError):
             self.path.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_file, "ab") as f:
                 f.write(line.encode())
@@ -432,7 +364,8 @@ class RunDir:
         """Drop lines logged after `after_step` (a resumed run logs those steps again), and lines without
         a numeric step."""
         kept = [r for r in self.read_metrics() if is_number(r.get("step")) and r["step"] <= after_step]
-        atomic_write_bytes(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        kept_lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write_bytes(self.metrics_file, kept_lines.encode(), error=RunError)
 
     # --- epoch checkpoints ---------------------------------------------------------------------
     def checkpoint_paths(self, epoch: int) -> tuple[Path, Path]:
@@ -447,9 +380,9 @@ class RunDir:
         (a step budget that ended there)."""
         weights_path, sidecar_path = self.checkpoint_paths(epoch)
         data = encode_weights(model, {"format_version": str(FORMAT_VERSION), "epoch": str(epoch), "step": str(step)})
-        with _writing(sidecar_path):
+        with writing(sidecar_path, RunError):
             sidecar_path.unlink(missing_ok=True)
-        atomic_write_bytes(weights_path, data)
+        atomic_write_bytes(weights_path, data, error=RunError)
         meta = {
             "format_version": FORMAT_VERSION,
             "epoch": epoch,
@@ -462,7 +395,8 @@ class RunDir:
             "metrics": metrics,
             "created_at": now(),
         }
-        atomic_write_json(sidecar_path, meta)  # written last: its presence marks a complete checkpoint
+        # written last: its presence marks a complete checkpoint
+        atomic_write_json(sidecar_path, meta, error=RunError)
         return Checkpoint(epoch, step, weights_path, sidecar_path, meta)
 
     def checkpoints(self) -> list[Checkpoint]:
@@ -550,7 +484,7 @@ class RunDir:
     def save_embeddings(self, epoch: int, arrays: dict[str, np.ndarray]) -> None:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
-        atomic_write_bytes(self.embeddings_path(epoch), buffer.getvalue())
+        atomic_write_bytes(self.embeddings_path(epoch), buffer.getvalue(), error=RunError)
 
     def load_embeddings(self, epoch: int) -> dict[str, np.ndarray]:
         """The arrays of an embeddings file; RunError when it is missing, damaged, not an .npz archive,
@@ -582,12 +516,12 @@ class RunDir:
 
     def save_eval(self, epoch: int, result: dict[str, Any], split: str = "val") -> None:
         atomic_write_json(self.eval_path(epoch, split),
-                          {**result, "format_version": FORMAT_VERSION, "epoch": epoch, "split": split})
+                          {**result, "format_version": FORMAT_VERSION, "epoch": epoch, "split": split}, error=RunError)
 
     def save_step_eval(self, step: int, result: dict[str, Any]) -> None:
         """An evaluation inside an epoch (train.eval_every_steps): early collapse shows up here."""
         path = self.eval_dir / f"step_{step:08d}.json"
-        atomic_write_json(path, {**result, "format_version": FORMAT_VERSION, "step": step})
+        atomic_write_json(path, {**result, "format_version": FORMAT_VERSION, "step": step}, error=RunError)
 
     def load_eval(self, epoch: int, split: str = "val") -> dict[str, Any]:
         return read_json(self.eval_path(epoch, split), f"{split} evaluation of epoch {epoch}")
@@ -619,7 +553,7 @@ class RunDir:
         """Cache a layout (RunError when the run folder cannot be written: the caller goes on uncached)."""
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        atomic_write_bytes(self.projection_path(method, epoch), buffer.getvalue())
+        atomic_write_bytes(self.projection_path(method, epoch), buffer.getvalue(), error=RunError)
 
     def load_projection(self, method: str, epoch: int) -> dict[str, np.ndarray] | None:
         """A cached layout's arrays, or None when there is none or it cannot be read (then it is recomputed)."""
@@ -679,7 +613,7 @@ class RunDir:
                 raise RunError(f"{self.path} already holds a {status} run: {hint}, or pass --overwrite to replace it")
             for name in RUN_FILES:
                 target = self.path / name
-                with _writing(target):
+                with writing(target, RunError):
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         self.remove_stale_temporaries()
         try:
@@ -708,13 +642,13 @@ class RunDir:
         step = position["step"]
         names = {"weights": f"model-step{step:08d}-{weights_sha[:12]}.safetensors",
                  "optimizer": f"optimizer-step{step:08d}-{extra_sha[:12]}.pt"}
-        atomic_write_bytes(self.last_dir / names["weights"], weights)
-        atomic_write_bytes(self.last_dir / names["optimizer"], extra)
+        atomic_write_bytes(self.last_dir / names["weights"], weights, error=RunError)
+        atomic_write_bytes(self.last_dir / names["optimizer"], extra, error=RunError)
         atomic_write_json(self.last_dir / STATE_FILE, {
             "format_version": FORMAT_VERSION, **position, **names,
             "weights_sha256": weights_sha, "optimizer_sha256": extra_sha,
             "config": cfg.to_dict(), "saved_at": now(),
-        })
+        }, error=RunError)
         for stale in self.last_dir.iterdir():
             if stale.name not in (*names.values(), STATE_FILE) and not stale.name.startswith("."):
                 stale.unlink(missing_ok=True)

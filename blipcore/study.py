@@ -109,6 +109,7 @@ import json
 import math
 import re
 import statistics
+import tempfile
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,7 +119,9 @@ from typing import Any
 from . import metrics as M
 from .config import BlipConfig, load_preset
 from .data.derived import CAPFILT_SUMMARY
-from .runs import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, atomic_write_bytes, atomic_write_json, read_json
+from .flops import training_step_flops
+from .io import atomic_write_bytes, atomic_write_json
+from .runs import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, read_json
 
 # The table's columns, from the registry: what evaluations log per strategy, R@1 both ways, and how well ITC
 # and ITM tell an image's own caption from another image's.
@@ -159,18 +162,35 @@ class Stage:
 
 @dataclass
 class Target:
-    """A level the plan's variants should reach: `metric` at least `value` (at most, for a lower-is-better metric),
-    or, with `above`, better than reference row `above` by at least `by` and by more than two standard deviations
-    over seeds. Judged on each run's reported number (its dev-chosen checkpoint and decoding strategy)."""
+    """A level the plan's variants should reach, judged on each run's reported number (its dev-chosen checkpoint
+    and decoding strategy), mean over seeds. One of:
+    - `value`: `metric` at least `value` (at most, for a lower-is-better metric);
+    - `above` a reference row (metrics.REFERENCE_ROWS): better than the row by at least `by`, and by more than two
+      standard deviations over seeds (of the variant and of the row);
+    - `above` another variant ("stage/variant"): better by at least `by` and by more than two pooled standard
+      deviations over seeds, and its worst seed better than the other's best (a remedy that "helped");
+    - `not_below` another variant: not worse than it by more than two pooled standard deviations."""
     metric: str
     value: float | None = None
-    above: str | None = None  # a reference row (metrics.REFERENCE_ROWS)
+    above: str | None = None  # a reference row, or a "stage/variant" of the plan
     by: float = 0.0
+    not_below: str | None = None  # a "stage/variant" of the plan
+
+    @property
+    def other_variant(self) -> str | None:
+        """The "stage/variant" this target compares with, if any."""
+        if self.not_below is not None:
+            return self.not_below
+        return self.above if self.above is not None and "/" in self.above else None
 
     def describe(self) -> str:
         declared = M.metric(self.metric)
+        if self.not_below is not None:
+            return f"{declared.label} not below {self.not_below} (by > 2 sd)"
         if self.above is None:
             return f"{declared.label} {'≥' if declared.better == 'higher' else '≤'} {declared.format(self.value)}"
+        if self.other_variant is not None:
+            return f"{declared.label} {declared.format(self.by)} better than {self.above}, by > 2 sd, every seed"
         return f"{declared.label} {declared.format(self.by)} better than {self.above}, by > 2 sd"
 
 
@@ -196,6 +216,7 @@ class Plan:
     stages: list[Stage]
     recovery: Recovery | None = None
     targets: list[Target] = field(default_factory=list)
+    reference: str | None = None  # "stage/variant" whose cost the table gives the others' as a ratio of
 
     def base_config(self) -> BlipConfig:
         return load_preset(self.preset).override(self.overrides)
@@ -217,9 +238,10 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
     def fail(message: str) -> PlanError:
         return PlanError(f"{source}: {message}")
 
-    unknown = sorted(set(table) - {"name", "preset", "seeds", "set", "stage", "recovery", "target"})
+    known = ("name", "preset", "seeds", "set", "stage", "recovery", "target", "reference")
+    unknown = sorted(set(table) - set(known))
     if unknown:
-        raise fail(f"unknown key(s) {', '.join(unknown)} (known: name, preset, seeds, set, stage, recovery, target)")
+        raise fail(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})")
     seeds = table.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise fail(f"seeds must be a non-empty list of whole numbers >= 0, got {seeds!r}")
@@ -259,7 +281,13 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
     raw_targets = table.get("target", [])
     if not isinstance(raw_targets, list):
         raise fail("targets are [[target]] tables")
-    plan.targets = [_parse_target(raw, index, fail) for index, raw in enumerate(raw_targets)]
+    variants = {f"{s.name}/{v}" for s in stages if s.trains for v in s.variants}
+    plan.targets = [_parse_target(raw, index, variants, fail) for index, raw in enumerate(raw_targets)]
+    if "reference" in table:
+        if table["reference"] not in variants:
+            raise fail(f"reference = {table['reference']!r} is not a stage/variant of the plan "
+                       f"({', '.join(sorted(variants))})")
+        plan.reference = table["reference"]
     return plan
 
 
@@ -344,14 +372,21 @@ def _judged_metric(key: Any, where: str, fail: Callable[[str], PlanError]) -> st
     return key
 
 
-def _parse_target(raw: Any, index: int, fail: Callable[[str], PlanError]) -> Target:
+def _parse_target(raw: Any, index: int, variants: set[str], fail: Callable[[str], PlanError]) -> Target:
     where = f"[[target]] {index + 1}"
     if not isinstance(raw, dict):
         raise fail(f"{where} must be a table")
-    unknown = sorted(set(raw) - {"metric", "value", "above", "by"})
+    unknown = sorted(set(raw) - {"metric", "value", "above", "by", "not_below"})
     if unknown:
-        raise fail(f"{where}: unknown key(s) {', '.join(unknown)} (known: metric, value, above, by)")
+        raise fail(f"{where}: unknown key(s) {', '.join(unknown)} (known: metric, value, above, by, not_below)")
     key = _judged_metric(raw.get("metric"), where, fail)
+    if "not_below" in raw:
+        if set(raw) - {"metric", "not_below"}:
+            raise fail(f"{where}: not_below takes no value, above or by")
+        if raw["not_below"] not in variants:
+            raise fail(f"{where}: not_below = {raw['not_below']!r} is not a stage/variant of the plan "
+                       f"({', '.join(sorted(variants))})")
+        return Target(key, not_below=raw["not_below"])
 
     def number(name: str) -> float:
         value = raw[name]
@@ -365,9 +400,10 @@ def _parse_target(raw: Any, index: int, fail: Callable[[str], PlanError]) -> Tar
         if "by" in raw:
             raise fail(f"{where}: by is a margin over a reference row (above = ...), not a level's")
         return Target(key, value=number("value"))
-    if raw["above"] not in M.REFERENCE_ROWS:
-        raise fail(f"{where}: above = {raw['above']!r} is not a reference row ({', '.join(M.REFERENCE_ROWS)})")
-    if key not in TABLE_METRICS:
+    if raw["above"] not in M.REFERENCE_ROWS and raw["above"] not in variants:
+        raise fail(f"{where}: above = {raw['above']!r} is neither a reference row ({', '.join(M.REFERENCE_ROWS)}) "
+                   f"nor a stage/variant of the plan ({', '.join(sorted(variants))})")
+    if raw["above"] in M.REFERENCE_ROWS and key not in TABLE_METRICS:
         raise fail(f"{where}: a reference row has no {key} (a captioning or collapse metric is judged above a row)")
     by = number("by") if "by" in raw else 0.0
     if by < 0:
@@ -389,7 +425,11 @@ def evaluate_on_test(run: RunDir, epoch: int, strategies: list[str]) -> dict[str
 
 
 def dev_choice(run: RunDir) -> tuple[int, str] | None:
-    """(epoch, strategy) of the run's highest validation CIDEr over its epoch evaluations; None before one."""
+    """(epoch, strategy) of the run's highest validation CIDEr over its epoch evaluations; None before one. An
+    image-only run (model.mae, image pretraining) writes no caption: its last epoch, strategy ""."""
+    if run.config().model.mae:
+        epochs = run.eval_epochs()
+        return (epochs[-1], "") if epochs else None
     best: tuple[float, int, str] | None = None
     for epoch in run.eval_epochs():
         for name, entry in run.load_eval(epoch).get("strategies", {}).items():
@@ -403,12 +443,13 @@ def reported_evaluation(run: RunDir, test: TestFn | None = None) -> tuple[int, s
     """(epoch, split, dev-chosen strategy, evaluation) that the table reports for a run: the test evaluation of
     its dev-chosen epoch when its data has a test split (made with `test` when missing and `test` is given),
     else that epoch's validation evaluation. None before the run's first evaluation, or while its test
-    evaluation is missing and `test` is None."""
+    evaluation is missing and `test` is None. An image-only run reports its validation evaluation (its losses):
+    it has no caption or retrieval for a test evaluation to measure."""
     choice = dev_choice(run)
     if choice is None:
         return None
     epoch, strategy = choice
-    if not run.config().data.test_annotations:
+    if not run.config().data.test_annotations or run.config().model.mae:
         return epoch, "val", strategy, run.load_eval(epoch)
     if run.eval_path(epoch, "test").is_file():
         return epoch, "test", strategy, run.load_eval(epoch, "test")
@@ -654,8 +695,8 @@ def numbers_only(evaluation: dict[str, Any]) -> dict[str, Any]:
 
 # The training log a record keeps: at most this many lines (every k-th, and the last), of these numbers.
 HISTORY_TRAIN_LINES = 200
-HISTORY_TRAIN_KEYS = ("step", "epoch", "loss", "itc", "lm", "itm", "lr", "temperature", "grad_norm", "samples_per_s",
-                      "data_wait_share")
+HISTORY_TRAIN_KEYS = ("step", "epoch", "loss", "itc", "lm", "itm", "mae", "lr", "temperature", "grad_norm",
+                      "samples_per_s", "data_wait_share")
 
 
 def run_history(run: RunDir) -> dict[str, Any]:
@@ -769,24 +810,27 @@ def reported_runs(plan: Plan, study: Path, results: Path | None = None,
 def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
     """One row per (stage, variant, strategy or reference row): mean and spread over the seeds' runs."""
     rows = []
+    ratios = _compute_ratios(plan, reported)
     for stage in (s for s in plan.stages if s.trains):
         for variant in stage.variants:
-            found = list(reported.get((stage.name, variant), {}).values())
+            found = reported.get((stage.name, variant), {})
             by_row: dict[str, list[dict[str, Any]]] = {}
-            for result in found:
+            for seed, result in found.items():
                 evaluation = result.evaluation
                 entries = {**evaluation.get("strategies", {}), **evaluation.get("reference_rows", {})}
                 for name, entry in entries.items():
                     values = {**entry.get("metrics", {}), **evaluation.get("retrieval", {}),
                               **evaluation.get("matching", {}), "epoch": result.epoch,
-                              "minutes": (result.train_seconds or 0) / 60, "chosen": name == result.chosen}
+                              "minutes": (result.train_seconds or 0) / 60, "chosen": name == result.chosen,
+                              "gflops": step_gflops(result.config), "compute_ratio": ratios.get((stage.name, variant,
+                                                                                                seed))}
                     by_row.setdefault(name, []).append(values)
             for name, values in by_row.items():
                 row: dict[str, Any] = {"stage": stage.name, "variant": variant, "decoding": name,
-                                       "split": "/".join(sorted({result.split for result in found})),
+                                       "split": "/".join(sorted({result.split for result in found.values()})),
                                        "seeds": len(values), "chosen_on_dev": sum(v["chosen"] for v in values),
                                        "epochs": sorted({v["epoch"] for v in values})}
-                for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes"):
+                for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes", "gflops", "compute_ratio"):
                     numbers = [v[key] for v in values if M.is_number(v.get(key))]
                     row[key] = statistics.fmean(numbers) if numbers else None
                     row[f"{key}_sd"] = statistics.stdev(numbers) if len(numbers) > 1 else None
@@ -794,9 +838,95 @@ def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
     return rows
 
 
-def run_rows(reported: Reported) -> list[dict[str, Any]]:
-    """One row per counted run: where its numbers come from, what it reported, and what it cost on which
-    machine (the minutes, the CPU model and its measured fp32 matmul rate go beside every run)."""
+def _compute_ratios(plan: Plan, reported: Reported) -> dict[tuple[str, str, int], float]:
+    """Each run's PFLOPs in all as a ratio of the plan's reference variant's (mean over its seeds)."""
+    if plan.reference is None:
+        return {}
+    stage, variant = plan.reference.split("/", 1)
+    references = [v for seed in reported.get((stage, variant), {})
+                  if (v := total_pflops(plan, reported, stage, variant, seed)) is not None]
+    if not references:
+        return {}
+    reference = statistics.fmean(references)
+    return {(s, v, seed): total / reference for (s, v), seeds in reported.items() for seed in seeds
+            if (total := total_pflops(plan, reported, s, v, seed)) is not None}
+
+
+# Word pieces of a caption with [CLS] and [SEP] at which the table counts a step's FLOPs: Flickr8k's captions average
+# about 14; the ratios between variants hardly move with it.
+COST_TEXT_LEN = 16
+
+
+def step_gflops(config: dict[str, Any]) -> float | None:
+    """GFLOPs of one training step of a run's config (blipcore.flops at COST_TEXT_LEN); None for a config that no
+    longer loads."""
+    try:
+        cfg = BlipConfig.from_dict(config)
+    except ValueError:
+        return None
+    return training_step_flops(cfg, cfg.train.batch_size * cfg.train.grad_accum_steps, COST_TEXT_LEN) / 1e9
+
+
+def run_steps(result: RunResult) -> int | None:
+    """The optimiser steps a run took: its training log's last step, else its step budget (train.max_steps)."""
+    lines = result.history.get("train", [])
+    if lines and isinstance(lines[-1].get("step"), int):
+        return lines[-1]["step"]
+    steps = result.config.get("train", {}).get("max_steps")
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
+def total_pflops(plan: Plan, reported: Reported, stage: str, variant: str, seed: int) -> float | None:
+    """PFLOPs a run cost in all: its steps x its step's FLOPs, plus those of the runs it started from (train.init to
+    an earlier stage's run, e.g. an image-only or text-only pretraining); None where any part is unknown."""
+    result = reported.get((stage, variant), {}).get(seed)
+    steps, gflops = (run_steps(result), step_gflops(result.config)) if result is not None else (None, None)
+    if steps is None or gflops is None:
+        return None
+    total = steps * gflops / 1e6
+    overrides = next(s for s in plan.stages if s.name == stage).variants[variant]
+    for ref_stage, ref_variant, ref_seed in _run_references(overrides):
+        earlier = total_pflops(plan, reported, ref_stage, ref_variant, seed if ref_seed is None else ref_seed)
+        if earlier is None:
+            return None
+        total += earlier
+    return total
+
+
+# What the runs table reads from a record's history: key -> label (each the step of a best validation number)
+HISTORY_LABELS = {"evaluations": "evaluations", "val_itc_min_step": "val ITC loss lowest at",
+                  "dev_r1_max_step": "dev R@1 best at", "dev_cider_max_step": "dev CIDEr best at"}
+
+
+def history_steps(history: dict[str, Any]) -> dict[str, Any]:
+    """From a record's history: how many validation evaluations it made and the step of the lowest validation ITC
+    loss, of the best dev R@1 (image-to-text plus text-to-image) and of the best dev CIDEr of any strategy. A
+    validation loss at its lowest well before dev R@1 at its best is over-confidence; both early, memorisation."""
+    evaluations = [e for e in history.get("evaluations", []) if isinstance(e.get("step"), int)]
+
+    def step_of_best(value: Callable[[dict[str, Any]], Any], lowest: bool = False) -> int | None:
+        scored = [(v, e["step"]) for e in evaluations if M.is_number(v := value(e))]
+        if not scored:
+            return None
+        return (min(scored, key=lambda p: p[0]) if lowest else max(scored, key=lambda p: p[0]))[1]
+
+    def r1(e: dict[str, Any]) -> float | None:
+        found = [e.get("retrieval", {}).get(key) for key in ("i2t_r1", "t2i_r1")]
+        return sum(found) if all(M.is_number(v) for v in found) else None
+
+    def cider(e: dict[str, Any]) -> float | None:
+        found = [entry.get("metrics", {}).get("cider") for entry in e.get("strategies", {}).values()]
+        return max((v for v in found if M.is_number(v)), default=None)
+
+    return {"evaluations": len(evaluations) or None,
+            "val_itc_min_step": step_of_best(lambda e: e.get("losses", {}).get("val_itc"), lowest=True),
+            "dev_r1_max_step": step_of_best(r1), "dev_cider_max_step": step_of_best(cider)}
+
+
+def run_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
+    """One row per counted run: where its numbers come from, what it reported, what it cost on which machine (the
+    minutes, the CPU model and its measured fp32 matmul rate, the FLOPs of a step and of the whole run) and, from
+    its history, when its validation numbers were at their best."""
     rows = []
     for (stage, variant), seeds in reported.items():
         for seed, result in sorted(seeds.items()):
@@ -807,7 +937,10 @@ def run_rows(reported: Reported) -> list[dict[str, Any]]:
                          "samples_per_s": result.samples_per_s,
                          "device": device.get("cpu_model") or device.get("name"),
                          "matmul_fp32_gflops": device.get("matmul_fp32_gflops"),
-                         "git_revision": code_revisions(result.machine), "differs": result.differs})
+                         "git_revision": code_revisions(result.machine), "differs": result.differs,
+                         "gflops": step_gflops(result.config),
+                         "pflops": total_pflops(plan, reported, stage, variant, seed),
+                         **history_steps(result.history)})
     return rows
 
 
@@ -825,19 +958,17 @@ def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The counted runs as a Markdown table (empty without any)."""
     if not rows:
         return ""
-
-    def number(value: Any, digits: int) -> str:
-        return "-" if not M.is_number(value) else f"{value:.{digits}f}"
-
-    lines = ["", "Runs: where each number comes from (run = its folder here, record = its results file) and what "
-             "it cost", "", "| run | from | reported | minutes | samples/s | device | fp32 matmul GFLOP/s | "
-             "revision | settings the plan no longer gives |", "|" + "---|" * 9]
-    for row in rows:
-        lines.append(f"| {row['run']} | {row['source']} | {row['split']} epoch {row['epoch']}, {row['chosen']} | "
-                     f"{number(row['minutes'], 1)} | {number(row['samples_per_s'], 1)} | {row['device'] or '-'} | "
-                     f"{number(row['matmul_fp32_gflops'], 0)} | {row['git_revision'] or '-'} | "
-                     f"{', '.join(row['differs']) or '-'} |")
-    return "\n".join(lines) + "\n"
+    headers = ["run", "from", "reported", "minutes", "samples/s", "device", "fp32 matmul GFLOP/s", "revision",
+               "GFLOP a step", "PFLOP in all", *HISTORY_LABELS.values(), "settings the plan no longer gives"]
+    body = [[row["run"], row["source"], f"{row['split']} epoch {row['epoch']}" + (f", {row['chosen']}" if row["chosen"]
+                                                                                    else ""),
+             _number(row["minutes"], 1), _number(row["samples_per_s"], 1), row["device"],
+             _number(row["matmul_fp32_gflops"], 0), row["git_revision"] or None, _number(row["gflops"], 1),
+             _number(row["pflops"], 2), *(row[key] for key in HISTORY_LABELS), ", ".join(row["differs"]) or None]
+            for row in rows]
+    return markdown(headers, body, "Runs: where each number comes from (run = its folder here, record = its results "
+                                   "file), what it cost, and when its validation numbers were at their best (steps; "
+                                   "- where the record keeps no history)")
 
 
 def filter_rows(plan: Plan, study: Path, results: Path | None = None) -> list[dict[str, Any]]:
@@ -957,14 +1088,11 @@ def recovery_markdown(summary: dict[str, Any] | None) -> str:
 
     share = "-" if summary["share"] is None else f"{100 * summary['share']:.0f}%"
     heads = [f"{summary[name]['run']} ({name})" for name in RECOVERY_ROLES]
-    return "\n".join([
-        "", f"Recovery in {declared.label}: each run's dev-chosen checkpoint and decoding, mean ± sd over seeds", "",
-        "| " + " | ".join([*heads, "cost", "won back", "share won back", "target", "verdict"]) + " |",
-        "|" + "---|" * 8,
-        "| " + " | ".join([*(role(name) for name in RECOVERY_ROLES), declared.format(summary["cost"]),
-                           declared.format(summary["won_back"]), share, f"{100 * summary['target']:.0f}%",
-                           summary["verdict"]]) + " |",
-    ]) + "\n"
+    row = [*(role(name) for name in RECOVERY_ROLES), declared.format(summary["cost"]),
+           declared.format(summary["won_back"]), share, f"{100 * summary['target']:.0f}%", summary["verdict"]]
+    return markdown([*heads, "cost", "won back", "share won back", "target", "verdict"], [row],
+                    f"Recovery in {declared.label}: each run's dev-chosen checkpoint and decoding, mean ± sd over "
+                    "seeds")
 
 
 def target_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
@@ -972,17 +1100,82 @@ def target_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
     rows = []
     for stage in (s for s in plan.stages if s.trains):
         for variant in stage.variants:
-            results = reported.get((stage.name, variant), {})
-            if not results:
+            results = {seed: r for seed, r in reported.get((stage.name, variant), {}).items() if r.chosen}
+            if not results:  # none yet, or an image-only run (no captions, no retrieval): nothing to judge
                 continue
             for target in plan.targets:
+                if target.other_variant == f"{stage.name}/{variant}":
+                    continue  # a variant is not judged against itself
                 values = {seed: v for seed, result in results.items()
                           if (v := reported_value(result, target.metric)) is not None}
-                references = {} if target.above is None else {
-                    seed: v for seed, result in results.items()
-                    if (v := reported_value(result, target.metric, target.above)) is not None}
-                rows.append({"run": f"{stage.name}/{variant}", **judge_target(target, values, references)})
+                if target.other_variant is not None:
+                    other = reported.get(tuple(target.other_variant.split("/", 1)), {})
+                    references = {seed: v for seed, result in other.items()
+                                  if (v := reported_value(result, target.metric)) is not None}
+                    judged = judge_against_variant(target, values, references)
+                else:
+                    references = {} if target.above is None else {
+                        seed: v for seed, result in results.items()
+                        if (v := reported_value(result, target.metric, target.above)) is not None}
+                    judged = judge_target(target, values, references)
+                rows.append({"run": f"{stage.name}/{variant}", **judged})
     return rows
+
+
+def pooled_sd(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """The pooled sample standard deviation of two groups of seeds; None unless each has 2 or more."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    squares = (len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)
+    return math.sqrt(squares / (len(a) + len(b) - 2))
+
+
+def judge_against_variant(target: Target, values: dict[int, float], others: dict[int, float]) -> dict[str, Any]:
+    """One variant against another variant of the plan (`target.above` or `target.not_below`), on each side's
+    seeds (they need not be the same seeds). "above": met when the mean is better by at least `by` and by more than
+    two pooled standard deviations, and the worst seed beats the other's best. "not_below": met unless the mean is
+    worse by more than two pooled standard deviations. One seed on either side cannot show a spread: "not decided",
+    unless the margin already decides it (an "above" margin under `by`; a "not_below" margin of 0 or more)."""
+    summary = _target_summary(target, values)
+    if not values or not others:
+        summary["verdict"] = f"no value: {'its runs' if not values else target.other_variant} reported no number"
+        return summary
+    sign = 1.0 if M.metric(target.metric).better == "higher" else -1.0
+    summary["reference_mean"] = statistics.fmean(others.values())
+    summary["margin"] = margin = sign * (summary["mean"] - summary["reference_mean"])
+    spread = pooled_sd(list(values.values()), list(others.values()))
+    summary["two_sd"] = None if spread is None else 2 * spread
+    if target.not_below is not None:
+        if margin >= 0:
+            summary["verdict"] = "met"
+        elif spread is None:
+            summary["verdict"] = "not decided: two standard deviations over seeds need 2 or more seeds on each side"
+        else:
+            summary["verdict"] = "missed: worse by more than two standard deviations" if -margin > 2 * spread \
+                else "met: within two standard deviations"
+        return summary
+    worst, best_other = min(sign * v for v in values.values()), max(sign * v for v in others.values())
+    if margin < target.by or margin <= 0:
+        summary["verdict"] = "missed"
+    elif spread is None:
+        summary["verdict"] = "not decided: two standard deviations over seeds need 2 or more seeds on each side"
+    elif margin <= 2 * spread:
+        summary["verdict"] = "missed: the margin is within two standard deviations over seeds"
+    elif worst <= best_other:
+        summary["verdict"] = "missed: its worst seed does not beat the other's best"
+    else:
+        summary["verdict"] = "met"
+    return summary
+
+
+def _target_summary(target: Target, values: dict[int, float]) -> dict[str, Any]:
+    """What every judged target row holds before its verdict: the target, the seeds' values, mean and sd."""
+    return {"target": target.describe(), "metric": target.metric, "level": target.value, "above": target.above,
+            "by": target.by if target.above else None, "not_below": target.not_below,
+            "values": {str(seed): v for seed, v in values.items()}, "seeds": len(values),
+            "mean": statistics.fmean(values.values()) if values else None,
+            "sd": statistics.stdev(values.values()) if len(values) > 1 else None,
+            "reference_mean": None, "margin": None, "margins": None, "two_sd": None}
 
 
 def judge_target(target: Target, values: dict[int, float], references: dict[int, float] | None = None
@@ -990,12 +1183,7 @@ def judge_target(target: Target, values: dict[int, float], references: dict[int,
     """One variant against one target. `values`: each seed's reported number; `references`: each seed's number of
     the target's reference row (for `above`). The verdict is "met" or "missed", or "not decided" where the
     margin over a reference row needs a spread that one seed cannot give; a missing number is "no value"."""
-    summary: dict[str, Any] = {"target": target.describe(), "metric": target.metric, "level": target.value,
-                               "above": target.above, "by": target.by if target.above else None,
-                               "values": {str(seed): v for seed, v in values.items()}, "seeds": len(values),
-                               "mean": statistics.fmean(values.values()) if values else None,
-                               "sd": statistics.stdev(values.values()) if len(values) > 1 else None,
-                               "reference_mean": None, "margin": None, "margins": None, "two_sd": None}
+    summary = _target_summary(target, values)
     if not values:
         summary["verdict"] = "no value: its runs did not report this number"
         return summary
@@ -1030,20 +1218,19 @@ def targets_markdown(rows: Sequence[dict[str, Any]]) -> str:
     cells: dict[str, dict[str, str]] = {}
     for row in rows:
         declared = M.metric(row["metric"])
-        shown = row["mean"] if row["above"] is None else row["margin"]
-        value = "-" if shown is None else ("+" if row["above"] and shown >= 0 else "") + declared.format(shown)
-        if row["sd"] is not None and row["above"] is None:
+        compared = row["above"] is not None or row.get("not_below") is not None
+        shown = row["margin"] if compared else row["mean"]
+        value = "-" if shown is None else ("+" if compared and shown >= 0 else "") + declared.format(shown)
+        if row["sd"] is not None and not compared:
             value += f" ± {declared.format(row['sd'])}"
         if row["two_sd"] is not None:
             value += f" (2 sd {declared.format(row['two_sd'])})"
         cells.setdefault(row["run"], {})[row["target"]] = f"{value}: {row['verdict'].split(':')[0]}"
-    lines = ["", "Targets: each variant's reported numbers (dev-chosen checkpoint and decoding), mean ± sd over seeds; "
-             "a margin over a reference row counts only beyond two sd over seeds", "",
-             "| variant | seeds | " + " | ".join(targets) + " |", "|" + "---|" * (2 + len(targets))]
     seeds = {row["run"]: row["seeds"] for row in rows}
-    for run, found in cells.items():
-        lines.append(f"| {run} | {seeds[run]} | " + " | ".join(found.get(t, "-") for t in targets) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[run, seeds[run], *(found.get(t) for t in targets)] for run, found in cells.items()]
+    return markdown(["variant", "seeds", *targets], body,
+                    "Targets: each variant's reported numbers (dev-chosen checkpoint and decoding), mean ± sd over "
+                    "seeds; a margin over a reference row or another variant counts only beyond two sd over seeds")
 
 
 def write_table(plan: Plan, study: Path, results: Path | None = None,
@@ -1056,45 +1243,77 @@ def write_table(plan: Plan, study: Path, results: Path | None = None,
             for seed, result in seeds.items():
                 if result.source == "run" and not result.differs:  # a record holds what the plan asks for
                     _save_record(record_path(results, stage, variant, seed), result.record(stage, variant, seed))
-    rows = study_rows(plan, reported)
-    runs = run_rows(reported)
-    filters = filter_rows(plan, study, results)
-    recovery = recovery_summary(plan, reported)
-    targets = target_rows(plan, reported)
-    table = {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": rows, "runs": runs,
-             "filters": filters, "recovery": recovery, "targets": targets}
+    table = study_table(plan, study, reported, results)
     atomic_write_json(study / STUDY_TABLE, table)
     columns = ["stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs"] + [
-        k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes") for k in (key, f"{key}_sd")]
+        k for key in (*TABLE_METRICS, *RETRIEVAL_METRICS, *(key for key, _, _ in COST_COLUMNS))
+        for k in (key, f"{key}_sd")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(table["rows"])
     atomic_write_bytes(study / "study.csv", buffer.getvalue().encode())
-    markdown = (markdown_table(rows) + filters_markdown(filters) + recovery_markdown(recovery)
-                + targets_markdown(targets) + runs_markdown(runs))
-    atomic_write_bytes(study / "study.md", markdown.encode())
+    atomic_write_bytes(study / "study.md", table_markdown(table).encode())
     return table
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The study as a Markdown table: mean ± sd over seeds, in each metric's declared format."""
-    keys = [*TABLE_METRICS, *RETRIEVAL_METRICS, "minutes"]
-    labels = [M.metric(k).label if M.metric(k) else k for k in keys]
-    lines = ["| stage | variant | decoding | split | seeds (chosen on dev) | " + " | ".join(labels) + " |",
-             "|" + "---|" * (5 + len(keys))]
-    for row in rows:
-        cells = []
-        for key in keys:
-            declared = M.metric(key)
-            show = declared.format if declared else (lambda v: "-" if v is None else f"{v:.1f}")
-            value, spread = row.get(key), row.get(f"{key}_sd")
-            shown_spread = spread is not None and not math.isnan(spread)
-            cells.append(show(value) + (f" ± {show(spread)}" if shown_spread else ""))
-        head = (f"| {row['stage']} | {row['variant']} | {row['decoding']} | {row['split']} | "
-                f"{row['seeds']} ({row['chosen_on_dev']}) | ")
-        lines.append(head + " | ".join(cells) + " |")
+def study_table(plan: Plan, study: Path, reported: Reported, results: Path | None) -> dict[str, Any]:
+    """Everything the study's table says (study.json): variant rows, runs, filters, recovery and targets."""
+    return {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": study_rows(plan, reported),
+            "runs": run_rows(plan, reported), "filters": filter_rows(plan, study, results),
+            "recovery": recovery_summary(plan, reported), "targets": target_rows(plan, reported)}
+
+
+def table_markdown(table: dict[str, Any]) -> str:
+    """study.md: the variants table, then the filters, recovery, targets and runs sections a study has."""
+    if not table["rows"]:
+        return "No run of this study is complete or recorded yet.\n"
+    return (markdown_table(table["rows"]) + filters_markdown(table["filters"]) + recovery_markdown(table["recovery"])
+            + targets_markdown(table["targets"]) + runs_markdown(table["runs"]))
+
+
+def records_report(plan: Plan, results: Path, command: str) -> str:
+    """The study's table from its committed records in `results` alone (no run folder counts, nothing is written
+    there): the Markdown page that docs/results/<plan>.md holds, headed by the `command` that regenerates it."""
+    with tempfile.TemporaryDirectory() as nowhere:  # an empty study folder: only records count
+        study = Path(nowhere)
+        table = study_table(plan, study, reported_runs(plan, study, results), results)
+    return (f"# Study `{plan.name}`: the table of its records\n\nGenerated from the records in `{results}` by\n\n"
+            f"    {command}\n\nDo not edit: change the plan or add records, then run the command again.\n\n"
+            + table_markdown(table))
+
+
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:
+    """The one Markdown table writer of the study's report: a title line (optional), the header and the rows, each
+    cell as given (None as "-"); a blank line before the title or table, so that sections follow one another."""
+    lines = ["", title, ""] if title else [""]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join("-" if cell is None else str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any, digits: int) -> str:
+    return "-" if not M.is_number(value) else f"{value:.{digits}f}"
+
+
+# Columns of the variants table beyond the metrics: (key, label, digits)
+COST_COLUMNS = (("minutes", "minutes", 1), ("gflops", "GFLOP a step", 1), ("compute_ratio", "compute × reference", 2))
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The study as a Markdown table: mean ± sd over seeds, in each metric's declared format, and what it cost."""
+    def cell(row: dict[str, Any], key: str, show: Callable[[Any], str]) -> str:
+        value, spread = row.get(key), row.get(f"{key}_sd")
+        return show(value) + (f" ± {show(spread)}" if M.is_number(spread) and not math.isnan(spread) else "")
+
+    keys = [*TABLE_METRICS, *RETRIEVAL_METRICS]
+    headers = ["stage", "variant", "decoding", "split", "seeds (chosen on dev)", *(M.metric(k).label for k in keys),
+               *(label for _, label, _ in COST_COLUMNS)]
+    body = [[row["stage"], row["variant"], row["decoding"], row["split"], f"{row['seeds']} ({row['chosen_on_dev']})",
+             *(cell(row, key, M.metric(key).format) for key in keys),
+             *(cell(row, key, lambda v, d=digits: _number(v, d)) for key, _, digits in COST_COLUMNS)]
+            for row in rows]
+    return markdown(headers, body).lstrip("\n")
 
 
 def filters_markdown(filters: Sequence[dict[str, Any]]) -> str:
@@ -1105,16 +1324,14 @@ def filters_markdown(filters: Sequence[dict[str, Any]]) -> str:
     def share(value: Any) -> str:
         return "-" if not M.is_number(value) else f"{100 * value:.1f}%"
 
-    lines = ["", "CapFilt filters: finding the planted captions among the originals (low score = planted)", "",
-             "| stage | seed | scorer | decided | ROC AUC | precision | recall | originals kept | synthetic kept |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in filters:
-        auc = "-" if not M.is_number(row["auc"]) else f"{row['auc']:.3f}"
-        seed = "all" if row["seed"] is None else row["seed"]
-        lines.append(f"| {row['stage']} | {seed} | {row['scorer']} | {'yes' if row['decided'] else 'no'} | {auc} | "
-                     f"{share(row['precision'])} | {share(row['recall'])} | {row['kept_original']} of "
-                     f"{row['original']} | {row['kept_synthetic']} of {row['synthetic']} |")
-    return "\n".join(lines) + "\n"
+    headers = ["stage", "seed", "scorer", "decided", "ROC AUC", "precision", "recall", "originals kept",
+               "synthetic kept"]
+    body = [[row["stage"], "all" if row["seed"] is None else row["seed"], row["scorer"],
+             "yes" if row["decided"] else "no", _number(row["auc"], 3), share(row["precision"]),
+             share(row["recall"]), f"{row['kept_original']} of {row['original']}",
+             f"{row['kept_synthetic']} of {row['synthetic']}"] for row in filters]
+    return markdown(headers, body, "CapFilt filters: finding the planted captions among the originals (low score = "
+                                   "planted)")
 
 
 def save_plan_copy(plan_path: Path, study: Path) -> None:

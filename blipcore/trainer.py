@@ -600,7 +600,8 @@ class Trainer:
         ckpt = runs.init_checkpoint(spec)
         state = runs.read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
         pieces = state.get("word_embeddings.to_full")
-        if isinstance(self.model.word_embeddings, CompactEmbedding) and (
+        has_words = any(name.startswith("word_embeddings.") for name in state)  # an MAE run's checkpoint has none
+        if isinstance(self.model.word_embeddings, CompactEmbedding) and has_words and (
                 pieces is None or not torch.equal(pieces, self.model.word_embeddings.to_full.cpu())):
             raise ValueError(f"train.init {spec}: its word embeddings are not of this run's vocabulary (the word "
                              "pieces of these training captions), so its rows would mean other words")

@@ -130,6 +130,13 @@ class VisionTransformer(nn.Module):
 
         With need_weights, also the self-attention weights of every block, each (B, H, 1+N, 1+N).
         """
+        x = self.patch_tokens(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.encode_tokens(x, need_weights)
+
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> patch embeddings (B, N, width), row by row, before [CLS] and the positions
+        (a masked autoencoder adds the positions and drops the hidden patches before the blocks, blipcore.mae)."""
         if images.shape[-1] != self.grid * self.patch_size or images.shape[-2] != self.grid * self.patch_size:
             raise ValueError(
                 f"expected images of {self.grid * self.patch_size}x{self.grid * self.patch_size}, "
@@ -138,7 +145,11 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images)
         if isinstance(self.patch_embed, nn.Conv2d):  # the linear embedding: (B, width, g, g)
             x = x.flatten(2).transpose(1, 2)  # (B, N, width)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return x
+
+    def encode_tokens(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor] | None]:
+        """Tokens with their positions (B, T, width), [CLS] first -> the blocks and the final norm: T is 1 + N for
+        the whole image, fewer for a masked autoencoder's visible patches."""
         attentions = [] if need_weights else None
         for block in self.blocks:
             x, weights = block(x, need_weights=need_weights)

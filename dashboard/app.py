@@ -1,10 +1,10 @@
 """BLIP Lab dashboard: `streamlit run dashboard/app.py [-- --runs-dir DIR]`.
 
-This script registers the pages (Runs, the training-dynamics pages 1-3, the inference pages 4-7, the
-Study page 8 and the CapFilt page 9, found in views/) and renders the home page, Runs: every run in the runs
-folder with its status, progress and best metrics, the choice of runs the other pages open, and — with no runs
-yet — a button that trains the demo run in a background process (dashboard/launcher.py) while this page shows
-its progress.
+This script registers the pages (Runs, the training-dynamics pages 0-3 (Diagnosis first), the inference pages
+4-7, the Study page 8 and the CapFilt page 9, found in views/) and renders the home page, Runs: every run in the
+runs folder with its status, health (its diagnosis's worst finding, blipcore.diagnosis), progress and best
+metrics, the choice of runs the other pages open, and — with no runs yet — a button that trains the demo run in
+a background process (dashboard/launcher.py) while this page shows its progress.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from blipcore.diagnosis import Diagnosis, diagnose_run
 from blipcore.metrics import GROUPS, Metric, metric
-from blipcore.runs import RunDir
+from blipcore.runs import RunDir, RunError
 from dashboard import common, figures, launcher
+from dashboard import diagnosis_figures as df
 
 # Not "pages/": Streamlit treats a folder of that name beside the main script as a v1 multipage app until
 # st.navigation has run once, so a fresh server's first request for a page URL would run that page alone,
@@ -54,6 +56,22 @@ def _note(summary: common.RunSummary, run: RunDir) -> str:
     return ""
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _diagnosis(path: str, stamp: tuple[int, int, int]) -> Diagnosis:
+    return diagnose_run(RunDir(path))
+
+
+def run_diagnosis(summary: common.RunSummary) -> Diagnosis | None:
+    """A readable run's diagnosis (cached until the trainer writes to it); None for an unreadable run."""
+    if not summary.readable:
+        return None
+    run = RunDir(summary.path)
+    try:
+        return _diagnosis(summary.path, df.run_stamp(run))
+    except RunError as err:
+        return Diagnosis(summary.name, "run", summary.path, summary.status, 0, error=str(err))
+
+
 def best_columns(summaries: list[common.RunSummary]) -> dict[str, Metric]:
     """The headline metrics (the registry's `headline` flag: validation loss, R@1 both ways, CIDEr per
     decoding strategy) that some run has a best value of, by group and then name."""
@@ -63,7 +81,8 @@ def best_columns(summaries: list[common.RunSummary]) -> dict[str, Metric]:
 
 
 def runs_table(summaries: list[common.RunSummary]) -> pd.DataFrame:
-    """One row per run: status, preset, checkpoints, progress, best metrics, last update, note."""
+    """One row per run: status, health (the worst finding of its diagnosis, or "healthy"), preset, checkpoints,
+    progress, best metrics, last update, note, and its findings in one line."""
     best_keys = list(best_columns(summaries))
     rows = []
     for summary in summaries:
@@ -74,6 +93,7 @@ def runs_table(summaries: list[common.RunSummary]) -> pd.DataFrame:
         row = {
             "run": summary.name,
             "status": summary.status,
+            **df.health_cells(run_diagnosis(summary)),
             "preset": summary.preset,
             "epochs": len(summary.epochs),
             "progress": done / total if total else None,
@@ -84,6 +104,7 @@ def runs_table(summaries: list[common.RunSummary]) -> pd.DataFrame:
             row[key] = best.get("value") if isinstance(best, dict) else None
         row["updated"] = datetime.fromtimestamp(time.time() - age) if age is not None else None
         row["note"] = _note(summary, run)
+        row["diagnosis"] = row.pop("diagnosis")  # the findings line last: it is the longest
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -97,6 +118,7 @@ def show_runs_table(summaries: list[common.RunSummary]) -> None:
     }
     styled = table.style.map(lambda v: f"color: {STATUS_COLOURS.get(v, 'inherit')}; font-weight: 600",
                              subset=["status"])
+    styled = styled.map(df.health_colour, subset=["health"])
     styled = styled.format({key: m.format for key, m in best.items()}, na_rep="")
     st.dataframe(
         styled, hide_index=True, width="stretch", placeholder="–",
@@ -106,6 +128,11 @@ def show_runs_table(summaries: list[common.RunSummary]) -> None:
             "epochs": st.column_config.NumberColumn("epochs", help="epochs with a checkpoint"),
             "updated": st.column_config.DatetimeColumn("updated", format="distance"),
             "note": st.column_config.TextColumn("note", width="large"),
+            "health": st.column_config.TextColumn(
+                "health", width=80, help="The worst finding of the run's diagnosis (info < warning < error), or "
+                "healthy; the Diagnosis page shows each finding's evidence and remedy"),
+            "diagnosis": st.column_config.TextColumn("diagnosis", width="large",
+                                                     help="Every finding: name, severity, when it started"),
             **metric_columns,
         },
     )
@@ -191,8 +218,8 @@ def choose_runs(summaries: list[common.RunSummary]) -> None:
     st.session_state["selected_runs"] = chosen
     if chosen:
         st.session_state["selected_run"] = chosen[0]
-    cols = st.columns(3)
-    for col, page in zip(cols, ("1_Training.py", "2_Alignment.py", "3_Embeddings.py"), strict=True):
+    cols = st.columns(4)
+    for col, page in zip(cols, ("0_Diagnosis.py", "1_Training.py", "2_Alignment.py", "3_Embeddings.py"), strict=True):
         if (PAGES_DIR / page).is_file():
             col.page_link(str(PAGES_DIR / page), label=f"Open {page[2:-3]} →")
 
@@ -267,7 +294,7 @@ def _page_order(path: Path) -> int:
 
 
 def navigation() -> None:
-    """Runs first, then pages 1-3 (training dynamics), 4-7 (inference) and 8+ (studies) from views/."""
+    """Runs first, then pages 0-3 (diagnosis and training dynamics), 4-7 (inference) and 8+ (studies) from views/."""
     files = sorted(PAGES_DIR.glob("[0-9]*_*.py"), key=_page_order)
     sections = {
         "": [st.Page(home, title="Runs", icon=":material/folder_open:", default=True)],

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from blipcore.io import atomic_write_bytes
 from blipcore.paths import PROJECT_ROOT
-from blipcore.runs import RunDir, RunError, atomic_write_bytes
+from blipcore.runs import RunDir, RunError
 
 PID_FILE = ".demo-train.pid"
 LOCK_FILE = ".demo-train.lock"

@@ -21,7 +21,8 @@ from PIL import Image
 import blipcore.data.coco2017 as coco2017
 import blipcore.data.fetch as fetch
 import blipcore.trainer
-from blipcore.runs import RunDir, RunError
+from blipcore.io import FileError
+from blipcore.runs import RunDir
 from tests.conftest import tiny_preset_toml
 from train.cli import main
 
@@ -251,7 +252,7 @@ def fill_the_disk_after(writes: int, monkeypatch):
     def disk_fills_up(path, data):
         done["n"] += 1
         if done["n"] > writes:
-            raise RunError(f"{path}: cannot be written") from OSError(errno.ENOSPC, "No space left on device")
+            raise FileError(f"{path}: cannot be written") from OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
     monkeypatch.setattr(fetch, "atomic_write_bytes", disk_fills_up)

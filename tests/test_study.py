@@ -25,6 +25,7 @@ from blipcore.study import (
     judge_target,
     load_plan,
     parse_plan,
+    planned_config,
     read_records,
     recovery_markdown,
     run_study,
@@ -232,7 +233,11 @@ def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypa
         ({"target": [{"metric": "cider", "value": 0.3, "above": "most-frequent"}]}, "not both"),
         ({"target": [{"metric": "cider", "value": "high"}]}, "value must be a number"),
         ({"target": [{"metric": "cider", "value": 0.3, "by": 0.1}]}, "by is a margin over a reference row"),
-        ({"target": [{"metric": "cider", "above": "chance"}]}, "'chance' is not a reference row"),
+        ({"target": [{"metric": "cider", "above": "chance"}]}, "'chance' is neither a reference row"),
+        ({"target": [{"metric": "cider", "above": "recipes/nowhere"}]}, "is neither a reference row .* nor a stage"),
+        ({"target": [{"metric": "cider", "not_below": "recipes/nowhere"}]}, "not_below = 'recipes/nowhere' is not"),
+        ({"target": [{"metric": "cider", "not_below": "recipes/fast", "by": 0.1}]}, "not_below takes no value"),
+        ({"reference": "recipes/nowhere"}, "reference = 'recipes/nowhere' is not a stage/variant"),
         ({"target": [{"metric": "cider", "above": "nearest-neighbour", "by": -0.1}]}, "by is how much better"),
         ({"target": [{"metric": "i2t_r1", "above": "nearest-neighbour"}]}, "a reference row has no i2t_r1"),
     ],
@@ -339,6 +344,131 @@ def test_a_target_is_judged_on_the_mean_and_a_margin_only_beyond_two_sd(target, 
     table = targets_markdown([{"run": "recipes/tuned", **summary}])
     assert f"| recipes/tuned | {len(values)} |" in table and target.describe() in table
     assert summary["verdict"].split(":")[0] in table
+
+
+@pytest.mark.parametrize(
+    ("target", "values", "others", "verdict"),
+    [
+        # above another variant: a margin beyond two pooled sd, and the worst seed above the other's best
+        (Target("itc_match_auc", above="screening/reference"), {0: 0.85, 1: 0.86, 2: 0.87},
+         {0: 0.80, 1: 0.79, 2: 0.81}, "met"),
+        (Target("itc_match_auc", above="screening/reference"), {0: 0.80, 1: 0.86, 2: 0.90},
+         {0: 0.80, 1: 0.79, 2: 0.81}, "missed: the margin is within two standard deviations"),
+        # mean 0.05 above, spread small, but one seed no better than the other's best (0.81)
+        (Target("itc_match_auc", above="screening/reference"), {0: 0.84, 1: 0.845, 2: 0.81, 3: 0.845},
+         {0: 0.795, 1: 0.80, 2: 0.81, 3: 0.795}, "missed: its worst seed"),
+        (Target("itc_match_auc", above="screening/reference", by=0.1), {0: 0.85, 1: 0.86}, {0: 0.80, 1: 0.79},
+         "missed"),
+        (Target("itc_match_auc", above="screening/reference"), {0: 0.85}, {0: 0.80}, "not decided"),
+        (Target("itc_match_auc", above="screening/reference"), {0: 0.75}, {0: 0.80}, "missed"),
+        (Target("top_caption_share", above="screening/reference"), {0: 0.02, 1: 0.03}, {0: 0.10, 1: 0.11}, "met"),
+        (Target("itc_match_auc", above="screening/reference"), {}, {0: 0.80}, "no value"),
+        # not below another variant: met unless worse by more than two pooled sd
+        (Target("cider", not_below="screening/reference"), {0: 0.20, 1: 0.21}, {0: 0.205, 1: 0.20}, "met"),
+        (Target("cider", not_below="screening/reference"), {0: 0.19, 1: 0.20}, {0: 0.205, 1: 0.20}, "met: within"),
+        (Target("cider", not_below="screening/reference"), {0: 0.15, 1: 0.151}, {0: 0.205, 1: 0.20}, "missed"),
+        (Target("cider", not_below="screening/reference"), {0: 0.15}, {0: 0.20}, "not decided"),
+        (Target("cider", not_below="screening/reference"), {0: 0.21}, {0: 0.20}, "met"),
+    ],
+)
+def test_a_variant_is_judged_against_another_by_pooled_sd_and_its_worst_seed(target, values, others, verdict):
+    from blipcore.study import judge_against_variant, pooled_sd
+
+    summary = judge_against_variant(target, values, others)
+    assert summary["verdict"].startswith(verdict)
+    if values and others:
+        sign = 1 if metric(target.metric).better == "higher" else -1
+        assert summary["margin"] == pytest.approx(sign * (statistics.fmean(values.values())
+                                                          - statistics.fmean(others.values())))
+        spread = pooled_sd(list(values.values()), list(others.values()))
+        assert summary["two_sd"] == (None if spread is None else pytest.approx(2 * spread))
+    table = targets_markdown([{"run": "screening/conv-stem", **summary}])
+    assert f"| screening/conv-stem | {len(values)} |" in table and target.describe() in table
+
+
+def test_pooled_sd_is_the_two_groups_sample_spread_around_their_own_means():
+    from blipcore.study import pooled_sd
+
+    assert pooled_sd([1.0, 3.0], [10.0, 12.0]) == pytest.approx(statistics.stdev([1.0, 3.0]))
+    assert pooled_sd([1.0, 2.0, 3.0], [5.0, 9.0]) == pytest.approx(((2 * 1.0 + 1 * 8.0) / 3) ** 0.5)
+    assert pooled_sd([1.0], [2.0, 3.0]) is None
+
+
+def test_a_records_history_gives_when_its_validation_numbers_were_best():
+    from blipcore.study import history_steps
+
+    def evaluation(step, val_itc, i2t, t2i, ciders):
+        return {"step": step, "losses": {"val_itc": val_itc}, "retrieval": {"i2t_r1": i2t, "t2i_r1": t2i},
+                "strategies": {name: {"metrics": {"cider": c}} for name, c in ciders.items()}}
+
+    history = {"evaluations": [evaluation(100, 3.6, 1.0, 1.0, {"greedy": 0.10, "beam": 0.12}),
+                               evaluation(200, 3.5, 1.5, 1.0, {"greedy": 0.15, "beam": 0.11}),
+                               evaluation(300, 3.9, 2.0, 1.5, {"greedy": 0.13, "beam": 0.14})]}
+    # the validation loss turned up at step 300 while the ranking still improved: over-confidence
+    assert history_steps(history) == {"evaluations": 3, "val_itc_min_step": 200, "dev_r1_max_step": 300,
+                                      "dev_cider_max_step": 200}
+    assert history_steps({}) == {"evaluations": None, "val_itc_min_step": None, "dev_r1_max_step": None,
+                                 "dev_cider_max_step": None}
+
+
+def test_a_runs_cost_counts_its_steps_and_the_runs_it_started_from(tmp_path):
+    from blipcore.flops import training_step_flops
+    from blipcore.study import COST_TEXT_LEN, RunResult, _compute_ratios, total_pflops
+
+    plan = parse_plan({"name": "cost", "preset": "flickr8k-cpu", "seeds": [0], "reference": "main/reference",
+                       "stage": [{"name": "pre", "variants": {"text": {"model.text_only": True,
+                                                                        "model.itc_weight": 0.0,
+                                                                        "train.max_steps": 300}}},
+                                 {"name": "main", "variants": {"reference": {},
+                                                               "chained": {"train.init": "{run:pre/text}",
+                                                                           "train.max_steps": 1500}}}]})
+
+    def result(stage, variant, steps_logged=None):
+        cfg = planned_config(plan, tmp_path, next(s for s in plan.stages if s.name == stage), variant, 0)
+        cfg.model.vocab_size = 6646
+        history = {"train": [{"step": steps_logged}]} if steps_logged else {}
+        return RunResult(1, "test", "beam", {}, 60.0, 50.0, {}, cfg.to_dict(), history=history), cfg
+
+    reported, flops = {}, {}
+    for stage, variant, logged in (("pre", "text", None), ("main", "reference", 1800), ("main", "chained", None)):
+        found, cfg = result(stage, variant, logged)
+        reported[stage, variant] = {0: found}
+        flops[variant] = training_step_flops(cfg, 64, COST_TEXT_LEN)
+    assert total_pflops(plan, reported, "main", "reference", 0) == pytest.approx(1800 * flops["reference"] / 1e15)
+    chained = (1500 * flops["chained"] + 300 * flops["text"]) / 1e15  # its steps and its pretraining's
+    assert total_pflops(plan, reported, "main", "chained", 0) == pytest.approx(chained)
+    ratios = _compute_ratios(plan, reported)
+    assert ratios["main", "reference", 0] == pytest.approx(1.0)
+    assert ratios["main", "chained", 0] == pytest.approx(chained / (1800 * flops["reference"] / 1e15))
+
+
+def test_the_report_is_the_table_of_the_records_alone_and_names_its_command(tmp_path, capsys):
+    results = REPO_ROOT / "studies" / "results" / "recipes"
+    out = tmp_path / "recipes.md"
+    assert main(["study", str(REPO_ROOT / "studies" / "recipes.toml"), "--results", str(results),
+                 "--report", str(out)]) == 0
+    page = out.read_text()
+    assert f"--report {out}" in page and "| recipes | tuned | beam | test | 3 (3) |" in page
+    assert "| record |" in page and page.count("| run |") == 1  # only records count: "run" heads a column alone
+    assert main(["study", str(REPO_ROOT / "studies" / "recipes.toml"), "--report", str(out)]) == 2
+    assert "--report makes the table of the records in --results DIR" in capsys.readouterr().err
+
+
+RECORDED_PLANS = sorted(p.name for p in (REPO_ROOT / "studies" / "results").iterdir()
+                        if (REPO_ROOT / "studies" / f"{p.name}.toml").is_file())
+
+
+@pytest.mark.parametrize("name", RECORDED_PLANS)
+def test_the_generated_results_pages_are_current(name, monkeypatch):
+    """docs/results/<plan>.md is the study's table of its committed records, made by the command it names."""
+    from blipcore.study import records_report
+
+    monkeypatch.chdir(REPO_ROOT)  # the command names its paths relative to the checkout
+    command = (f"python -m train study studies/{name}.toml --results studies/results/{name} "
+               f"--report docs/results/{name}.md")
+    plan = load_plan(Path("studies") / f"{name}.toml")
+    expected = records_report(plan, Path("studies/results") / name, command)
+    assert (Path("docs/results") / f"{name}.md").read_text() == expected, f"regenerate it with: {command}"
 
 
 @pytest.mark.parametrize("name", ["recipes", "capfilt"])

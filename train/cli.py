@@ -131,6 +131,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """What went wrong in runs or study records: one block per run, a line per finding in order of onset; exit 1
+    when a finding reaches --fail-on, 2 when a folder is not a run or cannot be read."""
+    from blipcore.diagnosis import committed_records, diagnose_record, diagnose_run, diagnose_runs
+    from blipcore.runs import RunDir, RunError, list_runs
+
+    records = committed_records()
+    if args.run_dir:
+        run = RunDir(args.run_dir)
+        if not run.exists() and Path(args.run_dir).is_dir() and list_runs(args.run_dir):
+            raise RunError(f"{args.run_dir}: not a run folder but a folder of runs; diagnose them with --runs-dir")
+        found = [diagnose_run(run, records)]
+    elif args.runs_dir:
+        if not Path(args.runs_dir).is_dir():
+            raise RunError(f"{args.runs_dir}: no such folder")
+        found = diagnose_runs(args.runs_dir, records)
+        if not found:
+            raise RunError(f"{args.runs_dir}: holds no run folder (one with a run.json), nor a study folder of them")
+    else:
+        found = [diagnose_record(path, records) for path in args.record]
+    if args.json:
+        print(json.dumps([diagnosis.to_dict() for diagnosis in found], indent=2))
+    else:
+        print("\n\n".join(diagnosis.text() for diagnosis in found))
+    unreadable = [diagnosis for diagnosis in found if diagnosis.error]
+    for diagnosis in unreadable:
+        print(f"error: {diagnosis.error}", file=sys.stderr)
+    if unreadable:
+        return 2
+    return 1 if any(diagnosis.reaches(args.fail_on) for diagnosis in found) else 0
+
+
 def _headline_best(best: dict[str, Any]) -> str:
     """run.json's best values of the headline metrics (the registry's `headline` flag), as `key=value@epoch`."""
     from blipcore.metrics import metric
@@ -196,7 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from blipcore import metrics
-    from blipcore.runs import atomic_write_json
+    from blipcore.io import atomic_write_json
     from blipcore.scoring import score_results
 
     scored = score_results(args.results, args.annotations, args.train_annotations, meteor=not args.no_meteor)
@@ -268,7 +300,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     from blipcore.data import ImageLoadError, build_transform, load_image
     from blipcore.decoding import generate
-    from blipcore.runs import RunDir, atomic_write_bytes
+    from blipcore.io import atomic_write_bytes
+    from blipcore.runs import RunDir
 
     out_format = _caption_file_format(args.out)
     files = _images_to_caption(args.images, args.recursive)
@@ -309,6 +342,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from blipcore.trainer import Trainer
 
     plan = load_plan(args.plan)
+    if args.report is not None:
+        return _write_study_report(plan, args)
     if args.data_root:
         plan.overrides["data.root"] = str(Path(args.data_root).resolve())
     selection(plan, args.only, args.seeds)  # a bad --only or --seeds is refused before anything is written
@@ -330,6 +365,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     print((out / "study.md").read_text(), end="")
     print(f"{len(table['rows'])} rows -> {out / 'study.json'}, {out / 'study.csv'}, {out / 'study.md'}"
           + (f"; results recorded in {args.results}" if args.results else ""))
+    return 0
+
+
+def _write_study_report(plan: Any, args: argparse.Namespace) -> int:
+    """`study PLAN --results DIR --report FILE`: the table of the records alone, written to FILE; trains nothing."""
+    from blipcore.io import atomic_write_bytes
+    from blipcore.study import records_report
+
+    if args.results is None or not args.results.is_dir():
+        print(f"error: --report makes the table of the records in --results DIR; "
+              f"{'give --results' if args.results is None else f'{args.results} is not a folder'}", file=sys.stderr)
+        return 2
+    command = f"python -m train study {args.plan} --results {args.results} --report {args.report}"
+    atomic_write_bytes(args.report, records_report(plan, args.results, command).encode())
+    print(f"{args.report}: the table of {plan.name}'s records in {args.results}")
     return 0
 
 
@@ -536,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     from blipcore.data.coco2017 import OFFICIAL_ANNOTATIONS_URL
     from blipcore.data.resized import DEFAULT_QUALITY, DEFAULT_WORKERS, MAX_QUALITY, MIN_SIZE
     from blipcore.decoding import STRATEGY_PRESETS
+    from blipcore.metrics import SEVERITIES
 
     parser = argparse.ArgumentParser(
         prog=_program_name(), description="Train and inspect BLIP models from random initialisation.",
@@ -693,11 +744,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser(
         "study", help="run a study plan: stages of variants x seeds, one table",
-        description="Run a study plan (TOML; see blipcore/study.py and the README's Results) into a folder of "
+        description="Run a study plan (TOML; see docs/studies.md) into a folder of "
                     "ordinary run directories, one per stage x variant x seed, then write study.json, study.csv "
                     "and study.md: one row per variant and decoding strategy (and reference row), mean and "
                     "spread over seeds. Running it again skips completed runs and resumes interrupted ones, so "
-                    "a study can span several sessions; Ctrl-C stops the current run resumably, and the study with it.",
+                    "a long study can be run a few runs at a time; Ctrl-C stops the current run resumably, and the "
+                    "study with it.",
     )
     study.add_argument("plan", metavar="PLAN.toml")
     study.add_argument("--out", help="the study folder (default runs/study-<plan name>)")
@@ -705,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "../shared/data/flickr8k)")
     study.add_argument("--only", action="append", default=[], metavar="STAGE[/VARIANT]",
                        help="train only these runs, and the runs they start from, this time (repeatable; the "
-                            "table still shows every run in the folder): spread a long plan over sessions")
+                            "table still shows every run in the folder): run a long plan a few runs at a time")
     study.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None,
                        metavar="0,1", help="train only these of the plan's seeds this time")
     study.add_argument("--results", type=Path, metavar="DIR",
@@ -714,12 +766,43 @@ def build_parser() -> argparse.ArgumentParser:
                             "table when the run's folder is gone: commit DIR to spread a study over machines "
                             "(a recorded run is not trained again)")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.add_argument("--report", type=Path, metavar="FILE",
+                       help="train nothing: write the table of the records in --results (alone: no run folder "
+                            "counts) to FILE as Markdown, headed by the command that regenerates it; the project's "
+                            "docs/results/<plan>.md pages are made this way")
     study.set_defaults(func=cmd_study)
 
     info = sub.add_parser("info", help="summary of a run: config, status, epochs, best metrics")
     info.add_argument("run_dir", metavar="RUN_DIR")
     info.add_argument("--json", action="store_true", help="print run.json and the epochs as JSON")
     info.set_defaults(func=cmd_info)
+
+    diagnose = sub.add_parser(
+        "diagnose", help="what went wrong in a run, in words, with the evidence",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Diagnose runs or study records (docs/diagnosis.md): token-repeat and caption collapse, captions no\n"
+            "better than a reference row, alignment or ITM near chance, memorisation, over-confidence,\n"
+            "optimisation faults and a starved step, each with when it started, its evidence, the dashboard\n"
+            "page that shows it and the remedy the run's own evaluation or the committed records measured.\n"
+            "The levels are declared, with their reasons, in blipcore/metrics.py (THRESHOLDS).\n\n"
+            "stdout: one block per run, a line per finding in order of onset (--json: a list of objects).\n"
+            "exit status: 0 no finding reaches --fail-on; 1 one does; 2 a folder that is not a run or\n"
+            "cannot be read, or a file that is not a study record."
+        ),
+    )
+    source = diagnose.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", metavar="RUN", help="a run folder (one holding run.json)")
+    source.add_argument("--runs-dir", metavar="DIR",
+                        help="every run of a folder, the runs of its study folders included")
+    source.add_argument("--record", nargs="+", type=Path, metavar="FILE",
+                        help="study records (studies/results/<plan>/<run>.json): their history, or their reported "
+                             "evaluation")
+    diagnose.add_argument("--json", action="store_true", help="print the diagnoses as JSON")
+    diagnose.add_argument("--fail-on", choices=SEVERITIES, default="error", metavar="SEVERITY",
+                          help=f"exit 1 when a finding is at least this severe ({', '.join(SEVERITIES)}; "
+                               "default error)")
+    diagnose.set_defaults(func=cmd_diagnose)
 
     data = sub.add_parser("data", help="generate datasets, fetch and convert public ones")
     data_sub = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
@@ -887,14 +970,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from blipcore.data import AnnotationError, DatasetNotFoundError, ImageLoadError
-    from blipcore.runs import RunError
+    from blipcore.io import FileError
     from blipcore.trainer import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (RunError, DatasetNotFoundError, AnnotationError, ImageLoadError, NonFiniteLossError, ValueError) as err:
+    except (FileError, DatasetNotFoundError, AnnotationError, ImageLoadError, NonFiniteLossError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

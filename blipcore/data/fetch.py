@@ -32,7 +32,7 @@ from PIL import Image
 
 from blipcore.config import DataConfig
 from blipcore.data.images import load_image
-from blipcore.runs import RunError, atomic_write_bytes
+from blipcore.io import FileError, atomic_write_bytes
 
 MARKER = "bliplab-data.json"  # in every folder a `data` command writes: which command, with which settings
 DOWNLOADS = "downloads"  # archives fetched by URL, kept across --overwrite (they do not change)
@@ -249,7 +249,7 @@ def write_file(path: Path, data: bytes) -> None:
     how to go on."""
     try:
         atomic_write_bytes(path, data)
-    except RunError as err:
+    except FileError as err:
         cause = err.__cause__
         why = (cause.strerror or str(cause)) if isinstance(cause, OSError) else str(err)
         raise DataSourceError(f"{path}: cannot be written ({why}); stopped. Every file written before it is "

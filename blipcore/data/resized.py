@@ -55,7 +55,7 @@ from blipcore.data.fetch import (
     write_file,
 )
 from blipcore.data.images import ImageLoadError, load_image
-from blipcore.runs import STALE_TEMPORARY_PATTERN
+from blipcore.io import STALE_TEMPORARY_PATTERN
 
 COMMAND = "resize"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # any case; other files are copied unchanged

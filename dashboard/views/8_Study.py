@@ -1,7 +1,8 @@
 """Study: one study folder (`python -m train study PLAN --out runs/study-NAME`) at a glance — its table (mean ±
 sd over seeds, sortable, CSV), each variant's seeds as a band on the loss and metric curves, the config fields
 that differ between variants, one run per point on a metric-against-metric scatter, and the same evaluation
-images captioned by every variant side by side."""
+images captioned by every variant side by side. Under the table, each variant's diagnosis (blipcore.diagnosis):
+the findings of its runs, from their folders here or from their committed records."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from blipcore.diagnosis import RECORDS_DIR, Diagnosis, diagnose_record, diagnose_run
 from blipcore.evaluation import summary_metrics
 from blipcore.metrics import metric, metrics_in
-from blipcore.runs import RunDir
+from blipcore.runs import RunDir, RunError
 from blipcore.study import dev_choice, recovery_markdown, reported_evaluation, targets_markdown
 from dashboard import common, figures
+from dashboard import diagnosis_figures as df
 from dashboard import study_figures as sf
 
 SECTION_KEY = "study_section"  # session-state key of the open tab
@@ -32,6 +35,48 @@ def study_runs(folder: Path) -> list[RunDir]:
     return [RunDir(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.is_symlink() and RunDir(p).exists()]
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _diagnosis(path: str, stamp: tuple[int, ...], record: bool = False) -> Diagnosis:
+    return diagnose_record(path) if record else diagnose_run(RunDir(path))
+
+
+def study_diagnoses(folder: Path, table: dict) -> tuple[dict[str, Diagnosis], dict[str, str]]:
+    """({run: its diagnosis}, {run: its variant}): the study's run folders here, and for the runs counted from
+    their records (`--results`) whose folders are elsewhere, the committed record (studies/results/<plan>/)."""
+    diagnoses, variants = {}, {}
+    for run in study_runs(folder):
+        try:
+            diagnoses[run.name] = _diagnosis(str(run.path), df.run_stamp(run))
+        except RunError as err:
+            diagnoses[run.name] = Diagnosis(run.name, "run", str(run.path), None, 0, error=str(err))
+        info = common.guarded(common.load_info, run, what=f"the run.json of {run.name}") or {}
+        variants[run.name] = sf.variant_of(run.name, info.get("config"))
+    here = {name.rsplit("/", 1)[-1] for name in diagnoses}
+    for row in table.get("runs") or []:
+        name = str(row.get("run"))
+        path = RECORDS_DIR / str(table.get("name")) / f"{name}.json"
+        if row.get("source") != "record" or name in here or not path.is_file():
+            continue
+        try:
+            found = _diagnosis(str(path), (path.stat().st_mtime_ns,), record=True)
+        except RunError as err:
+            found = Diagnosis(name, "record", str(path), None, 0, error=str(err))
+        diagnoses[name], variants[name] = found, found.variant or sf.variant_of(name, None)
+    return diagnoses, variants
+
+
+def diagnosis_section(folder: Path, table: dict) -> None:
+    diagnoses, variants = study_diagnoses(folder, table)
+    if not diagnoses:
+        return
+    st.markdown("**Diagnosis by variant**: each finding of the variant's runs (blipcore.diagnosis), how many of its "
+                "runs have it and how severe; a run's evidence and remedies are on the Diagnosis page, or "
+                "`python -m train diagnose --runs-dir` this folder.")
+    frame = df.variant_table(diagnoses, variants)
+    st.dataframe(frame.style.map(df.health_colour, subset=["health"]), hide_index=True, width="stretch",
+                 key="study_diagnosis")
+
+
 def table_section(folder: Path, table: dict) -> None:
     rows = table.get("rows") or []
     csv = folder / "study.csv"
@@ -39,6 +84,7 @@ def table_section(folder: Path, table: dict) -> None:
         st.info("No run of this study has finished an evaluation yet: the table fills in as its runs finish "
                 "(each run's dev-chosen checkpoint, evaluated on the test split when the data has one). "
                 "The other tabs show the runs' curves while they train.")
+        diagnosis_section(folder, table)
         return
     numbers, texts = sf.study_table(rows)
     st.caption("One row per variant and decoding strategy (and the reference rows): mean ± sample standard deviation "
@@ -61,6 +107,7 @@ def table_section(folder: Path, table: dict) -> None:
                     "from its record (`--results`: a run trained elsewhere, whose folder is not here), and what "
                     "each run cost on which machine.")
         st.dataframe(sf.runs_table(table["runs"]), hide_index=True, width="stretch", key="study_runs_table")
+    diagnosis_section(folder, table)
 
 
 def curves_section(runs: list[RunDir], variants: dict[str, str]) -> None:
