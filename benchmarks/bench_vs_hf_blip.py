@@ -5,8 +5,9 @@ image size and vocabulary. For each size (`--presets`, default demo,seed) it mea
 
 - training samples/s of a step (forward, backward, AdamW from blipcore.trainer.build_optimizer) on the
   LM loss alone, ours against HF's (its captioning model has only LM), and of our full BLIP step (ITC + LM,
-  ITC + LM + ITM) with no peer; on full-length synthetic captions, and on real captions of
-  ../shared/data/coco-mini, a fresh batch each step, padded to its longest as the trainer's collator pads;
+  ITC + LM + ITM) with no peer; on full-length synthetic captions, and on real COCO captions (--captions: by
+  default coco-mini's, in blipcore.paths.SHARED_DATA_DIR, else the repository's tests/fixtures/coco-cc-by),
+  a fresh batch each step, padded to its longest as the trainer's collator pads;
 - greedy and beam-3 latency of 8 images x 20 new tokens (min = max, so both generate exactly 20), ours
   through blipcore.decoding.generate (what evaluation and the dashboard call, per-step entropies and
   log-probabilities included) against HF's generate;
@@ -57,7 +58,7 @@ import blipcore._torchvision  # noqa: F401 - HF's BLIP imports torchvision, whic
 from blipcore import BLIP, BlipConfig, speed
 from blipcore.decoding import DecodingConfig, encode_for_decoding, generate
 from blipcore.flops import training_step_flops
-from blipcore.paths import project_path
+from blipcore.paths import COCO_CC_BY_FIXTURE, SHARED_DATA_DIR
 from blipcore.tokenizer import special_ids, tokenize_captions
 from blipcore.trainer import build_optimizer
 
@@ -79,7 +80,9 @@ VARIANTS: dict[str, dict[str, float]] = {
 }
 COMPILED = "ours_lm_compiled"  # with --compile: ours_lm under torch.compile, a contender of its own
 CAPTION = "two small red circles to the left of a large blue square on a gray background"
-REAL_CAPTIONS = "../shared/data/coco-mini/annotations/captions_train.json"
+# coco-mini's 3,041 training captions where the shared data is, else the fixture's 320 (fewer fresh batches)
+SHARED_CAPTIONS = SHARED_DATA_DIR / "coco-mini/annotations/captions_train.json"
+FIXTURE_CAPTIONS = COCO_CC_BY_FIXTURE / "annotations/captions_train.json"
 BEAMS = 3
 
 
@@ -163,16 +166,24 @@ class Batch:
         return training_step_flops(cfg, len(self.ids), self.ids.shape[1], self.lm_targets)
 
 
-def caption_sets(cfg: BlipConfig, batch: int, count: int) -> dict[str, list[list[str]] | str]:
+def default_captions() -> Path:
+    """The COCO caption file of the 'realistic' set: coco-mini's where the shared data is, else the fixture's."""
+    return SHARED_CAPTIONS if SHARED_CAPTIONS.is_file() else FIXTURE_CAPTIONS
+
+
+def caption_sets(cfg: BlipConfig, batch: int, count: int, path: Path) -> dict[str, list[list[str]] | str]:
     """Caption batches per set: 'full_length' (one batch, every caption max_text_len tokens long) and
-    'realistic' (`count` batches of real captions, in shuffled order as an epoch draws them), or why not."""
+    'realistic' (up to `count` batches of the real captions of the COCO caption file `path`, in shuffled order
+    as an epoch draws them), or why not."""
     full = (CAPTION + " ") * (cfg.model.max_text_len // 8 + 1)  # more word pieces than max_text_len: cut there
     sets: dict[str, list[list[str]] | str] = {"full_length": [[full] * batch]}
-    path = project_path(REAL_CAPTIONS)
     if not path.is_file():
         sets["realistic"] = f"skipped: {path} not found"
         return sets
     captions = [a["caption"] for a in json.loads(path.read_text(encoding="utf-8"))["annotations"]]
+    if len(captions) < batch:
+        sets["realistic"] = f"skipped: {path} holds {len(captions)} captions, fewer than a batch of {batch}"
+        return sets
     random.Random(0).shuffle(captions)
     sets["realistic"] = [captions[i * batch:(i + 1) * batch] for i in range(min(count, len(captions) // batch))]
     return sets
@@ -445,7 +456,7 @@ def measure_size(name: str, args: argparse.Namespace, device: torch.device) -> d
     images = torch.randn(size, 3, m.image_size, m.image_size, device=device)
     report["training"] = {}
     sets = {set_name: captions if isinstance(captions, str) else [Batch.of(ours, images, c) for c in captions]
-            for set_name, captions in caption_sets(cfg, size, args.warmup + args.steps).items()}
+            for set_name, captions in caption_sets(cfg, size, args.warmup + args.steps, args.captions).items()}
     for set_name, batches in sets.items():
         report["training"][set_name] = (batches if isinstance(batches, str)
                                         else measure_training(models, cfgs, batches, precision, args))
@@ -509,6 +520,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time ours_lm under torch.compile (a contender of its own; its compilation "
                              "falls in the warm-up rounds, minutes on a CPU)")
+    parser.add_argument("--captions", type=Path, default=None, metavar="JSON",
+                        help="COCO caption file of the 'realistic' training set (default: "
+                             f"{SHARED_CAPTIONS} if it is there, else the repository's {FIXTURE_CAPTIONS}; "
+                             "$BLIPLAB_SHARED_DATA moves the first)")
     parser.add_argument("--child", choices=("ours", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -517,6 +532,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    args.captions = (args.captions or default_captions()).resolve()
     names = args.presets.split(",")
     if unknown := [name for name in names if name not in SIZES]:
         parser.error(f"unknown size(s) {unknown}; known: {', '.join(SIZES)}")
@@ -524,7 +540,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "machine": machine(device),
         "settings": {key: getattr(args, key) for key in ("steps", "warmup", "new_tokens", "decode_images", "compile")}
-        | {"beams": BEAMS},
+        | {"beams": BEAMS, "captions": str(args.captions)},
         "presets": {name: measure_size(name, args, device) for name in names},
     }
     if args.json:

@@ -6,6 +6,12 @@ hits both alike, and the result is samples/s per round and their ratio (shards /
 
     python -m train data shards --from ../shared/data/flickr8k --out /tmp/flickr8k-shards
     python benchmarks/loader_throughput.py --folder ../shared/data/flickr8k --shards /tmp/flickr8k-shards
+
+Without the shared data (blipcore.paths.SHARED_DATA_DIR), the repository's 64 training photos give a quick run:
+
+    python -m train data shards --from tests/fixtures/coco-cc-by --out /tmp/cc-by-shards
+    python benchmarks/loader_throughput.py --folder tests/fixtures/coco-cc-by --shards /tmp/cc-by-shards \
+        --preset coco-mini --batch-size 8 --batches 6
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ def samples_per_s(data: DataLoader, batches: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", required=True, help="a COCO-caption-format dataset folder")
+    parser.add_argument("--folder", required=True,
+                        help="a COCO-caption-format dataset folder, e.g. ../shared/data/flickr8k, or the "
+                             "repository's tests/fixtures/coco-cc-by (64 training photos: --batch-size 8)")
     parser.add_argument("--shards", required=True, help="the same data as written by `python -m train data shards`")
     parser.add_argument("--preset", default="flickr8k", help="preset for image size, batch size and captions")
     parser.add_argument("--batch-size", type=int, default=64)

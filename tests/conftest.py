@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from blipcore import BlipConfig
+from blipcore.paths import COCO_CC_BY_FIXTURE, SHARED_DATA_DIR, SHARED_DATA_ENV
 
 # Tests run tiny models, and several tests start subprocesses (DDP ranks, a killed trainer, a Streamlit
 # server) on a 2-core machine: one thread each avoids oversubscription, which made tiny fits 5x slower.
@@ -20,7 +21,18 @@ torch.set_num_threads(1)
 os.environ["BLIPLAB_CPU_BF16"] = "0"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+# 64 train and 10 val real COCO photos (CC BY 2.0), 64 px on the short side, with their COCO captions, in the
+# repository: what the tests train, evaluate and caption on when they need photos (tests/fixtures/make_coco_cc_by.py).
+PHOTOS = COCO_CC_BY_FIXTURE
+PHOTOS_TRAIN, PHOTOS_VAL = 64, 10
+
+
+def needs_shared_dataset(name: str) -> pytest.MarkDecorator:
+    """Skip the test, saying why and how to run it, where the full dataset SHARED_DATA_DIR / name is missing."""
+    root = SHARED_DATA_DIR / name
+    return pytest.mark.skipif(not root.is_dir(), reason=(
+        f"needs the full {name} dataset in {root}, which is not there: set {SHARED_DATA_ENV} to the folder that "
+        f"holds {name}/ (default: ../shared/data beside the checkout)"))
 
 
 def tiny_config(**model_overrides) -> BlipConfig:
@@ -81,10 +93,10 @@ def small_cfg(shapes_root: Path, model: dict | None = None, **train) -> BlipConf
 
 
 def photos_cfg(shapes_root: Path, **train) -> BlipConfig:
-    """small_cfg on 64 real photos of coco-mini (read in place from ../shared): unlike shapes, its training
-    transform draws a random crop per image."""
+    """small_cfg on the 64 real photos of tests/fixtures/coco-cc-by: unlike shapes, its training transform draws
+    a random crop per image."""
     return small_cfg(shapes_root, **train).override({
-        "data.kind": "coco", "data.root": str(SHARED / "data/coco-mini"), "data.train_annotations":
+        "data.kind": "coco", "data.root": str(PHOTOS), "data.train_annotations":
         "annotations/captions_train.json", "data.val_annotations": "annotations/captions_val.json",
         "data.subset": 64, "data.eval_images": 8,
     })

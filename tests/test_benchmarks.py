@@ -21,7 +21,7 @@ from blipcore import BLIP, BlipConfig
 from blipcore import losses as blip_losses
 from blipcore.flops import training_flops, training_step_flops
 from blipcore.tokenizer import tokenize_captions
-from tests.conftest import REPO_ROOT, SHARED, tiny_config
+from tests.conftest import REPO_ROOT, tiny_config
 
 BENCH = REPO_ROOT / "benchmarks" / "bench_vs_hf_blip.py"
 # --compile: torch.compile's path is timed too (its compilation, in the warm-up round, is most of this test's time)
@@ -51,13 +51,15 @@ def report() -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def test_machine_and_settings(report: dict[str, Any]) -> None:
+def test_machine_and_settings(report: dict[str, Any], bench: ModuleType) -> None:
     machine = report["machine"]
     assert machine["cpu"] and machine["cores"] >= 1 and machine["torch_threads"] >= 1
     assert machine["torch"] == torch.__version__ and machine["device"] == "cpu" and machine["gpu"] is None
     assert machine["matmul_n"] == 2048 and machine["matmul_gflops"]["float32"] > 0
-    assert report["settings"] == {"steps": 2, "warmup": 1, "new_tokens": 4, "decode_images": 2, "compile": True,
-                                  "beams": 3}
+    # the real captions: coco-mini's in the shared data folder, else the repository's fixture's
+    settings = dict(report["settings"])
+    assert settings.pop("captions") == str(bench.default_captions().resolve())
+    assert settings == {"steps": 2, "warmup": 1, "new_tokens": 4, "decode_images": 2, "compile": True, "beams": 3}
     assert list(report["presets"]) == ["tiny"]
 
 
@@ -68,11 +70,8 @@ def test_training(report: dict[str, Any], bench: ModuleType) -> None:
     # conftest sets BLIPLAB_CPU_BF16=0: the project's "auto" precision is fp32 here, for both models
     assert size["precision"] == {"training": "fp32", "decoding": "fp32", "matmul_reference": "float32"}
     assert all(count > 0 for count in size["parameters"].values()) and set(size["parameters"]) == set(CONTENDERS)
-    if SHARED.is_dir():
-        assert set(size["training"]) == {"full_length", "realistic"}
-        assert size["training"]["realistic"]["real_tokens"] < size["training"]["realistic"]["text_len"]
-    else:
-        assert size["training"]["realistic"].startswith("skipped")
+    assert set(size["training"]) == {"full_length", "realistic"}  # real captions even without ../shared
+    assert size["training"]["realistic"]["real_tokens"] < size["training"]["realistic"]["text_len"]
     for training in (t for t in size["training"].values() if isinstance(t, dict)):
         assert training["matmul_gflops"] > 0
         for name in CONTENDERS:
@@ -119,6 +118,16 @@ def test_table_prints(bench: ModuleType, report: dict[str, Any], capsys: pytest.
     bench.print_table(report)
     table = capsys.readouterr().out
     assert "tiny:" in table and "ITC + LM + ITM" in table and "beam3" in table and "peak memory" in table
+
+
+def test_real_caption_batches_or_why_not(bench: ModuleType, tmp_path: Path) -> None:
+    cfg = bench.size_config("tiny")
+    sets = bench.caption_sets(cfg, 4, 3, bench.FIXTURE_CAPTIONS)  # the repository's own, always there
+    assert [len(batch) for batch in sets["realistic"]] == [4, 4, 4] and len(set(map(tuple, sets["realistic"]))) == 3
+    assert bench.caption_sets(cfg, 4, 3, tmp_path / "none.json")["realistic"].startswith("skipped: ")
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1, "caption": "a dog"}] * 3}))
+    assert "3 captions, fewer than a batch of 4" in bench.caption_sets(cfg, 4, 3, few)["realistic"]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from blipcore.paths import PROJECT_ROOT
+from blipcore.paths import COCO_CC_BY_FIXTURE, PROJECT_ROOT
 
 REPO = PROJECT_ROOT  # the checkout the installed packages come from
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
 ]
-PHOTOS = PROJECT_ROOT.parent / "shared/data/coco-mini/images"
+PHOTOS = COCO_CC_BY_FIXTURE / "images"  # real photos in the repository
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 # URL path (st.Page derives it from the file name: views/5_Decoding_lab.py -> /Decoding_lab) -> the
 # element that shows the page has drawn its content.
@@ -224,9 +224,8 @@ def test_embeddings_hover_shows_the_image_and_a_click_picks_the_pair(server: str
 
 
 def test_caption_page_captions_an_uploaded_photo(server: str, page: Page) -> None:
-    photos = sorted(PHOTOS.glob("*.jpg")) if PHOTOS.is_dir() else []
-    if not photos:
-        pytest.skip(f"no photos in {PHOTOS}")
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    assert photos, f"no photos in {PHOTOS}"
     page.goto(f"{server}/Caption")
     page.wait_for_selector('[data-testid="stTable"]', timeout=PAGE_TIMEOUT_MS)  # the sample validation image
     settle(page)

@@ -33,8 +33,9 @@ from blipcore.data import (
     load_coco_annotations,
     load_image,
 )
+from blipcore.paths import SHARED_DATA_DIR
+from tests.conftest import PHOTOS, PHOTOS_TRAIN, PHOTOS_VAL, needs_shared_dataset
 
-COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared/data/coco-mini"
 LONG_CAPTION = " ".join(["a very long caption about a dog"] * 60)
 NON_ASCII_CAPTION = "un café à côté d'une boulangerie — 日本の猫"
 
@@ -352,14 +353,12 @@ def test_build_datasets_coco_missing_annotations(tmp_path: Path) -> None:
         build_datasets(cfg, splits=("heldout",))
 
 
-def test_coco_mini_loads_in_place() -> None:
-    if not COCO_MINI.is_dir():
-        pytest.skip(f"{COCO_MINI} not present")
+def test_real_coco_photos_load_in_place() -> None:
     cfg = BlipConfig(name="coco-mini").override(
-        {"data.kind": "coco", "data.root": str(COCO_MINI), "model.image_size": 64, "model.patch_size": 16}
+        {"data.kind": "coco", "data.root": str(PHOTOS), "model.image_size": 64, "model.patch_size": 16}
     )
     datasets = build_datasets(cfg)
-    assert len(datasets["train"]) == 608 and len(datasets["val"]) == 66
+    assert len(datasets["train"]) == PHOTOS_TRAIN and len(datasets["val"]) == PHOTOS_VAL
     assert all(len(record.captions) >= 5 for record in datasets["val"].records)
     loader = DataLoader(datasets["train"], batch_size=8, collate_fn=CaptionCollator(cfg.model.max_text_len))
     batch = next(iter(loader))
@@ -368,13 +367,25 @@ def test_coco_mini_loads_in_place() -> None:
     assert not datasets["train"].skipped
 
 
+def test_the_photo_fixture_is_cc_by_and_attributed_photo_by_photo() -> None:
+    attribution = (PHOTOS / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    names = set()
+    for split in ("train", "val"):
+        document = json.loads((PHOTOS / f"annotations/captions_{split}.json").read_text(encoding="utf-8"))
+        assert document["licenses"] == [
+            {"url": "http://creativecommons.org/licenses/by/2.0/", "id": 4, "name": "Attribution License"}]
+        for image in document["images"]:
+            assert image["license"] == 4 and image["coco_url"] and image["flickr_url"] in attribution
+            assert f"| {split} | {image['file_name']} | {image['id']} |" in attribution
+            names.add(image["file_name"])
+    assert {path.name for path in (PHOTOS / "images").iterdir()} == names
+
+
+@needs_shared_dataset("flickr8k")
 def test_flickr8k_official_splits_are_disjoint_and_test_holds_1000_images():
     from blipcore.config import load_preset
-    from tests.conftest import SHARED
 
-    root = SHARED / "data/flickr8k"
-    if not root.is_dir():
-        pytest.skip("../shared/data/flickr8k is not here")
+    root = SHARED_DATA_DIR / "flickr8k"
     cfg = load_preset("flickr8k").override({"data.root": str(root)})
     splits = build_datasets(cfg, splits=("train", "val", "test"))
     files = {name: {r.file_path for r in dataset.records} for name, dataset in splits.items()}

@@ -159,28 +159,28 @@ def test_evaluation_result_and_summary(shapes_root):
 
 def test_eval_on_another_dataset_writes_its_own_file_and_keeps_the_runs_reference_rows(tiny_runs_dir, tmp_path,
                                                                                          capsys):
-    """`eval --data-root DIR --annotations FILE --split NAME`: coco-mini's 66 val photos as a second test set
-    of a run trained on shapes; the reference rows still quote the run's own training captions."""
+    """`eval --data-root DIR --annotations FILE --split NAME`: the 10 val photos of tests/fixtures/coco-cc-by as a
+    second test set of a run trained on shapes; the reference rows still quote the run's own training captions."""
     import shutil
 
     from blipcore.runs import RunDir
-    from tests.conftest import SHARED
+    from tests.conftest import PHOTOS, PHOTOS_VAL
     from train.cli import main
 
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_runs_dir / "tiny", run_dir)  # the shared run stays read-only
-    coco_mini = SHARED / "data/coco-mini"
+    coco_mini = PHOTOS
     args = ["eval", "--run-dir", str(run_dir), "--epoch", "2", "--strategies", "greedy", "--no-meteor"]
     assert main([*args, "--data-root", str(coco_mini), "--annotations", "annotations/captions_val.json",
                  "--split", "coco-mini"]) == 0
     result = RunDir(run_dir).load_eval(2, split="coco-mini")
     references = json.loads((coco_mini / "annotations/captions_val.json").read_text())
-    assert result["num_images"] == len(references["images"]) == 66
+    assert result["num_images"] == len(references["images"]) == PHOTOS_VAL
     shapes = Path(RunDir(run_dir).config().data.root) / "annotations/captions_train.json"
     shapes_captions = M.normalised_captions(a["caption"] for a in json.loads(shapes.read_text())["annotations"])
     # "learned nothing" from *its* data: a shapes caption
     assert result["reference_rows"]["most-frequent"]["caption"] in shapes_captions
-    assert RunDir(run_dir).load_eval(2)["num_images"] != 66  # the val evaluation is untouched
+    assert RunDir(run_dir).load_eval(2)["num_images"] != PHOTOS_VAL  # the val evaluation is untouched
     capsys.readouterr()
     assert main([*args, "--data-root", str(coco_mini), "--annotations", "annotations/captions_val.json"]) == 2
     assert "its own name" in capsys.readouterr().err

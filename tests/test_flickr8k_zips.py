@@ -13,8 +13,9 @@ from PIL import Image
 
 import blipcore.data.fetch as fetch
 from blipcore.data.flickr8k import hash_split
+from blipcore.paths import SHARED_DATA_DIR
 from blipcore.runs import RunDir
-from tests.conftest import SHARED, tiny_preset_toml
+from tests.conftest import needs_shared_dataset, tiny_preset_toml
 from tests.test_fetch_coco import FakeCoco, fill_the_disk_after
 from train.cli import main
 
@@ -88,7 +89,7 @@ def test_converts_to_the_shared_layout_and_trains(zips, tmp_path, capsys):
     documents = {p.name: json.loads(p.read_text()) for p in (out / "annotations").iterdir()}
     assert set(documents) == {"captions_train.json", "captions_val.json", "captions_official_train.json",
                               "captions_official_dev.json", "captions_official_test.json"}
-    shared = SHARED / "data/flickr8k/annotations"
+    shared = SHARED_DATA_DIR / "flickr8k/annotations"
     if shared.is_dir():  # the same files, keys and fields as the shared copy
         assert set(documents) == {p.name for p in shared.iterdir()}
         reference = json.loads((shared / "captions_official_dev.json").read_text())
@@ -122,10 +123,9 @@ def test_converts_to_the_shared_layout_and_trains(zips, tmp_path, capsys):
     assert RunDir(tmp_path / "run").read_info()["steps_done"] == 3
 
 
+@needs_shared_dataset("flickr8k")
 def test_hash_split_is_the_shared_copys():
-    shared = SHARED / "data/flickr8k/annotations"
-    if not shared.is_dir():
-        pytest.skip("../shared/data/flickr8k is not here")
+    shared = SHARED_DATA_DIR / "flickr8k/annotations"
     for split in ("train", "val"):
         names = [i["file_name"] for i in json.loads((shared / f"captions_{split}.json").read_text())["images"]]
         assert {hash_split(name) for name in names} == {split}

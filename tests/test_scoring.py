@@ -15,10 +15,10 @@ import pytest
 from blipcore import metrics as M
 from blipcore.runs import RunDir
 from blipcore.scoring import read_results, score_results
-from tests.conftest import REPO_ROOT, SHARED
+from tests.conftest import PHOTOS, REPO_ROOT
 from train.cli import main
 
-COCO_MINI = SHARED / "data/coco-mini"
+COCO_MINI = PHOTOS  # real COCO photos and captions in the repository
 COCO_MINI_VAL = COCO_MINI / "annotations/captions_val.json"
 
 
@@ -111,7 +111,7 @@ def test_a_perfect_captioner_scores_above_a_collapsed_one(tmp_path):
 
 def test_the_gpu_script_writes_test_captions_that_score_here(shapes_root, tmp_path):
     """studies/gpu_flickr8k.sh end to end on a CPU, at a tiny size: train, choose the epoch on dev, write the test
-    captions; `train score` then reads what came back. (The README's GPU run is this script on an H200.)"""
+    captions; `train score` then reads what came back. (The GPU run in docs/results.md is this script on an H200.)"""
     data = tmp_path / "flickr8k-like"
     (data / "annotations").mkdir(parents=True)
     (data / "images").symlink_to(shapes_root / "images")

@@ -462,5 +462,5 @@ def fetch_hint(data: DataConfig) -> str | None:
                 f"--out {root}{resume}\nor pass --data-root DIR")
     if data.source == "test-fixture":
         return ("This preset reads a test fixture that has no public download: pass --data-root DIR to a copy of it "
-                "(this project's tests use ../shared/data/<name>)")
+                "(this project's tests ship a small CC BY one: tests/fixtures/coco-cc-by)")
     return None
