@@ -3,16 +3,16 @@
 Both models are built from random weights (nothing is downloaded) with the same widths, depths, heads,
 image size and vocabulary. For each size (`--presets`, default demo,seed) it measures:
 
-- training samples/s of a step (forward, backward, AdamW from blipcore.trainer.build_optimizer) on the
+- training samples/s of a step (forward, backward, AdamW from blipcore.training.trainer.build_optimizer) on the
   LM loss alone, ours against HF's (its captioning model has only LM), and of our full BLIP step (ITC + LM,
   ITC + LM + ITM) with no peer; on full-length synthetic captions, and on real COCO captions (--captions: by
   default coco-mini's, in blipcore.paths.SHARED_DATA_DIR, else the repository's tests/fixtures/coco-cc-by),
   a fresh batch each step, padded to its longest as the trainer's collator pads;
 - greedy and beam-3 latency of 8 images x 20 new tokens (min = max, so both generate exactly 20), ours
-  through blipcore.decoding.generate (what evaluation and the dashboard call, per-step entropies and
+  through blipcore.evaluation.decoding.generate (what evaluation and the dashboard call, per-step entropies and
   log-probabilities included) against HF's generate;
 - peak memory of each model, decoding and then training, each model in a child process of its own;
-- the training step's achieved FLOP/s (counted by blipcore.flops) over the FLOP/s of a 2048 x 2048 matmul
+- the training step's achieved FLOP/s (counted by blipcore.model.flops) over the FLOP/s of a 2048 x 2048 matmul
   on all threads in the step's precision (on CUDA 8192 x 8192 bf16: MFU against the measured peak).
 
 Precision is the project's own choice on the machine at hand (blipcore.speed.autocast_dtype, "auto"):
@@ -56,11 +56,11 @@ from torch import Tensor, nn
 
 import blipcore._torchvision  # noqa: F401 - HF's BLIP imports torchvision, which needs the CPU shim
 from blipcore import BLIP, BlipConfig, speed
-from blipcore.decoding import DecodingConfig, encode_for_decoding, generate
-from blipcore.flops import training_step_flops
+from blipcore.evaluation.decoding import DecodingConfig, encode_for_decoding, generate
+from blipcore.model.flops import training_step_flops
+from blipcore.model.tokenizer import special_ids, tokenize_captions
 from blipcore.paths import COCO_CC_BY_FIXTURE, SHARED_DATA_DIR
-from blipcore.tokenizer import special_ids, tokenize_captions
-from blipcore.trainer import build_optimizer
+from blipcore.training.trainer import build_optimizer
 
 # size -> (the preset it starts from, model fields changed, default batch size)
 SIZES: dict[str, tuple[str, dict[str, Any], int]] = {
@@ -162,7 +162,7 @@ class Batch:
         return int((self.hf_labels[:, 1:] != -100).sum())
 
     def flops(self, cfg: BlipConfig) -> int:
-        """FLOPs of one training step of a model with `cfg` on this batch (blipcore.flops)."""
+        """FLOPs of one training step of a model with `cfg` on this batch (blipcore.model.flops)."""
         return training_step_flops(cfg, len(self.ids), self.ids.shape[1], self.lm_targets)
 
 
@@ -254,9 +254,9 @@ def ours_decode(model: BLIP, images: Tensor, beams: int, new_tokens: int, precis
 
 
 def ours_image_encoding(model: BLIP, images: Tensor) -> None:
-    """The ViT forward that every caption starts from, generate()'s own (blipcore.decoding.encode_for_decoding,
-    same weights and precision): the part of decoding both models do alike, which bounds how far a faster
-    decoding loop can go."""
+    """The ViT forward that every caption starts from, generate()'s own
+    (blipcore.evaluation.decoding.encode_for_decoding, same weights and precision): the part of decoding both models
+    do alike, which bounds how far a faster decoding loop can go."""
     with torch.inference_mode():
         encode_for_decoding(model, images)
 

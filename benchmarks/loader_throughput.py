@@ -24,8 +24,8 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from blipcore.config import BlipConfig, load_preset
 from blipcore.data import CaptionCollator, build_datasets
+from blipcore.model.config import BlipConfig, load_preset
 
 
 def loader(cfg: BlipConfig, workers: int) -> DataLoader:

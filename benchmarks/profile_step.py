@@ -1,26 +1,26 @@
 """Where a training step's time goes: a torch.profiler breakdown of one step of the trainer's own code path.
 
-It builds the model and AdamW as the trainer does (BLIP(cfg), blipcore.trainer.build_optimizer, the autocast
+It builds the model and AdamW as the trainer does (BLIP(cfg), blipcore.training.trainer.build_optimizer, the autocast
 blipcore.speed.autocast_dtype picks for the preset's train.precision on this machine) and trains on a
 synthetic full-length batch: random pixels at the preset's image size, random word pieces filling
 max_text_len ([CLS] first, [SEP] last, no padding), `train.grad_accum_steps` micro-batches per step as the
-trainer accumulates them. Each step is the trainer's own (blipcore.trainer.train_step): forward (the model's
+trainer accumulates them. Each step is the trainer's own (blipcore.training.trainer.train_step): forward (the model's
 loss dict: ITC, LM, ITM as the preset weighs them), the finiteness checks, backward, clip_grad_norm_,
 optimizer.step and zero_grad, each part in a torch.profiler.record_function region that train_step opens
 through its `region` argument. Inside the forward, regions are opened from
 the outside, without touching blipcore's code: forward pre/post hooks on the vision encoder, the text encoder
 (its ITC pass) and the decoder (and the momentum encoders when on), and record_function wrappers around
-blipcore.losses' ITC and LM losses and the model's ITM loss, for as long as the profile runs.
+blipcore.model.losses' ITC and LM losses and the model's ITM loss, for as long as the profile runs.
 
 It prints:
 
 1. a region table: milliseconds per step and share of the step for each region; the rows add up to the step
    ("other (forward)" is the forward's time outside its named parts, "other" the step's outside every region:
    the trainer's loss checks, the learning-rate update, Python between regions), and the forward FLOPs
-   (blipcore.flops) and achieved GFLOP/s of the regions that do matrix products;
+   (blipcore.model.flops) and achieved GFLOP/s of the regions that do matrix products;
 2. torch's operator table (key_averages), the top --top operators by self CPU time over all profiled steps
    (on CUDA also by self device time);
-3. the step's FLOPs (blipcore.flops, as benchmarks/bench_vs_hf_blip.py counts them) and its achieved FLOP/s,
+3. the step's FLOPs (blipcore.model.flops, as benchmarks/bench_vs_hf_blip.py counts them) and its achieved FLOP/s,
    from the median time of as many steps run without the profiler, over blipcore.speed.matmul_gflops() (an
    n x n fp32 matmul on all threads, measured in this process: the hardware ratio), and over a bf16 matmul's
    when the step runs under bf16 autocast.
@@ -53,17 +53,18 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from blipcore import BLIP, BlipConfig, layers, losses, speed
-from blipcore.config import VOCAB_SIZE
+from blipcore import BLIP, BlipConfig, speed
 from blipcore.data import build_datasets
-from blipcore.flops import forward_flops, training_flops
-from blipcore.tokenizer import load_tokenizer, special_ids
-from blipcore.trainer import build_optimizer, train_step
-from blipcore.vocabulary import training_word_pieces
+from blipcore.model import layers, losses
+from blipcore.model.config import VOCAB_SIZE
+from blipcore.model.flops import forward_flops, training_flops
+from blipcore.model.tokenizer import load_tokenizer, special_ids
+from blipcore.model.vocabulary import training_word_pieces
+from blipcore.training.trainer import build_optimizer, train_step
 
 PREFIX = "blip::"  # every region this script opens is a record_function named blip::<region>
 
-# Regions inside the forward, in table order: (name, label, the blipcore.flops forward part it does).
+# Regions inside the forward, in table order: (name, label, the blipcore.model.flops forward part it does).
 FORWARD_PARTS = (
     ("vision_encoder", "vision encoder (ViT)", "vision"),
     ("text_encoder", "text encoder (ITC)", "itc"),
@@ -205,7 +206,7 @@ def synthetic_batch(cfg: BlipConfig, size: int, device: torch.device, generator:
 
 
 def attention_ab(step: Callable[[], Any], device: torch.device, rounds: int) -> dict[str, float]:
-    """The step with blipcore.layers' attention rule (on a CPU in bf16 / fp16, torch's math backend over at most
+    """The step with blipcore.model.layers' attention rule (on a CPU in bf16 / fp16, torch's math backend over at most
     CPU_MATH_MAX_KEYS keys) against the fused kernel everywhere: median milliseconds of `rounds` alternating pairs
     in this process, and their ratio (> 1: the rule is faster)."""
     rule = layers.CPU_MATH_MAX_KEYS
@@ -271,7 +272,8 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     generator = torch.Generator().manual_seed(cfg.train.seed)
     micro = [synthetic_batch(cfg, size, device, generator) for _ in range(cfg.train.grad_accum_steps)]
     regions = Regions(device)
-    # the trainer's own step (blipcore.trainer.train_step) at the preset's peak learning rate, its parts in regions
+    # the trainer's own step (blipcore.training.trainer.train_step) at the preset's peak learning rate, its parts in
+    # regions
     step = functools.partial(train_step, model, optimizer, micro, lr=cfg.train.lr, grad_clip=cfg.train.grad_clip,
                              device=device, autocast=dtype, step=1, region=regions)
 
@@ -393,18 +395,19 @@ def print_report(report: dict[str, Any], operators: str) -> None:
         line(("  " if name not in after else "") + r["label"], r)
     line("step", {"ms": report["step_ms"], "share": 1.0})
     print("(backward's GFLOP: the step's FLOPs less the forward's. On a CPU (and on a GPU outside autocast) the LM "
-          "head's gradients are computed in its forward, fused with the loss (blipcore.losses.linear_cross_entropy): "
-          "that region then holds three of its matmuls, and backward's GFLOP/s reads high)\n")
+          "head's gradients are computed in its forward, fused with the loss "
+          "(blipcore.model.losses.linear_cross_entropy): that region then holds three of its matmuls, and backward's "
+          "GFLOP/s reads high)\n")
     refs = ", ".join(f"{d} {g:.0f}" for d, g in f["matmul_gflops"].items())
     dtype_note = (f"; {f['hardware_ratio_step_dtype']:.0%} of the {f['step_dtype']} matmul's"
                   if f["step_dtype"] != "float32" else "")
-    print(f"FLOPs (blipcore.flops): {f['step_gflop']:.2f} GFLOP per step; {f['gflops_per_s']:.0f} GFLOP/s without "
-          f"the profiler ({f['profiled_gflops_per_s']:.0f} profiled) = {f['hardware_ratio']:.0%} of the fp32 "
+    print(f"FLOPs (blipcore.model.flops): {f['step_gflop']:.2f} GFLOP per step; {f['gflops_per_s']:.0f} GFLOP/s "
+          f"without the profiler ({f['profiled_gflops_per_s']:.0f} profiled) = {f['hardware_ratio']:.0%} of the fp32 "
           f"matmul's GFLOP/s{dtype_note} ({f['matmul_n']}^2 matmul GFLOP/s in this process: {refs})\n")
     if ab := report["attention_ab"]:
-        print(f"attention as blipcore.layers runs it: {ab['rule_ms']:.1f} ms a step; the fused kernel everywhere: "
-              f"{ab['fused_ms']:.1f} ms ({ab['fused_over_rule']:.2f}x; medians of {s['attention_ab']} alternating "
-              "pairs)\n")
+        print(f"attention as blipcore.model.layers runs it: {ab['rule_ms']:.1f} ms a step; the fused kernel "
+              f"everywhere: {ab['fused_ms']:.1f} ms ({ab['fused_over_rule']:.2f}x; medians of {s['attention_ab']} "
+              "alternating pairs)\n")
     print(operators)
 
 
@@ -424,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default %(default)s)")
     parser.add_argument("--attention-ab", type=int, default=0, metavar="ROUNDS",
-                        help="also time ROUNDS alternating pairs of steps: attention as blipcore.layers runs it "
+                        help="also time ROUNDS alternating pairs of steps: attention as blipcore.model.layers runs it "
                              "(the math backend for short sequences on a CPU in bf16) against the fused kernel "
                              "everywhere, and print their ratio")
     parser.add_argument("--top", type=int, default=20, metavar="N", help="operator rows (default %(default)s)")

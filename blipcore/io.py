@@ -3,7 +3,7 @@
 Every file is replaced atomically: written to a temporary name in the same folder, flushed, fsynced, then renamed
 over the old one (and the folder fsynced), so a reader (the dashboard, a resuming trainer) sees the old file or the
 new one, never half of one, and a crash loses at most the file being written. The data layer and the run directory
-both write through here; neither knows the other.
+both write through here; neither knows the other. `is_number` checks the numbers read back from such files.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -91,6 +92,12 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (not a bool): what a metric value or a logged step read from a file must be to be
+    used."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sha256_bytes(data: bytes) -> str:

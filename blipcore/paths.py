@@ -19,7 +19,8 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS_DIR = Path("runs")  # relative to the current folder, as `python -m train fit --run-dir` is
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data, as ASSETS_DIR
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the bert-base-uncased word pieces (blipcore.model.tokenizer)
 
 SHARED_DATA_ENV = "BLIPLAB_SHARED_DATA"
 # The folder that holds flickr8k/ and coco-mini/ (it may not exist): $BLIPLAB_SHARED_DATA, else ../shared/data.

@@ -2,7 +2,7 @@
 
 This script registers the pages (Runs, the training-dynamics pages 0-3 (Diagnosis first), the inference pages
 4-7, the Study page 8 and the CapFilt page 9, found in views/) and renders the home page, Runs: every run in the
-runs folder with its status, health (its diagnosis's worst finding, blipcore.diagnosis), progress and best
+runs folder with its status, health (its diagnosis's worst finding, blipcore.evaluation.diagnosis), progress and best
 metrics, the choice of runs the other pages open, and — with no runs yet — a button that trains the demo run in
 a background process (dashboard/launcher.py) while this page shows its progress.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from blipcore.diagnosis import Diagnosis, diagnose_run
-from blipcore.metrics import GROUPS, Metric, metric
-from blipcore.runs import RunDir, RunError
+from blipcore.evaluation.diagnosis import Diagnosis, diagnose_run
+from blipcore.evaluation.metrics import GROUPS, Metric, metric
+from blipcore.runs.rundir import RunDir, RunError
 from dashboard import common, figures, launcher
 from dashboard import diagnosis_figures as df
 

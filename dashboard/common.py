@@ -18,7 +18,7 @@ from typing import Any
 import streamlit as st
 
 from blipcore.paths import DEFAULT_RUNS_DIR
-from blipcore.runs import STUDY_TABLE, CheckpointError, RunDir, RunError, is_study, list_runs, read_json
+from blipcore.runs.rundir import STUDY_TABLE, CheckpointError, RunDir, RunError, is_study, list_runs, read_json
 
 MAX_UPLOAD_PIXELS = 40_000_000  # refuse uploads above this many pixels with a message
 

@@ -1,5 +1,5 @@
 """The diagnosis's tables for the Runs page, the Diagnosis page and the Study page, built by plain functions of
-data (blipcore.diagnosis's Diagnosis and Finding in; pandas frames and strings out). Nothing here imports
+data (blipcore.evaluation.diagnosis's Diagnosis and Finding in; pandas frames and strings out). Nothing here imports
 Streamlit, so tests build the same tables the pages show.
 """
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from blipcore.diagnosis import Diagnosis, Finding, worst
-from blipcore.runs import RunDir
+from blipcore.evaluation.diagnosis import Diagnosis, Finding, worst
+from blipcore.runs.rundir import RunDir
 
-# The pages a finding's numbers are on (blipcore.diagnosis.Kind.page), their files in views/, and the session-state
-# key of their open tab (each page's SECTION_KEY), so a link can open the page at the finding's tab.
+# The pages a finding's numbers are on (blipcore.evaluation.diagnosis.Kind.page), their files in views/, and the
+# session-state key of their open tab (each page's SECTION_KEY), so a link can open the page at the finding's tab.
 PAGE_FILES = {"Training": "1_Training.py", "Alignment": "2_Alignment.py", "Decoding lab": "5_Decoding_lab.py",
               "Study": "8_Study.py"}
 SECTION_KEYS = {"Training": "training_section", "Alignment": "alignment_section",

@@ -1,7 +1,7 @@
 """Figures and tables of the model pages (Attention, Decoding lab, Caption, Compare).
 
 Plain functions of numbers and arrays: no Streamlit, no model. The pages call them with what
-`blipcore.explain` / `blipcore.decoding` / the run directory produced, and tests call them with
+`blipcore.evaluation.explain` / `blipcore.evaluation.decoding` / the run directory produced, and tests call them with
 hand-made data.
 """
 
@@ -17,8 +17,8 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from blipcore.explain import TokenAttention, overlay_heatmap
-from blipcore.metrics import COLLAPSE_METRIC_DOCS, metrics_in
+from blipcore.evaluation.explain import TokenAttention, overlay_heatmap
+from blipcore.evaluation.metrics import COLLAPSE_METRIC_DOCS, metrics_in
 
 LOOP_COLOUR = "#d62728"
 # Collapse metrics drawn as bars: the numeric ones of the registry's "collapse" group, in declaration order.

@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from blipcore.metrics import RECALL_KS, Metric, metrics_in
+from blipcore.evaluation.metrics import RECALL_KS, Metric, metrics_in
 from blipcore.paths import project_path
 
 RUN_COLOURS = ("#2E6BE6", "#E4572E", "#17A398", "#8E44AD", "#F2A541", "#5D6D7E", "#C0392B", "#27AE60")

@@ -23,12 +23,12 @@ from PIL import Image
 
 from blipcore.data import ImageLoadError, build_datasets, build_transform, load_image
 from blipcore.data.coco import ImageRecord
-from blipcore.decoding import Caption, DecodingConfig, generate
-from blipcore.explain import decoder_cross_attention, itm_gradcam, tensor_to_uint8, vit_attention
-from blipcore.metrics import collapse_metrics
-from blipcore.model import BLIP
-from blipcore.runs import Checkpoint, RunDir, RunError
-from blipcore.tokenizer import tokenize_captions
+from blipcore.evaluation.decoding import Caption, DecodingConfig, generate
+from blipcore.evaluation.explain import decoder_cross_attention, itm_gradcam, tensor_to_uint8, vit_attention
+from blipcore.evaluation.metrics import collapse_metrics
+from blipcore.model.blip import BLIP
+from blipcore.model.tokenizer import tokenize_captions
+from blipcore.runs.rundir import Checkpoint, RunDir, RunError
 from dashboard.common import MAX_UPLOAD_PIXELS, guarded, load_model, select_runs, stop_with
 from dashboard.explain_figures import upscale
 
@@ -238,7 +238,7 @@ def caption_uploads(
     return results
 
 
-# --- explanations (blipcore.explain, cached) ---------------------------------------------------------
+# --- explanations (blipcore.evaluation.explain, cached) ---------------------------------------------------------
 @torch.inference_mode()
 def itm_match_probability(model: BLIP, image: torch.Tensor, caption: str) -> float:
     """The ITM head's probability that `caption` matches the image: the score Grad-CAM explains."""
@@ -263,7 +263,7 @@ def _explanation(
 
 
 def explanation(kind: str, loaded: Loaded, image: PickedImage, *args: Any) -> Any:
-    """`kind` of _EXPLAINERS (blipcore.explain's maps, and the ITM score) for one image, cached by
+    """`kind` of _EXPLAINERS (blipcore.evaluation.explain's maps, and the ITM score) for one image, cached by
     (checkpoint, image, args)."""
     return _explanation(kind, loaded.key, image.key, tuple(args), loaded.model, image)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from blipcore.io import atomic_write_bytes
 from blipcore.paths import PROJECT_ROOT
-from blipcore.runs import RunDir, RunError
+from blipcore.runs.rundir import RunDir, RunError
 
 PID_FILE = ".demo-train.pid"
 LOCK_FILE = ".demo-train.lock"

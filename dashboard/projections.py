@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from blipcore.runs import RunDir, RunError, sha256_file
+from blipcore.runs.rundir import RunDir, RunError, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from blipcore.metrics import metric
-from blipcore.study import RECOVERY_ROLES
+from blipcore.evaluation.metrics import metric
+from blipcore.experiments.study import RECOVERY_ROLES
 from dashboard.figures import _finish, run_colour
 
 ID_COLUMNS = ("stage", "variant", "decoding", "split", "seeds", "chosen_on_dev", "epochs")
@@ -271,7 +271,7 @@ def scatter_figure(points: pd.DataFrame, x: str, y: str, height: int = 440) -> g
 
 # --- the plan's recovery question ----------------------------------------------------------------
 def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
-    """blipcore.study's recovery summary drawn: each role's runs as dots (one per seed) and their mean ± sd,
+    """blipcore.experiments.study's recovery summary drawn: each role's runs as dots (one per seed) and their mean ± sd,
     with the level the treated runs must reach (degraded + target x cost) as a dashed line."""
     key = str(summary.get("metric", ""))
     fig = go.Figure()
@@ -309,9 +309,9 @@ def recovery_figure(summary: Mapping[str, Any], height: int = 380) -> go.Figure:
 
 # --- the plan's targets --------------------------------------------------------------------------
 def target_figure(rows: Sequence[Mapping[str, Any]], target: str, height: int = 380) -> go.Figure:
-    """blipcore.study's target rows for one target drawn: each variant's runs as dots (one per seed) and their mean
-    ± sd, the level as a dashed line. A margin over a reference row is drawn as the margin, seed by seed (the run's
-    number minus its own reference row's), against the margin it must reach."""
+    """blipcore.experiments.study's target rows for one target drawn: each variant's runs as dots (one per seed) and
+    their mean ± sd, the level as a dashed line. A margin over a reference row is drawn as the margin, seed by seed
+    (the run's number minus its own reference row's), against the margin it must reach."""
     picked = [row for row in rows if row.get("target") == target]
     fig = go.Figure()
     for index, row in enumerate(picked):

@@ -36,8 +36,8 @@ cp "$RUN/run.json" "$RUN/metrics.jsonl" "$OUT/"
 
 read -r EPOCH STRATEGY < <("$PYTHON" -c "
 import sys
-from blipcore.runs import RunDir
-from blipcore.study import dev_choice
+from blipcore.runs.rundir import RunDir
+from blipcore.experiments.study import dev_choice
 choice = dev_choice(RunDir(sys.argv[1]))
 if choice is None:
     sys.exit('no epoch evaluated on dev before training stopped: nothing to report')

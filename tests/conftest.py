@@ -106,7 +106,7 @@ def photos_cfg(shapes_root: Path, **train) -> BlipConfig:
 def tiny_runs_dir(tmp_path_factory, shapes_root) -> Path:
     """A runs folder holding one finished run, `tiny` (2 epochs, ITC + LM + ITM, greedy evaluation),
     for dashboard and CLI tests. Treat it as read-only: it is shared by the whole session."""
-    from blipcore.trainer import Trainer
+    from blipcore.training.trainer import Trainer
 
     runs = tmp_path_factory.mktemp("runs")
     cfg = small_cfg(shapes_root, model={"itm_weight": 0.5}, eval_strategies=["greedy"])

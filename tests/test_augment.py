@@ -13,11 +13,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from blipcore._torchvision import transforms
-from blipcore.config import AUGMENT_SETS
 from blipcore.data import CaptionDataset, build_datasets, build_transform, denormalize
 from blipcore.data.coco import ImageRecord
-from blipcore.data.shards import ShardDataset, write_shards
+from blipcore.data.prep.shards import write_shards
+from blipcore.data.shards import ShardDataset
 from blipcore.data.transforms import JITTER, augment_steps, draws_flip, flips, swap_left_right
+from blipcore.model.config import AUGMENT_SETS
 from tests.conftest import small_cfg, tiny_config
 
 CAPTION = "a dog on the left and a cat on the right"

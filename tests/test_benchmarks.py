@@ -1,5 +1,5 @@
 """The speed report cannot rot: benchmarks/bench_vs_hf_blip.py runs end to end at a tiny size and reports
-every field with sane values, and blipcore.flops agrees with torch's own FLOP counter."""
+every field with sane values, and blipcore.model.flops agrees with torch's own FLOP counter."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from blipcore import BLIP, BlipConfig
-from blipcore import losses as blip_losses
-from blipcore.flops import training_flops, training_step_flops
-from blipcore.tokenizer import tokenize_captions
+from blipcore.model import losses as blip_losses
+from blipcore.model.flops import training_flops, training_step_flops
+from blipcore.model.tokenizer import tokenize_captions
 from tests.conftest import REPO_ROOT, tiny_config
 
 BENCH = REPO_ROOT / "benchmarks" / "bench_vs_hf_blip.py"
@@ -146,12 +146,12 @@ def test_real_caption_batches_or_why_not(bench: ModuleType, tmp_path: Path) -> N
 def test_flops_match_torch_flop_counter(
     losses: dict[str, Any], padded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """blipcore.flops against torch.utils.flop_counter.FlopCounterMode over one forward + backward.
+    """blipcore.model.flops against torch.utils.flop_counter.FlopCounterMode over one forward + backward.
 
     Both count matrix products only: the linear layers, the patch embedding's convolution (its backward
     without an input gradient) and attention's two batched products, causal attention in full. Both ignore
     softmax, LayerNorm, GELU, biases, embedding look-ups and the losses' elementwise work. The counter also
-    counts ITC's B x B similarity products, which blipcore.flops leaves out (< 0.1% here). SDPA runs in its
+    counts ITC's B x B similarity products, which blipcore.model.flops leaves out (< 0.1% here). SDPA runs in its
     math backend: torch has no FLOP formula for the CPU flash kernel and would count attention as 0.
     Checked: the whole step, the step without the LM head (the vocabulary head dominates a tiny model), the
     ViT alone, all within 10% (they agree to 0.1%). The counter sees the fused LM head's matmuls in its
@@ -167,7 +167,7 @@ def test_flops_match_torch_flop_counter(
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     counter = FlopCounterMode(display=False, depth=None)
     # The LM head runs fused with its loss, gradients included, outside the lm_head module: counted as the
-    # counter's growth during each call of blipcore.losses.linear_cross_entropy.
+    # counter's growth during each call of blipcore.model.losses.linear_cross_entropy.
     lm_head_flops = []
     fused = blip_losses.linear_cross_entropy
 
@@ -228,7 +228,7 @@ def test_profile_step_regions(profile_report: tuple[dict[str, Any], str]) -> Non
     assert report["machine"]["cpu"] and report["machine"]["torch_threads"] >= 1
     ab = report["attention_ab"]  # one pair of steps, attention by the CPU rule and fused everywhere
     assert ab["rule_ms"] > 0 and ab["fused_ms"] > 0 and ab["fused_over_rule"] == ab["fused_ms"] / ab["rule_ms"]
-    from blipcore import layers
+    from blipcore.model import layers
 
     assert layers.CPU_MATH_MAX_KEYS > 0  # the A/B put the rule back (0 = fused everywhere)
     regions = report["regions"]

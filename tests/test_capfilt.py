@@ -12,13 +12,13 @@ from unittest.mock import ANY
 import pytest
 import torch
 
-from blipcore.capfilt import CapfiltSettings, load_capfilt, run_capfilt
 from blipcore.data import build_datasets
 from blipcore.data.derived import CAPFILT_RECORD, CAPFILT_SCORES, CAPFILT_SUMMARY, NOISE_RECORD
-from blipcore.data.noise import plant_noise
-from blipcore.metrics import roc_auc
-from blipcore.runs import RunDir, parse_run_spec
-from blipcore.trainer import Trainer
+from blipcore.data.prep.noise import plant_noise
+from blipcore.evaluation.metrics import roc_auc
+from blipcore.experiments.capfilt import CapfiltSettings, load_capfilt, run_capfilt
+from blipcore.runs.rundir import RunDir, parse_run_spec
+from blipcore.training.trainer import Trainer
 from tests.conftest import small_cfg
 from train.cli import main
 
@@ -251,8 +251,8 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     """studies/capfilt.toml's stages on the shapes data: plant noise, train on clean and on noisy captions,
     CapFilt the noisy data with the noisy-data model, train on the bootstrapped data; one table with the
     filter's detection rows."""
-    from blipcore.evaluation import CheckpointEvaluator
-    from blipcore.study import parse_plan, run_study
+    from blipcore.evaluation.evaluator import CheckpointEvaluator
+    from blipcore.experiments.study import parse_plan, run_study
     from tests.test_study import tiny_plan
 
     raw = tiny_plan(shapes_root)

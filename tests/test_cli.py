@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import blipcore.trainer
-from blipcore.runs import RunDir
+import blipcore.training.trainer
+from blipcore.runs.rundir import RunDir
 from tests.conftest import PHOTOS, REPO_ROOT, small_cfg
 from train.cli import available_presets, load_preset, main
 
@@ -71,7 +71,7 @@ def test_data_root_applies_on_resume_and_info_shows_the_resume(shapes_root, tmp_
     before, after = tmp_path / "before", tmp_path / "after"
     shutil.copytree(shapes_root, before)  # generated scenes are a COCO-caption-format folder like any other
     cfg = small_cfg(shapes_root, max_steps=2).override({"data.kind": "coco", "data.root": str(before)})
-    blipcore.trainer.Trainer(cfg, tmp_path / "run", progress=False).fit()
+    blipcore.training.trainer.Trainer(cfg, tmp_path / "run", progress=False).fit()
     before.rename(after)  # the data moved
     assert main(["fit", "--run-dir", str(tmp_path / "run"), "--resume", "--max-steps", "3", "--no-progress",
                  "--data-root", str(after)]) == 0
@@ -149,7 +149,7 @@ def test_info_shows_the_best_value_of_each_headline_metric(tiny_runs_dir, capsys
 
 
 class _Trainer:
-    """Stands in for blipcore.trainer.Trainer: fit() returns the summary a torchrun rank gets."""
+    """Stands in for blipcore.training.trainer.Trainer: fit() returns the summary a torchrun rank gets."""
 
     summary: dict = {}
 
@@ -167,7 +167,7 @@ class _Trainer:
      ["interrupted: 3 steps, 0 epochs in 0.5 s", "resume with: python -m train fit"]),
 ])
 def test_fit_prints_its_summary_once_per_run_not_once_per_rank(tmp_path, monkeypatch, capsys, summary, lines):
-    monkeypatch.setattr(blipcore.trainer, "Trainer", type("Trainer", (_Trainer,), {"summary": summary}))
+    monkeypatch.setattr(blipcore.training.trainer, "Trainer", type("Trainer", (_Trainer,), {"summary": summary}))
     assert main(["fit", "--preset", "demo", "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(lines) and all(line.startswith(start) for line, start in zip(out, lines, strict=True))
@@ -245,7 +245,7 @@ def test_caption_bad_arguments_exit_2_before_any_work(tiny_runs_dir, tmp_path, c
 
 
 def test_eval_on_the_test_split_reports_every_image_beside_the_val_evaluation(shapes_root, tmp_path):
-    from blipcore.trainer import Trainer
+    from blipcore.training.trainer import Trainer
     from tests.conftest import SHAPES_PARAMS, small_cfg
 
     cfg = small_cfg(shapes_root, epochs=1, eval_strategies=["greedy"]).override(

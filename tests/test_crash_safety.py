@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blipcore import runs
-from blipcore.config import BlipConfig
-from blipcore.runs import CheckpointError, RunDir, RunError
-from blipcore.trainer import Trainer
+from blipcore.model.config import BlipConfig
+from blipcore.runs import rundir
+from blipcore.runs.rundir import CheckpointError, RunDir, RunError
+from blipcore.training.trainer import Trainer
 from tests.conftest import REPO_ROOT, photos_cfg, small_cfg
 from train.cli import main
 
@@ -73,7 +73,7 @@ def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def stale_temporaries(run_dir: Path) -> list[Path]:
-    return [p for p in Path(run_dir).rglob(".*.tmp") if runs.STALE_TEMPORARY_PATTERN.fullmatch(p.name)]
+    return [p for p in Path(run_dir).rglob(".*.tmp") if rundir.STALE_TEMPORARY_PATTERN.fullmatch(p.name)]
 
 
 def assert_consistent(run_dir: Path) -> dict:
@@ -84,10 +84,10 @@ def assert_consistent(run_dir: Path) -> dict:
     run.read_metrics()
     for ckpt in run.checkpoints():
         _, _, loaded = run.load_model(ckpt.epoch)
-        assert loaded.meta["sha256"] == runs.sha256_file(ckpt.weights)
+        assert loaded.meta["sha256"] == rundir.sha256_file(ckpt.weights)
     state = json.loads((run.last_dir / "state.json").read_text())
     for key in ("weights", "optimizer"):
-        assert runs.sha256_file(run.last_dir / state[key]) == state[f"{key}_sha256"], key
+        assert rundir.sha256_file(run.last_dir / state[key]) == state[f"{key}_sha256"], key
     return state
 
 
@@ -99,7 +99,7 @@ def snapshot(run_dir: Path) -> dict[str, str]:
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         files += [state_file, run.last_dir / state["weights"], run.last_dir / state["optimizer"]]
-    return {str(p.relative_to(run.path)): runs.sha256_file(p) for p in files}
+    return {str(p.relative_to(run.path)): rundir.sha256_file(p) for p in files}
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -323,7 +323,7 @@ def test_a_crash_inside_an_atomic_write_keeps_the_previous_state_and_resumes_exa
 
 
 def test_rewriting_an_epoch_checkpoint_never_leaves_a_sidecar_vouching_for_other_weights(tmp_path, monkeypatch):
-    from blipcore.model import BLIP
+    from blipcore.model.blip import BLIP
     from tests.conftest import tiny_config
 
     cfg, run = tiny_config(), RunDir(tmp_path / "run")
@@ -526,19 +526,19 @@ def test_an_optimizer_file_that_would_run_code_is_refused(resumable, tmp_path, c
     marker = tmp_path / "code-was-executed"
     trap = {"optimizer": Payload(marker), "torch_rng": torch.get_rng_state()}
     if container == "torch.save":
-        data = runs.encode_torch_state(trap)
+        data = rundir.encode_torch_state(trap)
     else:
         data = pickle.dumps(trap)
     last = resumable / "checkpoints/last"
     state = json.loads((last / "state.json").read_text())
     (last / state["optimizer"]).write_bytes(data)
-    edit_state(resumable, optimizer_sha256=runs.sha256_bytes(data))  # the sha check passes
+    edit_state(resumable, optimizer_sha256=rundir.sha256_bytes(data))  # the sha check passes
 
     err = resume_cli(resumable, capsys)
     assert state["optimizer"] in err and "cannot be read" in err
     assert not marker.exists()
     with pytest.raises(CheckpointError):
-        runs.load_torch_state(last / state["optimizer"])
+        rundir.load_torch_state(last / state["optimizer"])
     assert not marker.exists()
 
 

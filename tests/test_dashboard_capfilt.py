@@ -15,8 +15,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from blipcore import paths
-from blipcore.capfilt import scorer_report
-from blipcore.metrics import roc_auc
+from blipcore.evaluation.metrics import roc_auc
+from blipcore.experiments.capfilt import scorer_report
 from dashboard import capfilt_figures as cf
 from tests.test_dashboard_pages import plotly_specs, texts
 from tests.test_dashboard_pages import run_page as run_any_page
@@ -45,7 +45,8 @@ def make_records(planted: bool = True) -> list[dict]:
 
 def make_capfilt_folder(out: Path, images: Path, planted: bool = True) -> Path:
     """A `python -m train capfilt` output folder for make_records, its images (1-4; image 5 is missing) in
-    `images`: the summary's planted report comes from blipcore.capfilt.scorer_report, as the command's does."""
+    `images`: the summary's planted report comes from blipcore.experiments.capfilt.scorer_report, as the command's
+    does."""
     images.mkdir(parents=True, exist_ok=True)
     for image, colour in zip(range(1, 5), ("red", "green", "blue", "yellow"), strict=True):
         Image.new("RGB", (16, 12), colour).save(images / f"img{image}.png")
@@ -65,7 +66,8 @@ def make_capfilt_folder(out: Path, images: Path, planted: bool = True) -> Path:
 
 
 def planted_report(lines: list[dict]) -> dict | None:
-    """capfilt.json's "planted" entry for `lines`, by blipcore.capfilt.scorer_report as the command writes it."""
+    """capfilt.json's "planted" entry for `lines`, by blipcore.experiments.capfilt.scorer_report as the command
+    writes it."""
     scored = [line for line in lines if line["origin"] != "unreadable"]
     return scorer_report(scored, ["itm", "itc"], "itm", [line["kept"] for line in scored])
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 from streamlit.testing.v1 import AppTest
 
-from blipcore import diagnosis as D
-from blipcore.runs import STUDY_TABLE, RunDir
+from blipcore.evaluation import diagnosis as D
+from blipcore.runs.rundir import STUDY_TABLE, RunDir
 from dashboard import diagnosis_figures as df
 from tests.test_dashboard_pages import DASHBOARD, copy_run, run_page, texts
 from tests.test_dashboard_study import ROWS

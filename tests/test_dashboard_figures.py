@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
-from blipcore.runs import RunDir, RunError
+from blipcore.runs.rundir import RunDir, RunError
 from dashboard import figures, projections
 from dashboard.figures import Line, Panel
 

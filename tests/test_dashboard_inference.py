@@ -18,10 +18,10 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from blipcore.data import ImageLoadError
-from blipcore.decoding import decoding_config
-from blipcore.explain import TokenAttention
+from blipcore.evaluation.decoding import decoding_config
+from blipcore.evaluation.explain import TokenAttention
 from blipcore.paths import PROJECT_ROOT
-from blipcore.runs import RunDir
+from blipcore.runs.rundir import RunDir
 from dashboard import explain_figures as figs
 from dashboard import inference as inf
 from dashboard.common import MAX_UPLOAD_PIXELS

@@ -15,7 +15,7 @@ from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
 from blipcore.paths import PROJECT_ROOT
-from blipcore.runs import RunDir
+from blipcore.runs.rundir import RunDir
 from dashboard import launcher, projections
 
 REPO = PROJECT_ROOT  # the checkout the installed packages come from

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from blipcore.runs import STUDY_TABLE
+from blipcore.runs.rundir import STUDY_TABLE
 from dashboard import study_figures as sf
 from tests.test_dashboard_pages import run_page as run_any_page
 from tests.test_dashboard_pages import texts
@@ -20,9 +20,9 @@ from tests.test_dashboard_pages import texts
 def build_tiny_study(shapes_root: Path, folder: Path, seeds: tuple[int, ...] = (0,)) -> Path:
     """tests/test_study.py's tiny plan (variants fast and slow) with `seeds`, run into `folder`, test
     evaluations without METEOR (its Java start costs seconds)."""
-    from blipcore.evaluation import CheckpointEvaluator
-    from blipcore.study import parse_plan, run_study
-    from blipcore.trainer import Trainer
+    from blipcore.evaluation.evaluator import CheckpointEvaluator
+    from blipcore.experiments.study import parse_plan, run_study
+    from blipcore.training.trainer import Trainer
     from tests.test_study import tiny_plan
     from train.cli import main
 
@@ -104,7 +104,7 @@ def test_variant_bands_take_mean_spread_and_range_over_seeds():
 
 
 def test_the_recovery_figure_shows_every_seed_the_means_and_the_target_level():
-    from blipcore.study import Recovery, judge_recovery
+    from blipcore.experiments.study import Recovery, judge_recovery
 
     summary = judge_recovery(Recovery("cider", ("clean", "t"), ("noisy", "t"), ("boot", "t"), target=0.5), {
         "reference": {0: 0.30, 1: 0.32}, "degraded": {0: 0.20, 1: 0.22}, "treated": {0: 0.26, 1: 0.28}})
@@ -126,7 +126,7 @@ def test_the_recovery_figure_shows_every_seed_the_means_and_the_target_level():
 
 
 def test_the_target_figure_shows_every_seed_the_means_and_the_level():
-    from blipcore.study import Target, judge_target
+    from blipcore.experiments.study import Target, judge_target
 
     level, margin = Target("cider", value=0.30), Target("cider", above="nearest-neighbour", by=0.05)
     rows = [{"run": "r/a", **judge_target(level, {0: 0.20, 1: 0.24})}, {"run": "r/b", **judge_target(level, {0: 0.4})},

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from blipcore.config import BlipConfig
 from blipcore.data import (
     MEAN,
     AnnotationError,
@@ -33,6 +32,7 @@ from blipcore.data import (
     load_coco_annotations,
     load_image,
 )
+from blipcore.model.config import BlipConfig
 from blipcore.paths import SHARED_DATA_DIR
 from tests.conftest import PHOTOS, PHOTOS_TRAIN, PHOTOS_VAL, needs_shared_dataset
 
@@ -383,7 +383,7 @@ def test_the_photo_fixture_is_cc_by_and_attributed_photo_by_photo() -> None:
 
 @needs_shared_dataset("flickr8k")
 def test_flickr8k_official_splits_are_disjoint_and_test_holds_1000_images():
-    from blipcore.config import load_preset
+    from blipcore.model.config import load_preset
 
     root = SHARED_DATA_DIR / "flickr8k"
     cfg = load_preset("flickr8k").override({"data.root": str(root)})

@@ -1,4 +1,4 @@
-"""blipcore.decoding: strategies against uncached reference loops and HF's logits processors, the
+"""blipcore.evaluation.decoding: strategies against uncached reference loops and HF's logits processors, the
 beam search's invariants, and the per-step evidence every Caption carries."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from blipcore import BLIP
-from blipcore.decoding import (
+from blipcore.evaluation.decoding import (
     STRATEGY_PRESETS,
     DecodingConfig,
     decoding_config,
@@ -29,7 +29,7 @@ from blipcore.decoding import (
     top_k_filter,
     top_p_filter,
 )
-from blipcore.tokenizer import load_tokenizer
+from blipcore.model.tokenizer import load_tokenizer
 from tests.conftest import tiny_config
 
 DOG = load_tokenizer().convert_tokens_to_ids("dog")

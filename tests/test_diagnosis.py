@@ -1,5 +1,5 @@
-"""The run diagnosis (blipcore.diagnosis): synthetic run folders written with RunDir's own writers, each built to
-show one finding, and a healthy one that shows none; runs still being written, killed or not yet evaluated; the
+"""The run diagnosis (blipcore.evaluation.diagnosis): synthetic run folders written with RunDir's own writers, each
+built to show one finding, and a healthy one that shows none; runs still being written, killed or not yet evaluated; the
 committed records and the real GPU run; `python -m train diagnose`; and docs/diagnosis.md against the
 declarations it documents."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from blipcore import diagnosis as D
-from blipcore.evaluation import summary_metrics
-from blipcore.metrics import SEVERITIES, THRESHOLDS, is_declared, metric, thresholds
-from blipcore.runs import RunDir
+from blipcore.evaluation import diagnosis as D
+from blipcore.evaluation.evaluator import summary_metrics
+from blipcore.evaluation.metrics import SEVERITIES, THRESHOLDS, is_declared, metric, thresholds
+from blipcore.runs.rundir import RunDir
 from tests.conftest import REPO_ROOT
 from train.cli import main
 
@@ -300,7 +300,7 @@ def test_runs_being_written_killed_or_not_evaluated_are_diagnosed(tmp_path):
 
 
 def test_a_record_with_its_history_is_diagnosed_like_its_run(tmp_path):
-    from blipcore.study import numbers_only, run_history
+    from blipcore.experiments.study import numbers_only, run_history
 
     evals = healthy_evaluations()
     evals[-1]["strategies"]["greedy"]["metrics"].update(top_caption_share=0.4)
@@ -410,7 +410,8 @@ def test_diagnose_says_in_one_line_what_it_cannot_read(tmp_path, capsys, args):
 def test_the_doc_lists_every_finding_and_threshold_and_the_records_diagnosis_is_current():
     doc = DOC.read_text()
     assert D.findings_markdown() in doc
-    assert D.thresholds_markdown() in doc, "docs/diagnosis.md: paste blipcore.diagnosis.thresholds_markdown()"
-    assert D.records_markdown() in doc, "docs/diagnosis.md: paste blipcore.diagnosis.records_markdown()"
+    assert D.thresholds_markdown() in doc, ("docs/diagnosis.md: paste "
+                                            "blipcore.evaluation.diagnosis.thresholds_markdown()")
+    assert D.records_markdown() in doc, "docs/diagnosis.md: paste blipcore.evaluation.diagnosis.records_markdown()"
     for t in THRESHOLDS:
         assert t.reason in doc and metric(t.key).label in doc

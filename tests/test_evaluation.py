@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from blipcore import BLIP
-from blipcore import metrics as M
 from blipcore.data import build_datasets
-from blipcore.evaluation import (
+from blipcore.evaluation import metrics as M
+from blipcore.evaluation.evaluator import (
     eval_images,
     evaluate_model,
     itm_match_logits,
@@ -22,7 +22,7 @@ from blipcore.evaluation import (
     rerank_top_k,
     summary_metrics,
 )
-from blipcore.tokenizer import tokenize_captions
+from blipcore.model.tokenizer import tokenize_captions
 from tests.conftest import small_cfg, tiny_config
 
 
@@ -122,7 +122,7 @@ def test_reference_row_is_computed_once_per_data(shapes_root):
 
 def test_nearest_neighbour_row_retrieves_the_captions_of_the_nearest_training_image(shapes_root):
     from blipcore.data import CaptionDataset, build_transform
-    from blipcore.evaluation import nearest_neighbour_row
+    from blipcore.evaluation.evaluator import nearest_neighbour_row
 
     cfg = small_cfg(shapes_root)
     torch.manual_seed(0)
@@ -163,7 +163,7 @@ def test_eval_on_another_dataset_writes_its_own_file_and_keeps_the_runs_referenc
     second test set of a run trained on shapes; the reference rows still quote the run's own training captions."""
     import shutil
 
-    from blipcore.runs import RunDir
+    from blipcore.runs.rundir import RunDir
     from tests.conftest import PHOTOS, PHOTOS_VAL
     from train.cli import main
 

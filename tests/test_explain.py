@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from blipcore import BLIP
-from blipcore.explain import (
+from blipcore.evaluation.explain import (
     attention_rollout,
     cls_attention_maps,
     decoder_cross_attention,

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import blipcore.data.coco2017 as coco2017
-import blipcore.data.fetch as fetch
-import blipcore.trainer
+import blipcore.data.folders as folders
+import blipcore.data.prep.coco2017 as coco2017
+import blipcore.training.trainer
 from blipcore.io import FileError
-from blipcore.runs import RunDir
+from blipcore.runs.rundir import RunDir
 from tests.conftest import tiny_preset_toml
 from train.cli import main
 
@@ -237,7 +237,7 @@ def test_image_size_shrinks_the_shorter_side_and_keeps_small_images(coco, tmp_pa
     assert {(i["width"], i["height"], i["orig_width"], i["orig_height"]) for i in train["images"]} == {(32, 24, 40, 30)}
     assert Image.open(out / "train2017" / train["images"][0]["file_name"]).size == (32, 24)
     assert not (out / "failed.tsv").exists()
-    marker = json.loads((out / fetch.MARKER).read_text())
+    marker = json.loads((out / folders.MARKER).read_text())
     assert marker["command"] == "coco" and marker["settings"] == {"image_size": 24}
 
     assert data_coco(coco, out, "--resume", "--image-size", "32") == 2  # the files were made at another size
@@ -247,7 +247,7 @@ def test_image_size_shrinks_the_shorter_side_and_keeps_small_images(coco, tmp_pa
 def fill_the_disk_after(writes: int, monkeypatch):
     """Every file write of the data commands after the first `writes` fails as on a full disk; returns the real
     writer, to put back when space is free again."""
-    real_write, done = fetch.atomic_write_bytes, {"n": 0}
+    real_write, done = folders.atomic_write_bytes, {"n": 0}
 
     def disk_fills_up(path, data):
         done["n"] += 1
@@ -255,7 +255,7 @@ def fill_the_disk_after(writes: int, monkeypatch):
             raise FileError(f"{path}: cannot be written") from OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(fetch, "atomic_write_bytes", disk_fills_up)
+    monkeypatch.setattr(folders, "atomic_write_bytes", disk_fills_up)
     return real_write
 
 
@@ -268,7 +268,7 @@ def test_disk_full_stops_says_so_and_resumes(coco, tmp_path, monkeypatch, capsys
     assert "No space left on device" in err and "stopped" in err and "--resume" in err and "Traceback" not in err
     assert len(list((out / "train2017").iterdir())) == 3 and not (out / "annotations").exists()
     assert not leftovers(out)
-    monkeypatch.setattr(fetch, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(folders, "atomic_write_bytes", real_write)
     assert data_coco(coco, out, "--resume") == 0
     assert len(json.loads((out / "annotations/captions_train2017.json").read_text())["images"]) == TRAIN
 
@@ -363,8 +363,8 @@ def test_format_shards_writes_webdataset_shards_of_the_fetched_folder(coco, tmp_
     assert f"--set data.kind=webdataset --data-root {out / 'shards'}" in capsys.readouterr().out
     manifest = json.loads((out / "shards/shards.json").read_text())
     assert manifest["train"]["images"] == TRAIN and manifest["val"]["images"] == VAL
-    if not hasattr(blipcore.trainer, "IterableDataset"):
-        pytest.skip("blipcore.trainer does not stream an IterableDataset yet")
+    if not hasattr(blipcore.training.trainer, "IterableDataset"):
+        pytest.skip("blipcore.training.trainer does not stream an IterableDataset yet")
     preset = tmp_path / "tiny-seed.toml"
     preset.write_text(TINY_SEED)
     code = main(["fit", "--preset", str(preset), "--data-root", str(out / "shards"), "--set", "data.kind=webdataset",

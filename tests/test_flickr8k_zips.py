@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import blipcore.data.fetch as fetch
-from blipcore.data.flickr8k import hash_split
+import blipcore.data.folders as folders
+from blipcore.data.prep.flickr8k import hash_split
 from blipcore.paths import SHARED_DATA_DIR
-from blipcore.runs import RunDir
+from blipcore.runs.rundir import RunDir
 from tests.conftest import needs_shared_dataset, tiny_preset_toml
 from tests.test_fetch_coco import FakeCoco, fill_the_disk_after
 from train.cli import main
@@ -155,7 +155,7 @@ def test_interrupted_by_a_full_disk_then_resumed(zips, tmp_path, monkeypatch, ca
     assert "No space left on device" in err and "--resume" in err and "Traceback" not in err
     assert len(list((out / "images").iterdir())) == 3 and not (out / "annotations").exists()
 
-    monkeypatch.setattr(fetch, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(folders, "atomic_write_bytes", real_write)
     assert convert(*zips, out) == 2 and "--resume to fetch only" in capsys.readouterr().err
     assert convert(*zips, out, "--resume") == 3
     assert "(8 converted now)" in capsys.readouterr().out  # 11 good images, 3 there before, the corrupt one fails

@@ -18,8 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blipcore.model import BLIP
-from blipcore.runs import FORMAT_VERSION, CheckpointError, RunDir, RunError, list_runs, resolve_run_dir
+from blipcore.model.blip import BLIP
+from blipcore.runs.rundir import FORMAT_VERSION, CheckpointError, RunDir, RunError, list_runs, resolve_run_dir
 from tests.conftest import tiny_config
 
 HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

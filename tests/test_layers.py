@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from blipcore.layers import Attention, Block, DropPath, drop_path, drop_path_rates
+from blipcore.model.layers import Attention, Block, DropPath, drop_path, drop_path_rates
 
 
 def _attention_pair(dim=32, heads=4):
@@ -72,12 +72,12 @@ def test_cached_self_attention_equals_full():
 
 
 def test_short_attention_on_a_cpu_in_bf16_runs_the_math_backend_and_long_attention_the_fused_kernel():
-    """blipcore.layers' CPU rule: bf16 attention over at most CPU_MATH_MAX_KEYS keys gives exactly torch's math
+    """blipcore.model.layers' CPU rule: bf16 attention over at most CPU_MATH_MAX_KEYS keys gives exactly torch's math
     backend (several times faster there than the fused kernel); longer attention, and fp32, the default kernel."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from blipcore import layers
+    from blipcore.model import layers
 
     torch.manual_seed(2)
     attn = Attention(64, 4).eval()

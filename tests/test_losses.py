@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from blipcore import losses
+from blipcore.model import losses
 
 
 def test_itc_hand_computed_3x3():

@@ -1,7 +1,7 @@
-"""MAE image pretraining (model.mae, blipcore.mae): the masking, the loss against a hand computation, the encoder on the
-visible patches only, the config's refusals, a tiny MAE run trained and evaluated through the Trainer, a BLIP run
-seeded from its encoder with train.init, its FLOPs against torch's counter, the study's view of an image-only run, and
-the small-data plan's FLOPs budget."""
+"""MAE image pretraining (model.mae, blipcore.model.mae): the masking, the loss against a hand computation, the
+encoder on the visible patches only, the config's refusals, a tiny MAE run trained and evaluated through the Trainer,
+a BLIP run seeded from its encoder with train.init, its FLOPs against torch's counter, the study's view of an
+image-only run, and the small-data plan's FLOPs budget."""
 
 from __future__ import annotations
 
@@ -14,21 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from blipcore import BLIP
-from blipcore.config import BlipConfig
 from blipcore.data import build_datasets
-from blipcore.flops import forward_flops, training_flops, training_step_flops
-from blipcore.mae import (
-    MAEDecoder,
-    encode_visible,
-    mae_loss,
-    masked_autoencoder_loss,
-    patch_targets,
-    patchify,
-    random_masking,
-)
-from blipcore.paths import PROJECT_ROOT
-from blipcore.runs import RunDir
-from blipcore.study import (
+from blipcore.experiments.study import (
     completed_result,
     load_plan,
     parse_plan,
@@ -39,9 +26,22 @@ from blipcore.study import (
     run_rows,
     study_rows,
 )
-from blipcore.trainer import Trainer
-from blipcore.vision import VisionTransformer
-from blipcore.vocabulary import training_word_pieces
+from blipcore.model.config import BlipConfig
+from blipcore.model.flops import forward_flops, training_flops, training_step_flops
+from blipcore.model.mae import (
+    MAEDecoder,
+    encode_visible,
+    mae_loss,
+    masked_autoencoder_loss,
+    patch_targets,
+    patchify,
+    random_masking,
+)
+from blipcore.model.vision import VisionTransformer
+from blipcore.model.vocabulary import training_word_pieces
+from blipcore.paths import PROJECT_ROOT
+from blipcore.runs.rundir import RunDir
+from blipcore.training.trainer import Trainer
 from tests.conftest import PHOTOS, SHAPES_PARAMS, small_cfg, tiny_config, tiny_preset_toml
 from train.cli import main
 
@@ -180,7 +180,7 @@ def test_an_mae_model_is_the_vit_and_its_decoder_and_reads_no_text():
 @pytest.mark.parametrize("overrides", [{}, {"mae_mask_ratio": 0.5, "mae_decoder_depth": 2, "vision_depth": 1}],
                          ids=["default-ratio", "half-masked"])
 def test_mae_flops_match_torch_flop_counter(overrides):
-    """blipcore.flops' MAE step against FlopCounterMode: the encoder on the visible tokens, the decoder on every
+    """blipcore.model.flops' MAE step against FlopCounterMode: the encoder on the visible tokens, the decoder on every
     patch, forward and forward + backward (the patch embedding computes no gradient for the images)."""
     cfg = tiny_config(**{**MAE, "image_size": 64, "vision_width": 32, **overrides})
     torch.manual_seed(0)
@@ -290,7 +290,7 @@ def test_a_completed_image_only_run_is_a_study_result_reported_on_val_with_no_ca
 
 def test_the_small_data_plans_image_pretraining_costs_the_references_flops():
     """The round-2 pair (MAE steps, then BLIP steps from its encoder) costs the reference's 1,800 steps, counted with
-    blipcore.flops at the flickr8k-cpu preset's batch, 16-token captions and the training captions' 6,646 word
+    blipcore.model.flops at the flickr8k-cpu preset's batch, 16-token captions and the training captions' 6,646 word
     pieces, within 2 %."""
     plan = load_plan(PROJECT_ROOT / "studies" / "small-data.toml")
     stages = {stage.name: stage for stage in plan.stages}

@@ -1,4 +1,4 @@
-"""Tests of blipcore.metrics: captioning scores against pycocoevalcap, collapse, retrieval."""
+"""Tests of blipcore.evaluation.metrics: captioning scores against pycocoevalcap, collapse, retrieval."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from blipcore import metrics
-from blipcore.metrics import (
+from blipcore.evaluation import metrics
+from blipcore.evaluation.metrics import (
     SPICE_NOTE,
     caption_metrics,
     collapse_metrics,
@@ -303,7 +303,7 @@ def test_format_metrics_table():
 
 
 def test_consensus_caption_is_the_candidate_most_like_the_others():
-    from blipcore.metrics import consensus_caption
+    from blipcore.evaluation.metrics import consensus_caption
 
     candidates = ["a cat sleeps on a sofa", "a dog runs on the grass", "a dog running on grass", "the dog runs"]
     assert consensus_caption(candidates) == "a dog runs on the grass"
@@ -313,7 +313,7 @@ def test_consensus_caption_is_the_candidate_most_like_the_others():
 
 
 def test_memorised_share_counts_verbatim_training_captions():
-    from blipcore.metrics import memorised_share, normalised_captions
+    from blipcore.evaluation.metrics import memorised_share, normalised_captions
 
     known = normalised_captions(["A dog runs.", "Two cats"])
     assert memorised_share(["a dog runs", "A DOG RUNS!", "a dog walks", "two cats"], known) == 0.75
@@ -329,7 +329,7 @@ def test_readme_collapse_table_is_the_registrys():
 
 
 def test_registry_resolves_derived_keys_with_the_base_metrics_direction():
-    from blipcore.decoding import STRATEGY_PRESETS
+    from blipcore.evaluation.decoding import STRATEGY_PRESETS
 
     assert metrics.metric("val_lm").better == "lower" and metrics.metric("val_lm").group == "loss"
     assert metrics.metric("itm_t2i_r5").better == "higher" and not metrics.metric("itm_t2i_r5").headline
@@ -348,9 +348,9 @@ def test_registry_resolves_derived_keys_with_the_base_metrics_direction():
 def test_every_key_a_run_writes_is_declared(tiny_runs_dir):
     """metrics.jsonl lines and every metric section of an evaluation file, for every decoding strategy."""
     from blipcore.data import build_datasets
-    from blipcore.decoding import STRATEGY_PRESETS
-    from blipcore.evaluation import evaluate_model, summary_metrics
-    from blipcore.runs import RunDir
+    from blipcore.evaluation.decoding import STRATEGY_PRESETS
+    from blipcore.evaluation.evaluator import evaluate_model, summary_metrics
+    from blipcore.runs.rundir import RunDir
 
     run = RunDir(tiny_runs_dir / "tiny")
     logged = {key for record in run.read_metrics() for key in record}

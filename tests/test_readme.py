@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blipcore import metrics
+from blipcore.evaluation import metrics
 from tests.conftest import REPO_ROOT
 
 README = REPO_ROOT / "README.md"

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from blipcore.data import build_datasets, load_coco_annotations, load_image
-from blipcore.data.fetch import DOWNLOADS, MARKER
-from blipcore.data.noise import plant_noise
-from blipcore.data.resized import ResizeReport, resize_dataset
+from blipcore.data.folders import MARKER
+from blipcore.data.prep.fetch import DOWNLOADS
+from blipcore.data.prep.noise import plant_noise
+from blipcore.data.prep.resized import ResizeReport, resize_dataset
 from tests.conftest import small_cfg
 from train.cli import main
 
@@ -165,7 +166,7 @@ def test_resume_writes_only_the_missing_files(shapes_root, tmp_path, monkeypatch
     (out / "images" / f".{missing[0].name}.x1y2z3w4.tmp").write_bytes(b"half")
     untouched = {path: path.stat().st_mtime_ns for path in images[5:]}
     written: list[Path] = []
-    import blipcore.data.resized as resized
+    import blipcore.data.prep.resized as resized
 
     real_write = resized.write_file
     monkeypatch.setattr(resized, "write_file", lambda path, data: (written.append(path), real_write(path, data)))
@@ -178,7 +179,7 @@ def test_resume_writes_only_the_missing_files(shapes_root, tmp_path, monkeypatch
 
 
 def test_ctrl_c_keeps_complete_files_and_names_the_command_that_continues(shapes_root, tmp_path, monkeypatch, capsys):
-    import blipcore.data.resized as resized
+    import blipcore.data.prep.resized as resized
 
     out = tmp_path / "out"
     command = ["data", "resize", "--from", str(shapes_root), "--out", str(out), "--size", "16", "--no-progress"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from blipcore import metrics as M
-from blipcore.runs import RunDir
-from blipcore.scoring import read_results, score_results
+from blipcore.evaluation import metrics as M
+from blipcore.evaluation.scoring import read_results, score_results
+from blipcore.runs.rundir import RunDir
 from tests.conftest import PHOTOS, REPO_ROOT
 from train.cli import main
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blipcore.config import BlipConfig
 from blipcore.data import build_datasets, generate_shapes, shapes_ready
 from blipcore.data.shapes import BACKGROUNDS, COLOURS, HELDOUT_COMBOS, META_FILE, MIN_CONTRAST, SPLITS
-from blipcore.tokenizer import load_tokenizer
+from blipcore.model.config import BlipConfig
+from blipcore.model.tokenizer import load_tokenizer
 
 PARAMS = {"n_train": 60, "n_val": 20, "n_heldout": 20, "image_size": 64, "seed": 0}
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import blipcore.trainer
+import blipcore.training.trainer
 from blipcore.data import CaptionCollator, build_datasets
-from blipcore.data.fetch import DataSourceError
+from blipcore.data.folders import DataSourceError
 from blipcore.data.shards import ShardDataset
-from blipcore.runs import RunDir
+from blipcore.runs.rundir import RunDir
 from tests.conftest import small_cfg
 from tests.test_fetch_coco import FakeCoco
 from train.cli import main
@@ -163,11 +163,11 @@ def test_bad_arguments_and_missing_shards(tmp_path, shapes_root, capsys):
         build_datasets(shards_cfg(shapes_root, tmp_path / "nothing"))
 
 
-@pytest.mark.skipif(not hasattr(blipcore.trainer, "IterableDataset"),
-                    reason="blipcore.trainer does not stream an IterableDataset yet")
+@pytest.mark.skipif(not hasattr(blipcore.training.trainer, "IterableDataset"),
+                    reason="blipcore.training.trainer does not stream an IterableDataset yet")
 def test_trains_five_steps_on_shards_and_resumes(shard_root, shapes_root, tmp_path):
     cfg = shards_cfg(shapes_root, shard_root, num_workers=2).override({"train.max_steps": 3, "train.epochs": 1})
-    blipcore.trainer.Trainer(cfg, tmp_path / "run", progress=False).fit()
+    blipcore.training.trainer.Trainer(cfg, tmp_path / "run", progress=False).fit()
     assert main(["fit", "--run-dir", str(tmp_path / "run"), "--resume", "--max-steps", "5", "--no-progress"]) == 0
     assert RunDir(tmp_path / "run").read_info()["steps_done"] == 5
     assert torch.isfinite(torch.tensor([r["loss"] for r in RunDir(tmp_path / "run").read_metrics()

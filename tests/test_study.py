@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from blipcore.config import BlipConfig
-from blipcore.evaluation import CheckpointEvaluator
-from blipcore.metrics import metric
-from blipcore.runs import RunDir
-from blipcore.study import (
+from blipcore.evaluation.evaluator import CheckpointEvaluator
+from blipcore.evaluation.metrics import metric
+from blipcore.experiments.study import (
     TABLE_METRICS,
     PlanError,
     Recovery,
@@ -33,7 +31,9 @@ from blipcore.study import (
     targets_markdown,
     write_table,
 )
-from blipcore.trainer import Trainer
+from blipcore.model.config import BlipConfig
+from blipcore.runs.rundir import RunDir
+from blipcore.training.trainer import Trainer
 from tests.conftest import REPO_ROOT, SHAPES_PARAMS, small_cfg
 from train.cli import main
 
@@ -114,7 +114,7 @@ def test_a_two_stage_plan_runs_skips_what_is_done_and_writes_one_table(shapes_ro
                      ["most-frequent"]["metrics"]["cider"] for seed in (0, 1)]
     assert margin["margin"] == pytest.approx(level["mean"] - statistics.fmean(most_frequent))
     assert "| recipes/slow | 2 |" in (study / "study.md").read_text()
-    from blipcore.runs import list_runs
+    from blipcore.runs.rundir import list_runs
 
     listed = [run.name for run in list_runs(tmp_path)]  # study runs are runs: the dashboard lists them
     assert listed == [f"study-tiny/recipes-{v}-seed{s}" for v in ("fast", "slow") for s in (0, 1)]
@@ -187,12 +187,12 @@ def test_a_run_that_does_not_complete_stops_the_study_and_stays_out_of_its_table
 
 
 def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypatch, capsys):
-    import blipcore.study
+    import blipcore.experiments.study
 
     def stop(*args, **kwargs):
         raise StudyStopped("runs/study-x/a-v-seed0 is interrupted, so the study stopped there")
 
-    monkeypatch.setattr(blipcore.study, "run_study", stop)
+    monkeypatch.setattr(blipcore.experiments.study, "run_study", stop)
     plan_file = tmp_path / "plan.toml"
     plan_file.write_text('name = "x"\npreset = "demo"\n[[stage]]\nname = "a"\n[stage.variants]\nv = {}\n')
     assert main(["study", str(plan_file), "--out", str(tmp_path / "study-x")]) == 130
@@ -248,8 +248,8 @@ def test_a_bad_plan_is_refused_with_what_is_wrong(shapes_root, change, message):
 
 
 def test_a_stopped_command_stage_continues_with_its_resume_arguments_or_says_what_to_do(shapes_root, tmp_path):
-    from blipcore.runs import RunError
-    from blipcore.study import _run_command
+    from blipcore.experiments.study import _run_command
+    from blipcore.runs.rundir import RunError
 
     made = {"name": "made", "command": ["data", "noise", "--out", "{study}/data/x"], "produces": "{study}/data/x"}
     calls = []
@@ -372,7 +372,7 @@ def test_a_target_is_judged_on_the_mean_and_a_margin_only_beyond_two_sd(target, 
     ],
 )
 def test_a_variant_is_judged_against_another_by_pooled_sd_and_its_worst_seed(target, values, others, verdict):
-    from blipcore.study import judge_against_variant, pooled_sd
+    from blipcore.experiments.study import judge_against_variant, pooled_sd
 
     summary = judge_against_variant(target, values, others)
     assert summary["verdict"].startswith(verdict)
@@ -387,7 +387,7 @@ def test_a_variant_is_judged_against_another_by_pooled_sd_and_its_worst_seed(tar
 
 
 def test_pooled_sd_is_the_two_groups_sample_spread_around_their_own_means():
-    from blipcore.study import pooled_sd
+    from blipcore.experiments.study import pooled_sd
 
     assert pooled_sd([1.0, 3.0], [10.0, 12.0]) == pytest.approx(statistics.stdev([1.0, 3.0]))
     assert pooled_sd([1.0, 2.0, 3.0], [5.0, 9.0]) == pytest.approx(((2 * 1.0 + 1 * 8.0) / 3) ** 0.5)
@@ -395,7 +395,7 @@ def test_pooled_sd_is_the_two_groups_sample_spread_around_their_own_means():
 
 
 def test_a_records_history_gives_when_its_validation_numbers_were_best():
-    from blipcore.study import history_steps
+    from blipcore.experiments.study import history_steps
 
     def evaluation(step, val_itc, i2t, t2i, ciders):
         return {"step": step, "losses": {"val_itc": val_itc}, "retrieval": {"i2t_r1": i2t, "t2i_r1": t2i},
@@ -412,8 +412,8 @@ def test_a_records_history_gives_when_its_validation_numbers_were_best():
 
 
 def test_a_runs_cost_counts_its_steps_and_the_runs_it_started_from(tmp_path):
-    from blipcore.flops import training_step_flops
-    from blipcore.study import COST_TEXT_LEN, RunResult, _compute_ratios, total_pflops
+    from blipcore.experiments.study import COST_TEXT_LEN, RunResult, _compute_ratios, total_pflops
+    from blipcore.model.flops import training_step_flops
 
     plan = parse_plan({"name": "cost", "preset": "flickr8k-cpu", "seeds": [0], "reference": "main/reference",
                        "stage": [{"name": "pre", "variants": {"text": {"model.text_only": True,
@@ -461,7 +461,7 @@ RECORDED_PLANS = sorted(p.name for p in (REPO_ROOT / "studies" / "results").iter
 @pytest.mark.parametrize("name", RECORDED_PLANS)
 def test_the_generated_results_pages_are_current(name, monkeypatch):
     """docs/results/<plan>.md is the study's table of its committed records, made by the command it names."""
-    from blipcore.study import records_report
+    from blipcore.experiments.study import records_report
 
     monkeypatch.chdir(REPO_ROOT)  # the command names its paths relative to the checkout
     command = (f"python -m train study studies/{name}.toml --results studies/results/{name} "
@@ -523,7 +523,7 @@ def test_the_study_command_runs_a_plan_file_and_prints_its_table(shapes_root, tm
 
 
 def test_only_and_seeds_pick_the_runs_a_session_trains(shapes_root, tmp_path, capsys):
-    from blipcore.study import selection
+    from blipcore.experiments.study import selection
 
     plan = parse_plan(tiny_plan(shapes_root))
     assert selection(plan) == {("recipes", v, s) for v in ("fast", "slow") for s in (0, 1)}
@@ -546,7 +546,7 @@ def test_only_and_seeds_pick_the_runs_a_session_trains(shapes_root, tmp_path, ca
 def test_a_stage_starts_from_the_weights_of_an_earlier_stages_run_of_the_same_seed(shapes_root, tmp_path):
     """Decoder pretraining as a plan: a text-only language model first, then the full recipe from its weights
     ({run:<stage>/<variant>} = that stage's run of the same seed); --only the second selects the first too."""
-    from blipcore.study import selection
+    from blipcore.experiments.study import selection
 
     table = tiny_plan(shapes_root)
     table["seeds"] = [0, 1]
@@ -574,7 +574,7 @@ def test_a_stage_starts_from_the_weights_of_an_earlier_stages_run_of_the_same_se
 
 
 def test_a_records_settings_are_compared_without_where_its_files_were_or_what_the_run_counted_itself():
-    from blipcore.study import config_differences
+    from blipcore.experiments.study import config_differences
 
     planned = BlipConfig.preset("flickr8k-cpu").override({"data.root": "/here"}).to_dict()
     run = BlipConfig.from_dict(planned).override({"data.root": "/elsewhere", "model.vocab_size": 6646}).to_dict()
@@ -585,7 +585,7 @@ def test_a_records_settings_are_compared_without_where_its_files_were_or_what_th
 
 
 def test_a_field_a_record_predates_counts_at_its_default():
-    from blipcore.study import config_differences
+    from blipcore.experiments.study import config_differences
 
     planned = BlipConfig.preset("flickr8k-cpu").to_dict()
     older = json.loads(json.dumps(planned))
@@ -596,7 +596,7 @@ def test_a_field_a_record_predates_counts_at_its_default():
 
 
 def test_a_history_is_thinned_to_its_line_budget_keeping_the_last_line(tmp_path):
-    from blipcore.study import HISTORY_TRAIN_LINES, run_history
+    from blipcore.experiments.study import HISTORY_TRAIN_LINES, run_history
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
@@ -623,7 +623,7 @@ def test_every_committed_record_still_counts_under_its_plan(name):
 
 
 def test_the_runs_table_names_every_revision_of_the_code_that_trained_a_run():
-    from blipcore.study import code_revisions
+    from blipcore.experiments.study import code_revisions
 
     started, resumed = "b7054b0748752fe9017edf83d4e32781a9680ed9", "eec98c1" + "0" * 33
     assert code_revisions({"git_revision": started}) == "b7054b0"  # a record made before resumes were recorded

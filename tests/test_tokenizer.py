@@ -1,6 +1,6 @@
 import hashlib
 
-from blipcore.tokenizer import BERT_VOCAB_SHA256, VOCAB_DIR, load_tokenizer, special_ids, tokenize_captions
+from blipcore.model.tokenizer import BERT_VOCAB_SHA256, VOCAB_DIR, load_tokenizer, special_ids, tokenize_captions
 
 
 def test_shipped_vocabulary_is_bert_base_uncased():

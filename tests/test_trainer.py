@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from blipcore import losses, trainer
-from blipcore.config import BlipConfig
-from blipcore.model import BLIP
-from blipcore.runs import RunDir, RunError
-from blipcore.trainer import NonFiniteLossError, Trainer, build_optimizer, parameter_groups
+from blipcore.model import losses
+from blipcore.model.blip import BLIP
+from blipcore.model.config import BlipConfig
+from blipcore.runs.rundir import RunDir, RunError
+from blipcore.training import trainer
+from blipcore.training.trainer import NonFiniteLossError, Trainer, build_optimizer, parameter_groups
 from tests.conftest import REPO_ROOT, photos_cfg, small_cfg, tiny_config
 
 
@@ -232,7 +233,7 @@ def test_two_process_ddp_equals_single_process_on_the_same_global_batch(shapes_r
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():
-    from blipcore.trainer import learning_rate
+    from blipcore.training.trainer import learning_rate
 
     lrs = [learning_rate(s, total_steps=100, base_lr=1.0, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -242,7 +243,7 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
 
 def test_no_weight_decay_on_norms_biases_embeddings_and_temperature():
     from blipcore import BLIP
-    from blipcore.trainer import parameter_groups
+    from blipcore.training.trainer import parameter_groups
 
     model = BLIP(tiny_config())
     decay, no_decay = parameter_groups(model, 0.05)
@@ -351,7 +352,7 @@ def test_evaluation_every_n_steps_makes_early_collapse_visible(shapes_root, tmp_
 
 
 def test_run_json_names_the_machine_a_runs_minutes_are_read_against(tiny_runs_dir):
-    from blipcore.runs import RunDir
+    from blipcore.runs.rundir import RunDir
     from blipcore.speed import cpu_model, matmul_gflops
 
     device = RunDir(tiny_runs_dir / "tiny").read_info()["device"]

@@ -15,11 +15,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from blipcore import BLIP
-from blipcore.flops import forward_flops, training_flops
-from blipcore.layers import DropPath
-from blipcore.tokenizer import tokenize_captions
-from blipcore.trainer import Trainer
-from blipcore.vision import ConvStem, ShiftedPatchTokenizer, VisionTransformer, conv_stem_channels
+from blipcore.model.flops import forward_flops, training_flops
+from blipcore.model.layers import DropPath
+from blipcore.model.tokenizer import tokenize_captions
+from blipcore.model.vision import ConvStem, ShiftedPatchTokenizer, VisionTransformer, conv_stem_channels
+from blipcore.training.trainer import Trainer
 from tests.conftest import small_cfg, tiny_config
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -211,7 +211,7 @@ FLOP_CASES = {
 
 @pytest.mark.parametrize("overrides", FLOP_CASES.values(), ids=FLOP_CASES.keys())
 def test_vision_flops_match_torch_flop_counter(overrides):
-    """blipcore.flops' ViT part against FlopCounterMode, the forward and forward + backward (the input gradient of
+    """blipcore.model.flops' ViT part against FlopCounterMode, the forward and forward + backward (the input gradient of
     the product that reads the images is not computed). SDPA in its math backend, as in
     tests/test_benchmarks.py::test_flops_match_torch_flop_counter; the encoder in training mode, so a drop path
     branch that is dropped is computed, and counted, all the same."""

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from blipcore import BLIP, load_tokenizer
-from blipcore.config import VOCAB_SIZE
-from blipcore.runs import RunDir
-from blipcore.tokenizer import special_ids, tokenize_captions
-from blipcore.trainer import Trainer
-from blipcore.vocabulary import CompactEmbedding, caption_word_pieces
+from blipcore.model.config import VOCAB_SIZE
+from blipcore.model.tokenizer import special_ids, tokenize_captions
+from blipcore.model.vocabulary import CompactEmbedding, caption_word_pieces
+from blipcore.runs.rundir import RunDir
+from blipcore.training.trainer import Trainer
 from tests.conftest import small_cfg, tiny_config
 
 CAPTIONS = ["a red circle on a white background", "two blue squares to the left of a green cross"]

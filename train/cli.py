@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from blipcore.config import BlipConfig, DataConfig, available_presets, load_preset
+from blipcore.model.config import BlipConfig, DataConfig, available_presets, load_preset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what `caption` takes from a folder
 CAPTION_OUT_FORMATS = (".jsonl", ".csv")
@@ -41,7 +41,7 @@ def build_config(args: argparse.Namespace) -> BlipConfig:
     --epochs, --max-steps, --device, --data-root and --set applied."""
     init = getattr(args, "init", None)
     if args.preset is None and init:
-        from blipcore.runs import RunDir, init_checkpoint, parse_run_spec
+        from blipcore.runs.rundir import RunDir, init_checkpoint, parse_run_spec
 
         init_checkpoint(init)  # a missing run or checkpoint named as such
         cfg = RunDir(parse_run_spec(init)[0]).config()
@@ -63,8 +63,8 @@ def build_config(args: argparse.Namespace) -> BlipConfig:
 # --- subcommands -------------------------------------------------------------------------------
 def cmd_fit(args: argparse.Namespace) -> int:
     """Train (or with --resume continue) a run; one summary line, printed by the first torchrun rank only."""
-    from blipcore.runs import RunDir, parse_run_spec
-    from blipcore.trainer import Trainer
+    from blipcore.runs.rundir import RunDir, parse_run_spec
+    from blipcore.training.trainer import Trainer
 
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -94,7 +94,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """A run's config, status, progress, best headline metrics and last logged line."""
-    from blipcore.runs import RunDir
+    from blipcore.runs.rundir import RunDir
 
     run = RunDir(args.run_dir)
     info = run.read_info()
@@ -134,8 +134,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """What went wrong in runs or study records: one block per run, a line per finding in order of onset; exit 1
     when a finding reaches --fail-on, 2 when a folder is not a run or cannot be read."""
-    from blipcore.diagnosis import committed_records, diagnose_record, diagnose_run, diagnose_runs
-    from blipcore.runs import RunDir, RunError, list_runs
+    from blipcore.evaluation.diagnosis import committed_records, diagnose_record, diagnose_run, diagnose_runs
+    from blipcore.runs.rundir import RunDir, RunError, list_runs
 
     records = committed_records()
     if args.run_dir:
@@ -165,7 +165,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def _headline_best(best: dict[str, Any]) -> str:
     """run.json's best values of the headline metrics (the registry's `headline` flag), as `key=value@epoch`."""
-    from blipcore.metrics import metric
+    from blipcore.evaluation.metrics import metric
 
     shown = []
     for key, entry in sorted(best.items()):
@@ -187,9 +187,9 @@ def _epochs_to_evaluate(run, spec: str | None) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from blipcore import metrics
-    from blipcore.evaluation import CheckpointEvaluator, summary_metrics
-    from blipcore.runs import RunDir
+    from blipcore.evaluation import metrics
+    from blipcore.evaluation.evaluator import CheckpointEvaluator, summary_metrics
+    from blipcore.runs.rundir import RunDir
 
     run = RunDir(args.run_dir)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -227,9 +227,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from blipcore import metrics
+    from blipcore.evaluation import metrics
+    from blipcore.evaluation.scoring import score_results
     from blipcore.io import atomic_write_json
-    from blipcore.scoring import score_results
 
     scored = score_results(args.results, args.annotations, args.train_annotations, meteor=not args.no_meteor)
     print(metrics.format_metrics_table({name: {**row["metrics"], "notes": row["notes"]}
@@ -299,9 +299,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from blipcore.data import ImageLoadError, build_transform, load_image
-    from blipcore.decoding import generate
+    from blipcore.evaluation.decoding import generate
     from blipcore.io import atomic_write_bytes
-    from blipcore.runs import RunDir
+    from blipcore.runs.rundir import RunDir
 
     out_format = _caption_file_format(args.out)
     files = _images_to_caption(args.images, args.recursive)
@@ -338,8 +338,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Run a study plan into its folder (skipping what is done, resuming what is not) and print its table."""
-    from blipcore.study import StudyStopped, load_plan, run_study, save_plan_copy, selection
-    from blipcore.trainer import Trainer
+    from blipcore.experiments.study import StudyStopped, load_plan, run_study, save_plan_copy, selection
+    from blipcore.training.trainer import Trainer
 
     plan = load_plan(args.plan)
     if args.report is not None:
@@ -370,8 +370,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _write_study_report(plan: Any, args: argparse.Namespace) -> int:
     """`study PLAN --results DIR --report FILE`: the table of the records alone, written to FILE; trains nothing."""
+    from blipcore.experiments.study import records_report
     from blipcore.io import atomic_write_bytes
-    from blipcore.study import records_report
 
     if args.results is None or not args.results.is_dir():
         print(f"error: --report makes the table of the records in --results DIR; "
@@ -414,14 +414,14 @@ def _interrupted(args: argparse.Namespace, kept: str) -> int:
 
 
 def _http_policy(args: argparse.Namespace):
-    from blipcore.data.fetch import HttpPolicy
+    from blipcore.data.prep.fetch import HttpPolicy
 
     return HttpPolicy(timeout=args.timeout, retries=args.retries, backoff=args.backoff)
 
 
 def cmd_data_coco(args: argparse.Namespace) -> int:
     """Fetch COCO 2017 captions and images; exit 0 when every image arrived, 3 when some did not."""
-    from blipcore.data.coco2017 import fetch_coco
+    from blipcore.data.prep.coco2017 import fetch_coco
 
     try:
         report = fetch_coco(args.out, first=args.first, val_first=args.val_first, annotations=args.annotations,
@@ -433,7 +433,7 @@ def cmd_data_coco(args: argparse.Namespace) -> int:
     if report.failures:
         print(f"the dataset is usable as it is; to try the failed images again:  {_again_with_resume(args)}")
     if args.format == "shards":  # written afresh from the folder: a resume may have added images anywhere
-        from blipcore.data.shards import write_shards
+        from blipcore.data.prep.shards import write_shards
 
         shards = write_shards(args.out, Path(args.out) / "shards", overwrite=True, progress=not args.no_progress)
         print(shards.summary())
@@ -443,7 +443,7 @@ def cmd_data_coco(args: argparse.Namespace) -> int:
 
 def cmd_data_flickr8k(args: argparse.Namespace) -> int:
     """Convert the two Flickr8k zips; exit 0 when every listed image was converted, 3 when some were not."""
-    from blipcore.data.flickr8k import convert_flickr8k
+    from blipcore.data.prep.flickr8k import convert_flickr8k
 
     try:
         report = convert_flickr8k(args.images, args.text, args.out, image_size=args.image_size, workers=args.workers,
@@ -459,7 +459,7 @@ def cmd_data_flickr8k(args: argparse.Namespace) -> int:
 
 def cmd_data_shards(args: argparse.Namespace) -> int:
     """Write a COCO-caption-format folder's train split as WebDataset shards; exit 3 when some files were unreadable."""
-    from blipcore.data.shards import write_shards
+    from blipcore.data.prep.shards import write_shards
 
     report = write_shards(args.source, args.out, shard_size=args.shard_size, train_files=args.train_files,
                           workers=args.workers, resume=args.resume, overwrite=args.overwrite,
@@ -471,7 +471,7 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
 
 def cmd_data_noise(args: argparse.Namespace) -> int:
     """Plant noise in a dataset's training captions (a derived folder + noise.jsonl)."""
-    from blipcore.data.noise import plant_noise
+    from blipcore.data.prep.noise import plant_noise
 
     report = plant_noise(args.source, args.out, args.fraction, seed=args.seed,
                          train_annotations=args.train_annotations, overwrite=args.overwrite)
@@ -483,7 +483,7 @@ def cmd_data_noise(args: argparse.Namespace) -> int:
 def cmd_data_resize(args: argparse.Namespace) -> int:
     """Copy a dataset folder with every image shrunk; exit 0 even when some images could not be (the summary
     names them: they are copied unchanged)."""
-    from blipcore.data.resized import resize_dataset
+    from blipcore.data.prep.resized import resize_dataset
 
     try:
         report = resize_dataset(args.source, args.out, args.size, quality=args.quality, workers=args.workers,
@@ -496,7 +496,7 @@ def cmd_data_resize(args: argparse.Namespace) -> int:
 
 def cmd_capfilt(args: argparse.Namespace) -> int:
     """Caption and filter a dataset's training images into a bootstrapped dataset."""
-    from blipcore.capfilt import CapfiltSettings, run_capfilt
+    from blipcore.experiments.capfilt import CapfiltSettings, run_capfilt
 
     settings = CapfiltSettings(synthetic_per_image=args.synthetic, decoding=args.decoding, score=args.score,
                                threshold=args.threshold, keep_fraction=args.keep_fraction,
@@ -583,10 +583,10 @@ def _add_download_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blipcore.data.coco2017 import OFFICIAL_ANNOTATIONS_URL
-    from blipcore.data.resized import DEFAULT_QUALITY, DEFAULT_WORKERS, MAX_QUALITY, MIN_SIZE
-    from blipcore.decoding import STRATEGY_PRESETS
-    from blipcore.metrics import SEVERITIES
+    from blipcore.data.prep.coco2017 import OFFICIAL_ANNOTATIONS_URL
+    from blipcore.data.prep.resized import DEFAULT_QUALITY, DEFAULT_WORKERS, MAX_QUALITY, MIN_SIZE
+    from blipcore.evaluation.decoding import STRATEGY_PRESETS
+    from blipcore.evaluation.metrics import SEVERITIES
 
     parser = argparse.ArgumentParser(
         prog=_program_name(), description="Train and inspect BLIP models from random initialisation.",
@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
             "better than a reference row, alignment or ITM near chance, memorisation, over-confidence,\n"
             "optimisation faults and a starved step, each with when it started, its evidence, the dashboard\n"
             "page that shows it and the remedy the run's own evaluation or the committed records measured.\n"
-            "The levels are declared, with their reasons, in blipcore/metrics.py (THRESHOLDS).\n\n"
+            "The levels are declared, with their reasons, in blipcore/evaluation/metrics.py (THRESHOLDS).\n\n"
             "stdout: one block per run, a line per finding in order of onset (--json: a list of objects).\n"
             "exit status: 0 no finding reaches --fail-on; 1 one does; 2 a folder that is not a run or\n"
             "cannot be read, or a file that is not a study record."
@@ -971,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from blipcore.data import AnnotationError, DatasetNotFoundError, ImageLoadError
     from blipcore.io import FileError
-    from blipcore.trainer import NonFiniteLossError
+    from blipcore.training.trainer import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,26 +1,25 @@
-"""Captioned images in COCO caption format (real or generated) as torch datasets.
+"""What training reads: captioned images in COCO caption format (real or generated) as torch datasets.
 
-`build_datasets(cfg)` is the entry point; `load_image` is the one way images are decoded. Public datasets
-onto disk: `fetch_coco` (COCO 2017 by URL), `convert_flickr8k` (the Flickr8k zips); WebDataset shards
-(`write_shards`, `ShardDataset`) live in `blipcore.data.shards`, imported on use.
+`build_datasets(cfg)` is the entry point; `load_image` is the one way images are decoded. WebDataset shards
+(`ShardDataset`) live in `blipcore.data.shards`, imported on use. Getting public datasets onto disk, writing
+shards, resizing and planting noise is offline preparation, in `blipcore.data.prep`: it imports this package,
+never the reverse.
 """
 
-from blipcore.data.coco import (
+from .coco import (
     AnnotationError,
     CaptionCollator,
     CaptionDataset,
     DatasetNotFoundError,
     ImageRecord,
     ImageSkippedWarning,
-    build_datasets,
     load_coco_annotations,
 )
-from blipcore.data.coco2017 import fetch_coco
-from blipcore.data.fetch import DataSourceError
-from blipcore.data.flickr8k import convert_flickr8k
-from blipcore.data.images import MAX_PIXELS, ImageLoadError, load_image
-from blipcore.data.shapes import generate_shapes, shapes_ready
-from blipcore.data.transforms import MEAN, STD, build_transform, denormalize
+from .datasets import build_datasets
+from .folders import DataSourceError
+from .images import MAX_PIXELS, ImageLoadError, load_image
+from .shapes import generate_shapes, shapes_ready
+from .transforms import MEAN, STD, build_transform, denormalize
 
 __all__ = [
     "MAX_PIXELS",
@@ -36,9 +35,7 @@ __all__ = [
     "ImageSkippedWarning",
     "build_datasets",
     "build_transform",
-    "convert_flickr8k",
     "denormalize",
-    "fetch_coco",
     "generate_shapes",
     "load_coco_annotations",
     "load_image",

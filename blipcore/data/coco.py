@@ -15,21 +15,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from blipcore.config import CAPTION_MODES, BlipConfig
-from blipcore.data.fetch import fetch_hint
-from blipcore.data.images import ImageLoadError, load_image
-from blipcore.data.shapes import generate_shapes, shapes_ready
-from blipcore.data.transforms import build_transform, draws_flip, flips, swap_left_right
-from blipcore.tokenizer import tokenize_captions
-
-if TYPE_CHECKING:
-    from blipcore.data.shards import ShardDataset
+from ..model.config import CAPTION_MODES
+from ..model.tokenizer import tokenize_captions
+from .images import ImageLoadError, load_image
+from .transforms import draws_flip, swap_left_right
 
 logger = logging.getLogger(__name__)
 
@@ -249,85 +244,3 @@ class CaptionCollator:
             "file_paths": [item["file_path"] for item in kept],
             "num_skipped": len(items) - len(kept),
         }
-
-
-# --- from a config --------------------------------------------------------------------------------------
-
-
-def _require(path: Path, what: str, hint: str) -> None:
-    if not path.exists():
-        raise DatasetNotFoundError(f"{what} not found: looked for {path}. {hint}")
-
-
-def build_datasets(
-    cfg: BlipConfig, splits: Sequence[str] = ("train", "val")
-) -> dict[str, CaptionDataset | ShardDataset]:
-    """Datasets for the requested splits ("train", "val", and for shapes "heldout").
-
-    Shapes are generated into data.root first if that folder is not a complete generation with these
-    parameters. Train uses the augmentation set data.augment (for shapes, without its crop) and
-    data.caption_mode; val and heldout use the eval transform and one fixed caption per image (caption_mode
-    "random", epoch 0: do not call set_epoch on them), with every reference caption in `dataset.records`. For
-    data.kind "webdataset" the train split is a ShardDataset (an IterableDataset streamed from the shards) and
-    val the files written beside them.
-    """
-    data = cfg.data
-    root = Path(data.root)
-    if data.kind == "shapes":
-        params = {
-            "n_train": data.shapes_n_train,
-            "n_val": data.shapes_n_val,
-            "n_heldout": data.shapes_n_heldout,
-            "image_size": data.shapes_image_size,
-            "seed": data.shapes_seed,
-        }
-        if not shapes_ready(root, params):
-            logger.info("generating synthetic shapes into %s", root)
-            generate_shapes(root, **params)
-        hint = "It should have been generated there; check that data.root is writable."
-    elif data.kind == "coco":
-        hint = fetch_hint(data) or (
-            f"Put a COCO-caption-format dataset there ({data.train_annotations}, {data.val_annotations}, "
-            f"{data.train_images}/ and {data.val_images}/ under {root}) or pass --data-root PATH "
-            "(--set data.root=PATH)."
-        )
-        _require(root, "dataset root", hint)
-    elif data.kind == "webdataset":
-        hint = ("Write the shards there with:\n  python -m train data shards --from <a COCO-caption-format folder> "
-                f"--out {root}\nor pass --data-root PATH")
-        _require(root, "shard folder", hint)
-    else:
-        raise ValueError(f"data.kind {data.kind!r}: expected 'shapes', 'coco' or 'webdataset'")
-
-    sources = {
-        "train": (data.train_annotations, data.train_images, data.subset),
-        "val": (data.val_annotations, data.val_images, data.val_subset),
-    }
-    if data.kind == "webdataset":  # the files `data shards` writes beside the shards (blipcore.data.shards)
-        sources = {"train": ("annotations/captions_train.json", "train", data.subset),
-                   "val": ("annotations/captions_val.json", "val", data.val_subset)}
-    if data.kind == "shapes":
-        sources["heldout"] = ("annotations/captions_heldout.json", data.val_images, data.val_subset)
-    if data.test_annotations:
-        sources["test"] = (data.test_annotations, data.test_images, 0)
-    datasets = {}
-    for split in splits:
-        if split not in sources:
-            raise ValueError(f"split {split!r} does not exist for data.kind {data.kind!r} (have: {', '.join(sources)})")
-        annotations, images, subset = sources[split]
-        _require(root / annotations, f"{split} annotations", hint)
-        _require(root / images, f"{split} image folder", hint)
-        train = split == "train"
-        # Shapes captions say where things are: a random crop would move or cut objects and make them wrong.
-        transform = build_transform(cfg.model.image_size, train=train, augment=data.augment,
-                                    crop=data.kind != "shapes")
-        if train and data.kind == "webdataset":  # streamed from the shards
-            from blipcore.data.shards import build_shard_dataset
-
-            datasets[split] = build_shard_dataset(cfg, transform)
-            continue
-        records = load_coco_annotations(root / annotations, root / images, subset)
-        mode = data.caption_mode if train else "random"
-        datasets[split] = CaptionDataset(records, transform, caption_mode=mode, seed=cfg.train.seed,
-                                         flip=train and flips(data.augment))
-    return datasets

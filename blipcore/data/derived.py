@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from blipcore.data.coco import AnnotationError, load_coco_annotations
-from blipcore.data.fetch import MARKER, DataSourceError, write_json
+from .coco import AnnotationError, load_coco_annotations
+from .folders import MARKER, DataSourceError, write_json
 
 # What a derived folder records about itself (the one declaration of these names): never linked into a
 # folder derived from it, whose captions they would no longer describe.

@@ -16,8 +16,8 @@ import re
 
 import torch
 
-from blipcore._torchvision import transforms
-from blipcore.config import AUGMENT_SETS
+from .._torchvision import transforms
+from ..model.config import AUGMENT_SETS
 
 # CLIP's statistics, which BLIP reuses.
 MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -1,7 +1,7 @@
-"""Diagnosis: what went wrong in a run, in words, with the evidence — every finding of blipcore.diagnosis in order
-of onset, the numbers behind it (labelled by the metric registry), a link to the page and tab that shows them, and
+"""Diagnosis: what went wrong in a run, in words, with the evidence — every finding of blipcore.evaluation.diagnosis in
+order of onset, the numbers behind it (labelled by the metric registry), a link to the page and tab that shows them, and
 the remedy that the run's own evaluation or the committed records measured; below, the committed records
-diagnosed the same way. The levels are declared, with their reasons, in blipcore/metrics.py (THRESHOLDS)."""
+diagnosed the same way. The levels are declared, with their reasons, in blipcore/evaluation/metrics.py (THRESHOLDS)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from blipcore.diagnosis import RECORDS_DIR, Diagnosis, Finding, committed_diagnoses, diagnose_run
-from blipcore.runs import RunDir, RunError
+from blipcore.evaluation.diagnosis import RECORDS_DIR, Diagnosis, Finding, committed_diagnoses, diagnose_run
+from blipcore.runs.rundir import RunDir, RunError
 from dashboard import common
 from dashboard import diagnosis_figures as df
 
@@ -65,7 +65,7 @@ def show_findings(diagnosis: Diagnosis) -> None:
 st.set_page_config(page_title="Diagnosis · BLIP Lab", layout="wide")  # also when opened directly by URL
 st.title("Diagnosis: what went wrong, with the evidence")
 st.caption("Each finding is judged against a level declared, with the recorded runs' numbers that justify it, in "
-           "`blipcore/metrics.py` (docs/diagnosis.md lists them). The same findings: "
+           "`blipcore/evaluation/metrics.py` (docs/diagnosis.md lists them). The same findings: "
            "`python -m train diagnose --run-dir RUN`.")
 run = common.select_run(require_epochs=False)
 try:

@@ -9,15 +9,15 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
-from blipcore.metrics import REFERENCE_ROWS, metrics_in
-from blipcore.runs import RunDir
+from blipcore.evaluation.metrics import REFERENCE_ROWS, metrics_in
+from blipcore.runs.rundir import RunDir
 from dashboard import common, figures, launcher
 from dashboard.figures import Line, Panel
 
 REFRESH_S = 5.0
 SECTION_KEY = "training_section"  # session-state key of the open tab
 
-# Every panel comes from the metric registry (blipcore.metrics): its groups, keys and labels.
+# Every panel comes from the metric registry (blipcore.evaluation.metrics): its groups, keys and labels.
 LOSS_PANELS = tuple(
     Panel(m.label, (Line(m.key, "train"), Line(f"val_{m.key}", "validation", smooth=False, dash="dot")))
     for m in metrics_in("loss")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from blipcore.runs import RunDir
+from blipcore.runs.rundir import RunDir
 from dashboard import common, figures
 from dashboard.figures import Line, Panel
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from blipcore.runs import RunDir, RunError
+from blipcore.runs.rundir import RunDir, RunError
 from dashboard import common, figures, projections
 
 PLOT_KEY = "embedding_plot"

@@ -1,13 +1,13 @@
 """Attention: where the model looks — ViT attention rollout, [CLS] attention per layer and head, the
 decoder's cross-attention for each generated word, and Grad-CAM of the image-text matching score.
-Every map comes from blipcore.explain (through inference's caches); this page only lays them out."""
+Every map comes from blipcore.evaluation.explain (through inference's caches); this page only lays them out."""
 
 
 import streamlit as st
 
 from blipcore.data import ImageLoadError
-from blipcore.decoding import STRATEGY_PRESETS, decoding_config
-from blipcore.explain import HEAD_FUSIONS, attention_rollout, cls_attention_maps, overlay_heatmap
+from blipcore.evaluation.decoding import STRATEGY_PRESETS, decoding_config
+from blipcore.evaluation.explain import HEAD_FUSIONS, attention_rollout, cls_attention_maps, overlay_heatmap
 from dashboard import common
 from dashboard import explain_figures as figs
 from dashboard import inference as inf

@@ -7,9 +7,9 @@ import pandas as pd
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from blipcore.decoding import STRATEGY_PRESETS, DecodingConfig, decoding_config
-from blipcore.metrics import COLLAPSE_METRIC_DOCS
-from blipcore.tokenizer import load_tokenizer
+from blipcore.evaluation.decoding import STRATEGY_PRESETS, DecodingConfig, decoding_config
+from blipcore.evaluation.metrics import COLLAPSE_METRIC_DOCS
+from blipcore.model.tokenizer import load_tokenizer
 from dashboard import common
 from dashboard import explain_figures as figs
 from dashboard import inference as inf

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from blipcore.decoding import STRATEGY_PRESETS, decoding_config
+from blipcore.evaluation.decoding import STRATEGY_PRESETS, decoding_config
 from dashboard import common
 from dashboard import inference as inf
 

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from blipcore.decoding import STRATEGY_PRESETS, decoding_config
-from blipcore.runs import RunDir, RunError
+from blipcore.evaluation.decoding import STRATEGY_PRESETS, decoding_config
+from blipcore.runs.rundir import RunDir, RunError
 from dashboard import common
 from dashboard import explain_figures as figs
 from dashboard import inference as inf

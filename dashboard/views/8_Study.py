@@ -1,8 +1,8 @@
 """Study: one study folder (`python -m train study PLAN --out runs/study-NAME`) at a glance — its table (mean ±
 sd over seeds, sortable, CSV), each variant's seeds as a band on the loss and metric curves, the config fields
 that differ between variants, one run per point on a metric-against-metric scatter, and the same evaluation
-images captioned by every variant side by side. Under the table, each variant's diagnosis (blipcore.diagnosis):
-the findings of its runs, from their folders here or from their committed records."""
+images captioned by every variant side by side. Under the table, each variant's diagnosis
+(blipcore.evaluation.diagnosis): the findings of its runs, from their folders here or from their committed records."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from blipcore.diagnosis import RECORDS_DIR, Diagnosis, diagnose_record, diagnose_run
-from blipcore.evaluation import summary_metrics
-from blipcore.metrics import metric, metrics_in
-from blipcore.runs import RunDir, RunError
-from blipcore.study import dev_choice, recovery_markdown, reported_evaluation, targets_markdown
+from blipcore.evaluation.diagnosis import RECORDS_DIR, Diagnosis, diagnose_record, diagnose_run
+from blipcore.evaluation.evaluator import summary_metrics
+from blipcore.evaluation.metrics import metric, metrics_in
+from blipcore.experiments.study import dev_choice, recovery_markdown, reported_evaluation, targets_markdown
+from blipcore.runs.rundir import RunDir, RunError
 from dashboard import common, figures
 from dashboard import diagnosis_figures as df
 from dashboard import study_figures as sf
@@ -69,8 +69,8 @@ def diagnosis_section(folder: Path, table: dict) -> None:
     diagnoses, variants = study_diagnoses(folder, table)
     if not diagnoses:
         return
-    st.markdown("**Diagnosis by variant**: each finding of the variant's runs (blipcore.diagnosis), how many of its "
-                "runs have it and how severe; a run's evidence and remedies are on the Diagnosis page, or "
+    st.markdown("**Diagnosis by variant**: each finding of the variant's runs (blipcore.evaluation.diagnosis), how "
+                "many of its runs have it and how severe; a run's evidence and remedies are on the Diagnosis page, or "
                 "`python -m train diagnose --runs-dir` this folder.")
     frame = df.variant_table(diagnoses, variants)
     st.dataframe(frame.style.map(df.health_colour, subset=["health"]), hide_index=True, width="stretch",

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from blipcore.capfilt import CapfiltError, find_capfilt_folders, load_capfilt
+from blipcore.experiments.capfilt import CapfiltError, find_capfilt_folders, load_capfilt
 from blipcore.paths import PROJECT_ROOT
 from dashboard import capfilt_figures as cf
 from dashboard import common, figures

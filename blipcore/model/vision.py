@@ -3,7 +3,7 @@
 Small-data remedies, each a ModelConfig option and off by default (then the encoder, its parameter
 names included, is the plain ViT): a convolutional stem (`patch_embed = "conv-stem"`) or Shifted Patch
 Tokenization (`shifted_patches`) in place of the patchify Conv2d, stochastic depth (`drop_path`) and
-Locality Self-Attention (`locality_attention`) in the blocks (blipcore.layers). Every option keeps the
+Locality Self-Attention (`locality_attention`) in the blocks (blipcore.model.layers). Every option keeps the
 token count, (S/p)^2 patches and [CLS].
 """
 
@@ -136,7 +136,7 @@ class VisionTransformer(nn.Module):
 
     def patch_tokens(self, images: Tensor) -> Tensor:
         """images (B, 3, S, S) -> patch embeddings (B, N, width), row by row, before [CLS] and the positions
-        (a masked autoencoder adds the positions and drops the hidden patches before the blocks, blipcore.mae)."""
+        (a masked autoencoder adds the positions and drops the hidden patches before the blocks, blipcore.model.mae)."""
         if images.shape[-1] != self.grid * self.patch_size or images.shape[-2] != self.grid * self.patch_size:
             raise ValueError(
                 f"expected images of {self.grid * self.patch_size}x{self.grid * self.patch_size}, "

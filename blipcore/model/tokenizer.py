@@ -7,11 +7,12 @@ encoder (ITM), [DEC] replaces it as the decoder's begin token, [SEP] ends a capt
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 from transformers import BertTokenizerFast
 
-VOCAB_DIR = Path(__file__).parent / "assets" / "bert-base-uncased"
+from ..paths import ASSETS_DIR
+
+VOCAB_DIR = ASSETS_DIR / "bert-base-uncased"
 BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 DEC_TOKEN = "[DEC]"
 ENC_TOKEN = "[ENC]"

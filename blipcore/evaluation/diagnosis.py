@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .metrics import REFERENCE_ROWS, SEVERITIES, THRESHOLDS, Threshold, is_number, metric, metrics_in, thresholds
-from .paths import PROJECT_ROOT
-from .runs import RunDir, RunError, list_runs, read_json
+from ..io import is_number
+from ..paths import PROJECT_ROOT
+from ..runs.rundir import RunDir, RunError, list_runs, read_json
+from .metrics import REFERENCE_ROWS, SEVERITIES, THRESHOLDS, Threshold, metric, metrics_in, thresholds
 
 RECORDS_DIR = PROJECT_ROOT / "studies" / "results"  # the committed records: the remedies' measurements
 
@@ -988,7 +989,7 @@ def diagnose_record(path: str | Path, records: Sequence[RecordedRun] | None = No
 
 
 def diagnose_runs(folder: str | Path, records: Sequence[RecordedRun] | None = None) -> list[Diagnosis]:
-    """Every run of a runs folder (a study folder's runs included, blipcore.runs.list_runs); a run that cannot be
+    """Every run of a runs folder (a study folder's runs included, blipcore.runs.rundir.list_runs); a run that cannot be
     read is listed with the reason and no findings."""
     records = committed_records() if records is None else records
     found = []

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..data import CaptionCollator, CaptionDataset, build_transform
+from ..io import atomic_write_json
+from ..model.config import BlipConfig
+from ..model.tokenizer import tokenize_captions
+from ..runs.rundir import RunDir
+from ..speed import autocast_dtype, describe
 from . import metrics as M
-from .config import BlipConfig
-from .data import CaptionCollator, CaptionDataset, build_transform
-from .io import atomic_write_json
-from .runs import RunDir
 from .scoring import coco_results
-from .speed import autocast_dtype, describe
-from .tokenizer import tokenize_captions
 
 SAMPLES_PER_STRATEGY = 24
 NN_NEIGHBOURS = 5  # training images whose captions the nearest-neighbour row picks its consensus from
@@ -463,7 +463,7 @@ class CheckpointEvaluator:
         (`images` can widen it). Written to the run, embeddings too on val; returns the result. With
         `captions_dir`, every caption of each strategy and of the nearest-neighbour row goes there as a COCO
         results file, epoch_NNN.<split>.<name>.json (`python -m train score` scores them elsewhere)."""
-        from .data import build_datasets
+        from ..data import build_datasets
 
         model, cfg, ckpt = self.run.load_model(epoch, device=self.device)
         if self.other_data is not None:  # absolute paths: read as they are, whatever the run's data.root

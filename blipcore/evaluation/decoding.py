@@ -4,7 +4,7 @@ Every strategy returns one `Caption` per image with the per-step evidence the da
 model's log-probability and entropy at each step and, on request, the decoder's cross-attention over
 the image tokens for each generated token.
 
-    from blipcore.decoding import DecodingConfig, generate
+    from blipcore.evaluation.decoding import DecodingConfig, generate
     captions = generate(model, images, "beam")               # a preset name ...
     captions = generate(model, images, "nucleus", seed=1)    # ... with overrides
     captions = generate(model, images, DecodingConfig(strategy="sample", top_k=20, temperature=0.7))
@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import BLIP
-from .speed import PRECISIONS, autocast_dtype, inference_copy
-from .tokenizer import load_tokenizer
+from ..model.blip import BLIP
+from ..model.tokenizer import load_tokenizer
+from ..speed import PRECISIONS, autocast_dtype, inference_copy
 
 STRATEGIES = ("greedy", "beam", "sample")
 _SAMPLING_ONLY = {"top_k": 0, "top_p": 1.0, "temperature": 1.0}  # field -> its 'off' value

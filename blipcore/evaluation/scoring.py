@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.coco import AnnotationError, ImageRecord, load_coco_annotations
 from . import metrics as M
-from .data.coco import AnnotationError, ImageRecord, load_coco_annotations
 
 
 def coco_results(records: Sequence[ImageRecord], captions: Sequence[str]) -> list[dict[str, Any]]:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from blipcore.data.coco import AnnotationError, _field, _list
-from blipcore.data.fetch import (
-    MARKER,
+from ..coco import AnnotationError, _field, _list
+from ..folders import MARKER, write_file, write_json
+from ..images import ImageLoadError
+from .fetch import (
     FetchFailed,
     HttpPolicy,
     OutputFolder,
@@ -32,17 +33,14 @@ from blipcore.data.fetch import (
     is_url,
     run_pool,
     write_failures,
-    write_file,
-    write_json,
 )
-from blipcore.data.images import ImageLoadError
 
 OFFICIAL_ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
 SPLITS = {"train": "train2017", "val": "val2017"}  # split -> image folder (and the annotation file's suffix)
 IMAGE_FIELDS = (("id", int), ("file_name", str), ("coco_url", str))  # what an image record must have
 CAPTION_FIELDS = (("image_id", int), ("caption", str))
 OWNED = ("annotations/captions_train2017.json", "annotations/captions_val2017.json", "train2017", "val2017",
-         "failed.tsv", "shards", MARKER)  # shards/: --format shards (blipcore.data.shards)
+         "failed.tsv", "shards", MARKER)  # shards/: --format shards (blipcore.data.prep.shards)
 
 
 @dataclass

@@ -116,12 +116,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import metrics as M
-from .config import BlipConfig, load_preset
-from .data.derived import CAPFILT_SUMMARY
-from .flops import training_step_flops
-from .io import atomic_write_bytes, atomic_write_json
-from .runs import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, read_json
+from ..data.derived import CAPFILT_SUMMARY
+from ..evaluation import metrics as M
+from ..io import atomic_write_bytes, atomic_write_json
+from ..model.config import BlipConfig, load_preset
+from ..model.flops import training_step_flops
+from ..runs.rundir import STUDY_PLAN, STUDY_TABLE, RunDir, RunError, read_json
 
 # The table's columns, from the registry: what evaluations log per strategy, R@1 both ways, and how well ITC
 # and ITM tell an image's own caption from another image's.
@@ -418,8 +418,8 @@ TestFn = Callable[[RunDir, int, list[str]], dict[str, Any]]  # (run, epoch, stra
 
 
 def evaluate_on_test(run: RunDir, epoch: int, strategies: list[str]) -> dict[str, Any]:
-    """The default TestFn: every image of the test split, METEOR included (blipcore.evaluation)."""
-    from .evaluation import CheckpointEvaluator
+    """The default TestFn: every image of the test split, METEOR included (blipcore.evaluation.evaluator)."""
+    from ..evaluation.evaluator import CheckpointEvaluator
 
     return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=True, progress=False)
 
@@ -497,8 +497,8 @@ def run_study(plan: Plan, study: Path, train: TrainFn, command: CommandFn,
     the table (of every run in the folder and in `results`). `only` and `seeds` restrict which runs train in this
     call (see `selection`), so a long plan can be run a few runs at a time; the command stages they need, and the runs
     those name, still run. A run that ends without completing stops the study (StudyStopped, after the table).
-    `train` trains one run (blipcore.trainer.Trainer in the CLI); `command` runs `python -m train ARGS` (the CLI
-    passes its own main, so blipcore never imports train)."""
+    `train` trains one run (blipcore.training.trainer.Trainer in the CLI); `command` runs `python -m train ARGS`
+    (the CLI passes its own main, so blipcore never imports train)."""
     selected = selection(plan, only, seeds)
     study.mkdir(parents=True, exist_ok=True)
     write_table(plan, study, results, log)  # from the start: the folder is a study, its finished runs in the table
@@ -858,7 +858,7 @@ COST_TEXT_LEN = 16
 
 
 def step_gflops(config: dict[str, Any]) -> float | None:
-    """GFLOPs of one training step of a run's config (blipcore.flops at COST_TEXT_LEN); None for a config that no
+    """GFLOPs of one training step of a run's config (blipcore.model.flops at COST_TEXT_LEN); None for a config that no
     longer loads."""
     try:
         cfg = BlipConfig.from_dict(config)
@@ -974,7 +974,7 @@ def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def filter_rows(plan: Plan, study: Path, results: Path | None = None) -> list[dict[str, Any]]:
     """One row per (CapFilt command stage, scorer) whose output exists here, or whose summary `results` holds:
     how well the filter found the planted captions (ROC AUC, precision, recall) and what it kept
-    (blipcore.capfilt's capfilt.json). A summary found here is recorded in `results`."""
+    (blipcore.experiments.capfilt's capfilt.json). A summary found here is recorded in `results`."""
     rows = []
     for stage in (s for s in plan.stages if not s.trains):
         for seed in plan.seeds if stage.per_seed else [None]:

@@ -44,18 +44,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from blipcore.data.fetch import (
-    DOWNLOADS,
-    JPEG_QUALITY,
-    MARKER,
-    DataSourceError,
-    FetchFailed,
-    OutputFolder,
-    run_pool,
-    write_file,
-)
-from blipcore.data.images import ImageLoadError, load_image
-from blipcore.io import STALE_TEMPORARY_PATTERN
+from ...io import STALE_TEMPORARY_PATTERN
+from ..folders import MARKER, DataSourceError, write_file
+from ..images import ImageLoadError, load_image
+from .fetch import DOWNLOADS, JPEG_QUALITY, FetchFailed, OutputFolder, run_pool
 
 COMMAND = "resize"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # any case; other files are copied unchanged

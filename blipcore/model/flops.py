@@ -28,9 +28,9 @@ Forward, with vision width d_v, text width d_t, MLP widths h = int(d * mlp_ratio
   in full, as nanoGPT and the flash-attention kernels' counters do.
 - LM head 2 d_t V at each target position only: the project runs it only where there is a label.
 - momentum encoder (when on, with ITC): one more forward of the ViT and the ITC text encoder.
-- MAE (model.mae, image pretraining; blipcore.mae), per image, with K = round((1 - mae_mask_ratio) (S/p)^2) visible
-  patches and decoder width d_m, MLP width h_m: the patch embedding on every patch (as above: the hidden ones are
-  dropped after it); the ViT blocks on the K + 1 visible tokens, 2 (K+1) (4 d_v^2 + 2 d_v h_v) + 4 (K+1)^2 d_v
+- MAE (model.mae, image pretraining; blipcore.model.mae), per image, with K = round((1 - mae_mask_ratio) (S/p)^2)
+  visible patches and decoder width d_m, MLP width h_m: the patch embedding on every patch (as above: the hidden ones
+  are dropped after it); the ViT blocks on the K + 1 visible tokens, 2 (K+1) (4 d_v^2 + 2 d_v h_v) + 4 (K+1)^2 d_v
   each; the decoder's embedding 2 (K+1) d_v d_m, its blocks on all 1 + N tokens (N = (S/p)^2), and its
   prediction head 2 N d_m 3p^2 on the patch tokens. No text is read.
 

@@ -3,7 +3,7 @@
     runs/<name>/
       run.json                      config, versions, git revision, device, status, timestamps, best metrics
       metrics.jsonl                 one JSON object a line: step, epoch, split, loss, itc, lm, itm, ... (every
-                                    key declared in blipcore.metrics)
+                                    key declared in blipcore.evaluation.metrics)
       checkpoints/epoch_003.safetensors + epoch_003.json   weights + sidecar (config, step, metrics, sha256)
       checkpoints/last/             resumable state: state.json (position, file names, sha256) names
                                     model-stepN-<sha>.safetensors and optimizer-stepN-<sha>.pt
@@ -49,18 +49,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .config import BlipConfig
-from .io import (
+from ..io import (
     STALE_TEMPORARY_PATTERN,
     FileError,
     atomic_write_bytes,
     atomic_write_json,
+    is_number,
     jsonable,
     sha256_bytes,
     sha256_file,
     writing,
 )
-from .metrics import is_number
+from ..model.config import BlipConfig
 
 FORMAT_VERSION = 1
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -68,7 +68,7 @@ RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "embeddings", "eval", "projections")
 LOCK_FILE = "trainer.lock"
 STATE_FILE = "state.json"
-# A study folder (runs/study-<name>/, blipcore.study) holds run folders, its plan and its table.
+# A study folder (runs/study-<name>/, blipcore.experiments.study) holds run folders, its plan and its table.
 STUDY_TABLE = "study.json"
 STUDY_PLAN = "plan.toml"
 
@@ -455,7 +455,7 @@ class RunDir:
 
     def load_model(self, epoch: int | None = None, device: str | torch.device = "cpu"):
         """Rebuild the model of a checkpoint, verifying its sha256. Returns (BLIP in eval mode, config, Checkpoint)."""
-        from .model import BLIP
+        from ..model.blip import BLIP
 
         ckpt = self.checkpoint(epoch)
         cfg = self._checkpoint_config(ckpt)

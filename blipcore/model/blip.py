@@ -5,7 +5,7 @@ with image-text contrast (ITC), language modelling (LM) and optionally image-tex
     cfg = BlipConfig.preset("seed"); model = BLIP(cfg); tok = load_tokenizer()
     out = model(images, input_ids, attention_mask)  # {'loss', 'itc', 'lm'[, 'itm']}
 
-With model.mae the model is the ViT and a masked-autoencoder decoder only (image pretraining, blipcore.mae): its
+With model.mae the model is the ViT and a masked-autoencoder decoder only (image pretraining, blipcore.model.mae): its
 forward reads the images alone and returns {'mae', 'loss'}.
 
 `input_ids` are the tokenizer's [CLS] caption [SEP] (right-padded). The model derives the other two
@@ -46,7 +46,7 @@ class DecoderBatch:
 class BLIP(nn.Module):
     def __init__(self, cfg: BlipConfig | ModelConfig, word_pieces: Sequence[int] | None = None) -> None:
         """`word_pieces`: with model.vocabulary = "captions", the kept bert-base-uncased ids
-        (blipcore.vocabulary.caption_word_pieces of the training captions); without them the model is a skeleton
+        (blipcore.model.vocabulary.caption_word_pieces of the training captions); without them the model is a skeleton
         for a checkpoint's weights, its vocabulary loaded with them."""
         super().__init__()
         self.cfg = cfg.model if isinstance(cfg, BlipConfig) else cfg
@@ -199,7 +199,7 @@ class BLIP(nn.Module):
         images (B, 3, S, S); input_ids, attention_mask (B, L) from the tokenizer; image_ids (B,)
         says which pairs show the same image (two captions of one image are not negatives of each
         other). Returns {'loss': weighted sum, and each active term: 'itc', 'lm', 'itm'}; with model.mae,
-        {'mae', 'loss'} of the images alone (in eval mode on masks of a fixed seed: blipcore.mae).
+        {'mae', 'loss'} of the images alone (in eval mode on masks of a fixed seed: blipcore.model.mae).
         """
         if self.cfg.mae:
             generator = None if self.training else torch.Generator(images.device).manual_seed(EVAL_MASK_SEED)

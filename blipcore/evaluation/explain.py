@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .data.transforms import denormalize
-from .model import BLIP
-from .tokenizer import load_tokenizer, tokenize_captions
+from ..data.transforms import denormalize
+from ..model.blip import BLIP
+from ..model.tokenizer import load_tokenizer, tokenize_captions
 
 HEAD_FUSIONS = ("mean", "max", "min")
 

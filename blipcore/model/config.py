@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .paths import PRESETS_DIR, project_path
+from ..paths import PRESETS_DIR, project_path
 
 # bert-base-uncased has 30,522 word pieces; BLIP adds [DEC] (decoder begin) and [ENC] (multimodal encoder).
 BERT_VOCAB_SIZE = 30522
 VOCAB_SIZE = BERT_VOCAB_SIZE + 2
 VOCABULARIES = ("full", "captions")  # model.vocabulary: all word pieces, or those of the training captions
 DATA_KINDS = ("shapes", "coco", "webdataset")
-# Where a dataset comes from, for the message when it is missing (blipcore.data.fetch.fetch_hint): "" none,
+# Where a dataset comes from, for the message when it is missing (blipcore.data.datasets.fetch_hint): "" none,
 # "coco2017" / "flickr8k" name the `python -m train data ...` command that fetches it, "test-fixture" has none.
 DATA_SOURCES = ("", "coco2017", "flickr8k", "test-fixture")
 CAPTION_MODES = ("random", "all")  # one random caption per image per epoch, or every caption a sample
@@ -83,8 +83,8 @@ class ModelConfig:
     shifted_patches: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): patches see their diagonal neighbours
     locality_attention: bool = False  # Locality Self-Attention: no token attends to itself; learned temperature
     # Text encoder (bidirectional; cross-attends to the image only for ITM) and decoder (causal + cross)
-    # "full": bert-base-uncased's word pieces; "captions": only those of the training captions (blipcore.vocabulary),
-    # then vocab_size is their number, which the trainer counts when a run starts
+    # "full": bert-base-uncased's word pieces; "captions": only those of the training captions
+    # (blipcore.model.vocabulary), then vocab_size is their number, which the trainer counts when a run starts
     vocabulary: str = "full"
     vocab_size: int = VOCAB_SIZE
     text_width: int = 512
@@ -111,7 +111,7 @@ class ModelConfig:
     # Train the decoder as a text-only language model on the captions: no image is read and the decoder's
     # cross-attention is skipped (decoder pretraining, chained into a full recipe with train.init). LM only.
     text_only: bool = False
-    # Train the ViT alone as a masked autoencoder (blipcore.mae): no caption is read, ITC, LM and ITM are off; its
+    # Train the ViT alone as a masked autoencoder (blipcore.model.mae): no caption is read, ITC, LM and ITM are off; its
     # encoder then seeds a full recipe through train.init (image pretraining, as text_only is for the decoder)
     mae: bool = False
     mae_mask_ratio: float = 0.75  # share of each image's patches hidden from the encoder (He et al.: 75 %)

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..io import is_number
+
 SPICE_NOTE = (
     "SPICE is not reported: pycocoevalcap's SPICE downloads Stanford CoreNLP 3.6.0 on first use "
     "(impossible offline) and runs a Java process with an 8 GB heap."
@@ -193,8 +195,8 @@ def is_declared(key: str) -> bool:
 
 
 # --------------------------------------------------------------------------- diagnosis thresholds
-# A run diagnosis (blipcore.diagnosis) judges these numbers; every level it uses is declared here, once, with the
-# reason for it, taken from the committed records (studies/results/): the recipes and CapFilt studies' test
+# A run diagnosis (blipcore.evaluation.diagnosis) judges these numbers; every level it uses is declared here, once,
+# with the reason for it, taken from the committed records (studies/results/): the recipes and CapFilt studies' test
 # evaluations (1,000 Flickr8k test images) and the GPU run's training log and validation lines (500 dev images).
 SEVERITIES = ("info", "warning", "error")  # a finding's severity, mildest first
 
@@ -674,11 +676,6 @@ def roc_auc(scores: Sequence[float] | np.ndarray, positives: Sequence[bool] | np
         ranks[order[start:end]] = (start + end + 1) / 2
     u = ranks[positives].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
-
-
-def is_number(value: Any) -> bool:
-    """A finite real number (not a bool): what a metric value or a logged step must be to be used."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _cell(value: Any) -> str:

@@ -8,11 +8,11 @@ in-domain photos, before it reads a caption. Of the self-supervised image object
 - it trains the project's plain ViT as it is: SLIP's SimCLR term needs a second augmented view of every image (a
   second augmentation pipeline in the data loader) and a projection head that is thrown away afterwards;
 - a step is cheap: the encoder reads only the visible 25 % of the patches and [CLS], about a quarter of a full
-  image's tokens, and the decoder that fills in the hidden patches is small (blipcore.flops counts both);
+  image's tokens, and the decoder that fills in the hidden patches is small (blipcore.model.flops counts both);
 - it chains into BLIP as decoder pretraining (model.text_only) does: an MAE run (model.mae) keeps the encoder's
   parameter names (`visual_encoder.*`), so a full recipe starts from its checkpoint with
   train.init = "{run:<stage>/<variant>}" and trains its text towers from scratch; the MAE decoder is left behind
-  (blipcore.runs.load_init_weights).
+  (blipcore.runs.rundir.load_init_weights).
 
 A step: each image's patches are ordered by per-sample noise and the first round((1 - mask_ratio) N) are kept
 (`random_masking`); the ViT embeds every patch, adds their positions, drops the hidden ones, puts [CLS] in front and
@@ -24,7 +24,7 @@ gives the better representation).
 
 A visible token must depend on its own patch's pixels only, or the task leaks: model.patch_embed = "conv-stem"
 (overlapping convolutions) and model.shifted_patches (half of each neighbour's pixels) are refused with model.mae
-(blipcore.config).
+(blipcore.model.config).
 
 Differences from the reference, each for a reason: the decoder's positional embeddings are learned, as the ViT's
 are (MAE fixes both to sin-cos tables); the prediction head runs on the patch tokens only (MAE's prediction for

@@ -19,7 +19,7 @@ whose training file holds the kept captions, with:
                     and recall at finding the planted captions among the originals
     capfilt-scores/ the scores of each batch of images as it is done: a stopped run resumes (--resume) there
 
-Batched on the project's decoding (blipcore.decoding.generate) and model code, with a progress bar.
+Batched on the project's decoding (blipcore.evaluation.decoding.generate) and model code, with a progress bar.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from .config import BlipConfig
-from .data.derived import (
+from ..data.derived import (
     CAPFILT_RECORD,
     CAPFILT_SCORES,
     CAPFILT_SUMMARY,
@@ -46,13 +44,16 @@ from .data.derived import (
     source_entries,
     write_derived_dataset,
 )
-from .data.fetch import MARKER, DataSourceError, OutputFolder, write_file, write_json
-from .data.images import ImageLoadError, load_image
-from .data.noise import read_noise_record
-from .data.transforms import build_transform
-from .decoding import STRATEGY_PRESETS, decoding_config, generate
-from .runs import Checkpoint, RunDir, RunError, init_checkpoint, parse_run_spec, read_json
-from .tokenizer import tokenize_captions
+from ..data.folders import MARKER, DataSourceError, write_file, write_json
+from ..data.images import ImageLoadError, load_image
+from ..data.prep.fetch import OutputFolder
+from ..data.prep.noise import read_noise_record
+from ..data.transforms import build_transform
+from ..evaluation import metrics as M
+from ..evaluation.decoding import STRATEGY_PRESETS, decoding_config, generate
+from ..model.config import BlipConfig
+from ..model.tokenizer import tokenize_captions
+from ..runs.rundir import Checkpoint, RunDir, RunError, init_checkpoint, parse_run_spec, read_json
 
 SCORERS = ("itm", "itc")  # the filter's two scores: ITM match probability, ITC cosine similarity
 DEFAULT_THRESHOLD = 0.5  # ITM: keep a caption the filter finds more likely matching than not

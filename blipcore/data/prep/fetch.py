@@ -1,10 +1,12 @@
 """Getting public datasets onto disk: HTTP with retries, resumable downloads, checked images, output folders.
 
-The machinery shared by `python -m train data coco` (`blipcore.data.coco2017`), `data flickr8k`
-(`blipcore.data.flickr8k`) and `data shards` (`blipcore.data.shards`). Standard library only: img2dataset,
-the field's downloader, pins pandas<3 and webdataset<0.3, which conflict with this project's pins.
+The machinery shared by `python -m train data coco` (`blipcore.data.prep.coco2017`), `data flickr8k`
+(`blipcore.data.prep.flickr8k`), `data shards` (`blipcore.data.prep.shards`) and `data resize`
+(`blipcore.data.prep.resized`). Standard library only: img2dataset, the field's downloader, pins pandas<3 and
+webdataset<0.3, which conflict with this project's pins.
 
-An output folder is this project's when it holds `bliplab-data.json` (what made it, with which settings).
+An output folder is this project's when it holds `bliplab-data.json` (what made it, with which settings;
+`blipcore.data.folders`, with the atomic file writes and `DataSourceError`).
 Every file goes in atomically (temporary name, fsync, rename) and only after its image decoded, so a file
 under its final name is always complete: a crash loses the files in flight, and a run with --resume fetches
 only what is missing or failed.
@@ -30,11 +32,9 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from blipcore.config import DataConfig
-from blipcore.data.images import load_image
-from blipcore.io import FileError, atomic_write_bytes
+from ..folders import MARKER, DataSourceError, write_file, write_json
+from ..images import load_image
 
-MARKER = "bliplab-data.json"  # in every folder a `data` command writes: which command, with which settings
 DOWNLOADS = "downloads"  # archives fetched by URL, kept across --overwrite (they do not change)
 MAX_IMAGE_BYTES = 50 << 20  # a response larger than this is not a photo
 JPEG_QUALITY = 90
@@ -42,11 +42,6 @@ USER_AGENT = "bliplab-data/1 (python urllib)"
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 Item = TypeVar("Item")
 _NO_MORE = object()
-
-
-class DataSourceError(ValueError):
-    """A dataset source or output folder that cannot be used (a failed download, an archive that is not what
-    it should be, an --out that holds something else, a full disk); the message says what to do next."""
 
 
 class FetchFailed(Exception):
@@ -244,23 +239,6 @@ def image_size_on_disk(path: Path) -> tuple[int, int]:
         raise DataSourceError(f"{path}: unreadable ({err}); delete it and run again with --resume") from None
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """atomic_write_bytes, with a failed write (disk full, read-only folder) as a DataSourceError that says
-    how to go on."""
-    try:
-        atomic_write_bytes(path, data)
-    except FileError as err:
-        cause = err.__cause__
-        why = (cause.strerror or str(cause)) if isinstance(cause, OSError) else str(err)
-        raise DataSourceError(f"{path}: cannot be written ({why}); stopped. Every file written before it is "
-                              "complete and kept: free some space (or fix the folder), then run the same command "
-                              "with --resume") from None
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_file(path, json.dumps(value, ensure_ascii=False).encode("utf-8"))
-
-
 def write_failures(out: Path, rows: list[tuple[str, str]], header: tuple[str, str]) -> Path | None:
     """failed.tsv (`header`, then a row a failure, tabs and newlines in reasons made spaces); with no failures,
     a failed.tsv left by an earlier run is removed and None returned."""
@@ -434,33 +412,3 @@ class OutputFolder:
                 folder.rmdir()
             except OSError:  # not empty (a partial download to continue) or already gone
                 return
-
-
-# --- the command that fetches a dataset ------------------------------------------------------------------
-def _shown(root: str) -> str:
-    """A path as the user should type it: relative to the current folder when it lies inside it."""
-    path = Path(root)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def fetch_hint(data: DataConfig) -> str | None:
-    """What to do when the dataset of `data` is missing, from `data.source`: the exact command that fetches
-    it into data.root (with --resume when an unfinished one is there), or None for a source with no command."""
-    root = _shown(data.root)
-    resume = " --resume" if (Path(data.root) / MARKER).is_file() else ""
-    if data.source == "coco2017":
-        train, val = (f"{n:,}" if n else "all" for n in (data.subset, data.val_subset))
-        return (f"Fetch it (COCO 2017 captions with the first {train} train2017 and {val} val2017 images, by URL) "
-                f"with:\n  python -m train data coco --out {root} --first {data.subset} --val-first {data.val_subset}"
-                f"{resume}\nor pass --data-root DIR")
-    if data.source == "flickr8k":
-        return ("Build it from the two zips of the Flickr8k distribution (research use only; each a path or a URL) "
-                "with:\n  python -m train data flickr8k --images Flickr8k_Dataset.zip --text Flickr8k_text.zip "
-                f"--out {root}{resume}\nor pass --data-root DIR")
-    if data.source == "test-fixture":
-        return ("This preset reads a test fixture that has no public download: pass --data-root DIR to a copy of it "
-                "(this project's tests ship a small CC BY one: tests/fixtures/coco-cc-by)")
-    return None

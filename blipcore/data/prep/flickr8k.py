@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from blipcore.data.fetch import (
-    MARKER,
-    DataSourceError,
+from ..folders import MARKER, DataSourceError, write_file, write_json
+from ..images import ImageLoadError
+from .fetch import (
     FetchFailed,
     HttpPolicy,
     OutputFolder,
@@ -40,10 +40,7 @@ from blipcore.data.fetch import (
     is_url,
     run_pool,
     write_failures,
-    write_file,
-    write_json,
 )
-from blipcore.data.images import ImageLoadError
 
 TOKEN_FILE = "Flickr8k.token.txt"
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",

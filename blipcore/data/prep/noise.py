@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blipcore.config import DataConfig
-from blipcore.data.derived import NOISE_RECORD, read_caption_file, source_entries, write_derived_dataset
-from blipcore.data.fetch import MARKER, DataSourceError, OutputFolder, write_file
+from ...model.config import DataConfig
+from ..derived import NOISE_RECORD, read_caption_file, source_entries, write_derived_dataset
+from ..folders import MARKER, DataSourceError, write_file
+from .fetch import OutputFolder
 
 DEFAULT_TRAIN_ANNOTATIONS = DataConfig().train_annotations
 

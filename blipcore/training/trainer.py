@@ -7,7 +7,7 @@ per-sample seed (the dataset's job), so DataLoader workers' own random streams n
 evaluation runs under a forked RNG so it never shifts training's random stream, and the data loader
 draws from its own generator, not the global one. A run stopped or killed and resumed on CPU ends
 with the same weights as one never stopped, with or without workers: every file is replaced
-atomically and checkpoints/last/ is written state.json last (blipcore.runs).
+atomically and checkpoints/last/ is written state.json last (blipcore.runs.rundir).
 
 One trainer per run folder: the main process holds the run's trainer lock from before it touches
 the folder until it ends. SIGINT / SIGTERM (to the process or its whole group) finish the current
@@ -35,14 +35,15 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
-from . import runs
-from .config import BlipConfig, TrainConfig
-from .decoding import check_strategy_names
-from .metrics import is_number, metric
-from .model import BLIP
-from .runs import CheckpointError, RunDir
-from .speed import autocast_dtype, cpu_model, describe, matmul_gflops
-from .vocabulary import CompactEmbedding, training_word_pieces
+from ..evaluation.decoding import check_strategy_names
+from ..evaluation.metrics import metric
+from ..io import is_number
+from ..model.blip import BLIP
+from ..model.config import BlipConfig, TrainConfig
+from ..model.vocabulary import CompactEmbedding, training_word_pieces
+from ..runs import rundir
+from ..runs.rundir import CheckpointError, RunDir
+from ..speed import autocast_dtype, cpu_model, describe, matmul_gflops
 
 POSITION_KEYS = ("step", "epoch", "batch_in_epoch")  # where training stands: saved in checkpoints/last/state.json
 
@@ -241,7 +242,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
     import numpy
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     versions = {
         "blipcore": __version__,
@@ -306,7 +307,7 @@ class Trainer:
         cfg = self.cfg
         check_strategy_names(cfg.train.eval_strategies)  # now, not after the first epoch's training
         if cfg.train.init and not self.resume:
-            runs.init_checkpoint(cfg.train.init)  # a missing run or checkpoint is refused before anything is written
+            rundir.init_checkpoint(cfg.train.init)  # a missing run or checkpoint is refused before anything is written
         wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.device = select_device(cfg.train.device, self.dist)
@@ -337,7 +338,7 @@ class Trainer:
 
     # --- setup ---------------------------------------------------------------------------------
     def _build(self) -> None:
-        from .data import CaptionCollator, build_datasets
+        from ..data import CaptionCollator, build_datasets
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
@@ -396,7 +397,7 @@ class Trainer:
             # The code and machine of each resume, beside those the run started with (its top-level fields): a run
             # continued by other code or on another machine says so.
             resumes = [*self.run.read_info().get("resumes", []),
-                       {"at": runs.now(), "step": self.step, **environment_info(self.device)}]
+                       {"at": rundir.now(), "step": self.step, **environment_info(self.device)}]
             self.run.update_info(status="running", config=self.cfg.to_dict(), error=None,
                                  autocast=describe(self.autocast), resumes=resumes)
             return
@@ -405,7 +406,7 @@ class Trainer:
             "preset": self.cfg.name,
             "status": "running",
             "error": None,
-            "created_at": runs.now(),
+            "created_at": rundir.now(),
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
             "parameters": self.model.num_parameters(),
@@ -493,7 +494,7 @@ class Trainer:
         if self.dist.is_main:
             status = "completed" if finished else "interrupted"
             info = self.run.update_info(
-                status=status, finished_at=runs.now(), steps_done=self.step, epochs_done=self.epoch,
+                status=status, finished_at=rundir.now(), steps_done=self.step, epochs_done=self.epoch,
                 train_seconds=round(time.time() - self.started, 1),
             )
             self.summary = {"status": status, "step": self.step, "epoch": self.epoch, "run_dir": str(self.run.path),
@@ -555,7 +556,7 @@ class Trainer:
         under a forked RNG so that evaluating never changes training's random stream."""
         metrics: dict[str, Any] = {}
         if self.dist.is_main:
-            from .evaluation import evaluate_run_epoch
+            from ..evaluation.evaluator import evaluate_run_epoch
 
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 self.model.eval()
@@ -569,7 +570,7 @@ class Trainer:
 
     def _update_best(self, metrics: dict[str, Any], epoch: int) -> None:
         """Record in run.json each metric's best value so far and its epoch, in the metric's declared
-        better direction (blipcore.metrics); metrics without one (lengths, settings) are not ranked."""
+        better direction (blipcore.evaluation.metrics); metrics without one (lengths, settings) are not ranked."""
         best = self.run.read_info().get("best", {})
         for key, value in metrics.items():
             declared = metric(key)
@@ -597,15 +598,15 @@ class Trainer:
     def _load_init_weights(self, spec: str) -> dict[str, Any]:
         """train.init: this run starts from another run's checkpoint (its weights only: a fresh optimizer,
         schedule and data order). What was loaded goes into run.json ("init")."""
-        ckpt = runs.init_checkpoint(spec)
-        state = runs.read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
+        ckpt = rundir.init_checkpoint(spec)
+        state = rundir.read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
         pieces = state.get("word_embeddings.to_full")
         has_words = any(name.startswith("word_embeddings.") for name in state)  # an MAE run's checkpoint has none
         if isinstance(self.model.word_embeddings, CompactEmbedding) and has_words and (
                 pieces is None or not torch.equal(pieces, self.model.word_embeddings.to_full.cpu())):
             raise ValueError(f"train.init {spec}: its word embeddings are not of this run's vocabulary (the word "
                              "pieces of these training captions), so its rows would mean other words")
-        parts = runs.load_init_weights(self.model, state, str(ckpt.weights))
+        parts = rundir.load_init_weights(self.model, state, str(ckpt.weights))
         return {"run": str(ckpt.weights.parent.parent), "epoch": ckpt.epoch, "step": ckpt.step, **parts}
 
     def _load_state(self) -> None:
@@ -632,5 +633,5 @@ class Trainer:
         interrupted = isinstance(err, KeyboardInterrupt)
         message = "interrupted without saving (second interrupt)" if interrupted else f"{type(err).__name__}: {err}"
         with contextlib.suppress(Exception):
-            self.run.update_info(status="interrupted" if interrupted else "failed", error=message, failed_at=runs.now(),
-                                 steps_done=self.step)
+            self.run.update_info(status="interrupted" if interrupted else "failed", error=message,
+                                 failed_at=rundir.now(), steps_done=self.step)
