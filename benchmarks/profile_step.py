@@ -60,7 +60,7 @@ from blipcore.model.config import VOCAB_SIZE
 from blipcore.model.flops import forward_flops, training_flops
 from blipcore.model.tokenizer import load_tokenizer, special_ids
 from blipcore.model.vocabulary import training_word_pieces
-from blipcore.training.trainer import build_optimizer, train_step
+from blipcore.training.step import build_optimizer, train_step
 
 PREFIX = "blip::"  # every region this script opens is a record_function named blip::<region>
 

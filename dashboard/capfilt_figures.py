@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from blipcore.evaluation.metrics import roc_auc, roc_curve
+from blipcore.evaluation.matching import roc_auc, roc_curve
 from blipcore.experiments.capfilt import SCORERS
 from dashboard.figures import REFERENCE_COLOUR, _finish
 
@@ -170,7 +170,7 @@ class Roc:
 
 
 def planted_roc(frame: pd.DataFrame, scorer: str) -> Roc | None:
-    """blipcore.evaluation.metrics.roc_curve / roc_auc of the suspicion score (the negated `scorer` score) over the
+    """blipcore.evaluation.matching.roc_curve / roc_auc of the suspicion score (the negated `scorer` score) over the
     flagged originals; None without flags, scores or both classes."""
     rows = flagged_originals(frame)
     rows = rows[rows[scorer].notna()]

@@ -31,7 +31,9 @@ def runs_dir() -> Path:
     return Path(known.runs_dir or os.environ.get("BLIPLAB_RUNS_DIR") or DEFAULT_RUNS_DIR).expanduser()
 
 
-def _mtime(path: Path) -> float:
+def mtime_of(path: Path) -> float:
+    """`path`'s modification time in seconds (0 when it cannot be read): part of a cache key, so that a cached
+    reading of a file is dropped when the file changes."""
     try:
         return path.stat().st_mtime_ns / 1e9
     except OSError:
@@ -69,7 +71,7 @@ def _summary(path: str, mtime: float, checkpoints_mtime: float) -> RunSummary:
 def run_summaries(root: Path | None = None) -> list[RunSummary]:
     """Every run under the runs folder; unreadable ones are listed with the reason, not dropped."""
     root = root or runs_dir()
-    return [_summary(str(r.path), _mtime(r.run_json), _mtime(r.checkpoints_dir)) for r in list_runs(root)]
+    return [_summary(str(r.path), mtime_of(r.run_json), mtime_of(r.checkpoints_dir)) for r in list_runs(root)]
 
 
 # --- run artifacts (cached by file modification time) ------------------------------------------
@@ -80,7 +82,7 @@ def _metrics(path: str, mtime: float) -> list[dict[str, Any]]:
 
 def load_metrics(run: RunDir) -> list[dict[str, Any]]:
     """metrics.jsonl lines (a partial last line of a run still training is skipped)."""
-    return _metrics(str(run.path), _mtime(run.metrics_file))
+    return _metrics(str(run.path), mtime_of(run.metrics_file))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -90,7 +92,7 @@ def _eval(path: str, epoch: int, split: str, mtime: float) -> dict[str, Any]:
 
 def load_eval(run: RunDir, epoch: int, split: str = "val") -> dict[str, Any]:
     """An evaluation (eval/epoch_NNN.json, or eval/epoch_NNN.<split>.json for another split), cached."""
-    return _eval(str(run.path), epoch, split, _mtime(run.eval_path(epoch, split)))
+    return _eval(str(run.path), epoch, split, mtime_of(run.eval_path(epoch, split)))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -99,7 +101,7 @@ def _embeddings(path: str, epoch: int, mtime: float) -> dict[str, Any]:
 
 
 def load_embeddings(run: RunDir, epoch: int) -> dict[str, Any]:
-    return _embeddings(str(run.path), epoch, _mtime(run.embeddings_path(epoch)))
+    return _embeddings(str(run.path), epoch, mtime_of(run.embeddings_path(epoch)))
 
 
 @st.cache_resource(show_spinner="Loading checkpoint…", max_entries=8)
@@ -111,7 +113,7 @@ def _model(path: str, epoch: int, mtime: float):
 def load_model(run: RunDir, epoch: int):
     """(BLIP in eval mode, BlipConfig, Checkpoint) of an epoch, verified against its sha256, cached."""
     weights, _ = run.checkpoint_paths(epoch)
-    return _model(str(run.path), epoch, _mtime(weights))
+    return _model(str(run.path), epoch, mtime_of(weights))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -121,7 +123,7 @@ def _info(path: str, mtime: float) -> dict[str, Any]:
 
 def load_info(run: RunDir) -> dict[str, Any]:
     """run.json (status, config, ...), cached."""
-    return _info(str(run.path), _mtime(run.run_json))
+    return _info(str(run.path), mtime_of(run.run_json))
 
 
 # --- studies -----------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def _study_table(path: str, mtime: float) -> dict[str, Any]:
 
 def load_study_table(folder: Path) -> dict[str, Any]:
     """A study folder's study.json ({"name", "preset", "seeds", "rows"}), cached."""
-    return _study_table(str(folder), _mtime(folder / STUDY_TABLE))
+    return _study_table(str(folder), mtime_of(folder / STUDY_TABLE))
 
 
 def study_folders(root: Path | None = None) -> list[Path]:

@@ -23,9 +23,9 @@ from PIL import Image
 
 from blipcore.data import ImageLoadError, build_datasets, build_transform, load_image
 from blipcore.data.coco import ImageRecord
+from blipcore.evaluation.collapse import collapse_metrics
 from blipcore.evaluation.decoding import Caption, DecodingConfig, generate
 from blipcore.evaluation.explain import decoder_cross_attention, itm_gradcam, tensor_to_uint8, vit_attention
-from blipcore.evaluation.metrics import collapse_metrics
 from blipcore.model.blip import BLIP
 from blipcore.model.tokenizer import tokenize_captions
 from blipcore.runs.rundir import Checkpoint, RunDir, RunError

@@ -1,7 +1,7 @@
 """The whole dashboard in a real browser: `streamlit run dashboard/app.py` serving the tiny run and a tiny
 study (with a hand-made CapFilt output in its data/), Debian's Chromium driven by Playwright visiting every
-page (home + pages 1-9), a real photo uploaded on the Caption page, and a screenshot of each under
-test-artifacts/browser/ (gitignored).
+page (home + pages 0-9), a real photo uploaded on the Caption page, the Runs page's health column, and a
+screenshot of each under test-artifacts/browser/ (gitignored).
 
 Without /usr/bin/chromium the test is skipped, except under CI (env CI set), where .ci/run installs
 it and its absence is a failure.
@@ -38,6 +38,7 @@ ARTIFACTS = REPO / "test-artifacts" / "browser"
 # element that shows the page has drawn its content.
 PAGES = {
     "": '[data-testid="stDataFrame"]',  # Runs (home): the runs table
+    "Diagnosis": '[data-testid="stDataFrame"]',  # the findings table
     "Training": ".js-plotly-plot",
     "Alignment": ".js-plotly-plot",
     "Embeddings": '[data-testid="stVegaLiteChart"] .mark-symbol path',
@@ -48,7 +49,7 @@ PAGES = {
     "Study": '[data-testid="stDataFrame"]',  # its first tab: the study table
     "CapFilt": ".js-plotly-plot",  # its first tab: the score histograms
 }
-PAGE_FILES = ("app.py", *(f"views/{n}_{p}.py" for n, p in enumerate([p for p in PAGES if p], start=1)))
+PAGE_FILES = ("app.py", *(f"views/{n}_{p}.py" for n, p in enumerate([p for p in PAGES if p])))
 START_TIMEOUT_S = 60
 PAGE_TIMEOUT_MS = 60_000
 
@@ -221,6 +222,21 @@ def test_embeddings_hover_shows_the_image_and_a_click_picks_the_pair(server: str
     page.get_by_text(f"image {pair}", exact=True).wait_for(timeout=PAGE_TIMEOUT_MS)  # the inspector follows
     settle(page)
     assert_no_error(page, "/Embeddings after a click")
+
+
+def test_the_runs_page_shows_each_runs_health(server: str, page: Page) -> None:
+    """The health column (the worst finding of the run's diagnosis, or "healthy") and the findings in one line,
+    as the browser draws them: the runs table is a canvas, so its cells are read from the grid's accessible text."""
+    page.goto(server)
+    page.wait_for_selector(PAGES[""], timeout=PAGE_TIMEOUT_MS)
+    settle(page)
+    table = page.locator('[data-testid="stDataFrame"]').first
+    headers = table.locator('[role="columnheader"]').all_inner_texts()
+    assert "health" in headers, headers  # (the grid draws only the columns in view: "diagnosis" is further right)
+    cells = table.locator('[role="gridcell"]').all_inner_texts()
+    assert any(cell in ("healthy", "info", "warning", "error") for cell in cells), cells[:40]
+    assert_no_error(page, "/ (the Runs page)")
+    screenshot(page, "Runs_health")
 
 
 def test_caption_page_captions_an_uploaded_photo(server: str, page: Page) -> None:

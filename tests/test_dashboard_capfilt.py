@@ -15,7 +15,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from blipcore import paths
-from blipcore.evaluation.metrics import roc_auc
+from blipcore.evaluation.matching import roc_auc
 from blipcore.experiments.capfilt import scorer_report
 from dashboard import capfilt_figures as cf
 from tests.test_dashboard_pages import plotly_specs, texts

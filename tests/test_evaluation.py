@@ -11,7 +11,7 @@ import torch
 
 from blipcore import BLIP
 from blipcore.data import build_datasets
-from blipcore.evaluation import metrics as M
+from blipcore.evaluation import collapse, retrieval
 from blipcore.evaluation.evaluator import (
     eval_images,
     evaluate_model,
@@ -32,11 +32,11 @@ def test_reranking_with_an_oracle_fixes_every_pair_inside_the_top_k():
     sim = rng.normal(size=(6, 12))
     oracle = lambda pairs: np.array([10.0 if text_to_image[j] == i else 0.0 for i, j in pairs])  # noqa: E731
     scores = rerank_top_k(sim, k=12, score_pairs=oracle)  # every pair is a candidate
-    assert M.retrieval_metrics(scores, text_to_image)["i2t_r1"] == 100.0
-    assert M.retrieval_metrics(scores, text_to_image)["t2i_r1"] == 100.0
+    assert retrieval.retrieval_metrics(scores, text_to_image)["i2t_r1"] == 100.0
+    assert retrieval.retrieval_metrics(scores, text_to_image)["t2i_r1"] == 100.0
     narrow = rerank_top_k(sim, k=1, score_pairs=oracle)  # only ITC's single best candidate is re-scored
     hits = [text_to_image[np.argmax(sim[i])] == i for i in range(6)]
-    assert M.retrieval_metrics(narrow, text_to_image)["i2t_r1"] >= 100.0 * np.mean(hits)
+    assert retrieval.retrieval_metrics(narrow, text_to_image)["i2t_r1"] >= 100.0 * np.mean(hits)
 
 
 def test_itm_reranking_runs_on_a_model_with_an_itm_head(shapes_root):
@@ -177,7 +177,7 @@ def test_eval_on_another_dataset_writes_its_own_file_and_keeps_the_runs_referenc
     references = json.loads((coco_mini / "annotations/captions_val.json").read_text())
     assert result["num_images"] == len(references["images"]) == PHOTOS_VAL
     shapes = Path(RunDir(run_dir).config().data.root) / "annotations/captions_train.json"
-    shapes_captions = M.normalised_captions(a["caption"] for a in json.loads(shapes.read_text())["annotations"])
+    shapes_captions = collapse.normalised_captions(a["caption"] for a in json.loads(shapes.read_text())["annotations"])
     # "learned nothing" from *its* data: a shapes caption
     assert result["reference_rows"]["most-frequent"]["caption"] in shapes_captions
     assert RunDir(run_dir).load_eval(2)["num_images"] != PHOTOS_VAL  # the val evaluation is untouched

@@ -1,4 +1,5 @@
-"""Tests of blipcore.evaluation.metrics: captioning scores against pycocoevalcap, collapse, retrieval."""
+"""Tests of the metric registry (blipcore.evaluation.metrics) and its computations: captioning scores against
+pycocoevalcap, collapse, retrieval."""
 
 from __future__ import annotations
 
@@ -14,18 +15,11 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from blipcore.evaluation import metrics
-from blipcore.evaluation.metrics import (
-    SPICE_NOTE,
-    caption_metrics,
-    collapse_metrics,
-    format_metrics_table,
-    most_frequent_caption_baseline,
-    retrieval_metrics,
-    retrieval_metrics_from_ranks,
-    topk_candidates,
-    words,
-)
+from blipcore.evaluation import captioning, metrics
+from blipcore.evaluation.captioning import caption_metrics, most_frequent_caption_baseline
+from blipcore.evaluation.collapse import collapse_metrics, words
+from blipcore.evaluation.metrics import SPICE_NOTE, format_metrics_table
+from blipcore.evaluation.retrieval import retrieval_metrics, retrieval_metrics_from_ranks, topk_candidates
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java not installed")
 
@@ -58,7 +52,7 @@ def _pycocoevalcap_direct(predictions, references) -> dict[str, float]:
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scorer = meteor_module.Meteor()
     meteor, _ = scorer.compute_score(gts, res)
-    metrics._close_meteor(scorer)  # pycocoevalcap's __del__ leaves the pipes open
+    captioning._close_meteor(scorer)  # pycocoevalcap's __del__ leaves the pipes open
     return {
         **{f"bleu{n + 1}": b for n, b in enumerate(bleu)},
         "meteor": meteor,
@@ -118,7 +112,7 @@ def test_perfect_beats_collapsed():
 
 
 def test_without_java_falls_back(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
     result = caption_metrics(PREDICTIONS, REFERENCES)
     assert set(result) == CAPTION_KEYS
     assert result["meteor"] is None
@@ -303,7 +297,7 @@ def test_format_metrics_table():
 
 
 def test_consensus_caption_is_the_candidate_most_like_the_others():
-    from blipcore.evaluation.metrics import consensus_caption
+    from blipcore.evaluation.captioning import consensus_caption
 
     candidates = ["a cat sleeps on a sofa", "a dog runs on the grass", "a dog running on grass", "the dog runs"]
     assert consensus_caption(candidates) == "a dog runs on the grass"
@@ -313,7 +307,7 @@ def test_consensus_caption_is_the_candidate_most_like_the_others():
 
 
 def test_memorised_share_counts_verbatim_training_captions():
-    from blipcore.evaluation.metrics import memorised_share, normalised_captions
+    from blipcore.evaluation.collapse import memorised_share, normalised_captions
 
     known = normalised_captions(["A dog runs.", "Two cats"])
     assert memorised_share(["a dog runs", "A DOG RUNS!", "a dog walks", "two cats"], known) == 0.75

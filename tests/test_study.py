@@ -248,7 +248,7 @@ def test_a_bad_plan_is_refused_with_what_is_wrong(shapes_root, change, message):
 
 
 def test_a_stopped_command_stage_continues_with_its_resume_arguments_or_says_what_to_do(shapes_root, tmp_path):
-    from blipcore.experiments.study import _run_command
+    from blipcore.experiments.study.running import _run_command
     from blipcore.runs.rundir import RunError
 
     made = {"name": "made", "command": ["data", "noise", "--out", "{study}/data/x"], "produces": "{study}/data/x"}
@@ -412,7 +412,8 @@ def test_a_records_history_gives_when_its_validation_numbers_were_best():
 
 
 def test_a_runs_cost_counts_its_steps_and_the_runs_it_started_from(tmp_path):
-    from blipcore.experiments.study import COST_TEXT_LEN, RunResult, _compute_ratios, total_pflops
+    from blipcore.experiments.study import COST_TEXT_LEN, RunResult, total_pflops
+    from blipcore.experiments.study.report import _compute_ratios
     from blipcore.model.flops import training_step_flops
 
     plan = parse_plan({"name": "cost", "preset": "flickr8k-cpu", "seeds": [0], "reference": "main/reference",

@@ -18,7 +18,7 @@ from blipcore.model import losses
 from blipcore.model.blip import BLIP
 from blipcore.model.config import BlipConfig
 from blipcore.runs.rundir import RunDir, RunError
-from blipcore.training import trainer
+from blipcore.training import environment, trainer
 from blipcore.training.trainer import NonFiniteLossError, Trainer, build_optimizer, parameter_groups
 from tests.conftest import REPO_ROOT, photos_cfg, small_cfg, tiny_config
 
@@ -306,10 +306,10 @@ def test_precision_auto_follows_the_bf16_speedup_measured_on_this_machine(monkey
 def test_runs_record_the_revision_of_the_code_the_process_imported(monkeypatch):
     """A checkout moved under a long study process must not stamp its later runs with code they never ran."""
     imported = trainer.git_revision()
-    assert imported == trainer._checkout_revision()  # nothing moved yet
+    assert imported == environment._checkout_revision()  # nothing moved yet
     fake = subprocess.CompletedProcess(["git"], 0, stdout="f" * 40 + "\n", stderr="")
-    monkeypatch.setattr(trainer.subprocess, "run", lambda *args, **kwargs: fake)  # the checkout moves on
-    assert trainer._checkout_revision() == "f" * 40
+    monkeypatch.setattr(environment.subprocess, "run", lambda *args, **kwargs: fake)  # the checkout moves on
+    assert environment._checkout_revision() == "f" * 40
     info = trainer.environment_info(torch.device("cpu"))
     assert trainer.git_revision() == imported and info["git_revision"] == imported
 

@@ -29,6 +29,10 @@ from ..model.tokenizer import tokenize_captions
 from ..runs.rundir import RunDir
 from ..speed import autocast_dtype, describe
 from . import metrics as M
+from .captioning import caption_metrics, consensus_caption, most_frequent_caption_baseline, reference_row_scores
+from .collapse import collapse_metrics, memorised_share, normalised_captions
+from .matching import roc_auc
+from .retrieval import retrieval_metrics, topk_candidates
 from .scoring import coco_results
 
 SAMPLES_PER_STRATEGY = 24
@@ -130,9 +134,9 @@ def embed_eval_set(
 def rerank_top_k(sim: np.ndarray, k: int, score_pairs: Callable[[list[tuple[int, int]]], np.ndarray]) -> np.ndarray:
     """BLIP's retrieval protocol: ITC picks each image's and each text's top-k candidates, `score_pairs`
     re-scores those (image, text) pairs; pairs outside every top-k rank behind all re-scored ones.
-    Returns the re-scored (images, texts) matrix for `metrics.retrieval_metrics`."""
-    pairs = {(i, int(j)) for i, row in enumerate(M.topk_candidates(sim, k)) for j in row}
-    pairs |= {(int(i), j) for j, column in enumerate(M.topk_candidates(sim.T, k)) for i in column}
+    Returns the re-scored (images, texts) matrix for `retrieval.retrieval_metrics`."""
+    pairs = {(i, int(j)) for i, row in enumerate(topk_candidates(sim, k)) for j in row}
+    pairs |= {(int(i), j) for j, column in enumerate(topk_candidates(sim.T, k)) for i in column}
     ordered = sorted(pairs)
     scores = np.full(sim.shape, np.nan)
     scores[tuple(np.array(ordered).T)] = score_pairs(ordered)
@@ -188,7 +192,7 @@ def itm_reranked_retrieval(
     def score_pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
         return itm_match_logits(model, tokens_of_images, captions, pairs, cfg, device) + sim[tuple(np.array(pairs).T)]
 
-    reranked = M.retrieval_metrics(rerank_top_k(sim, k, score_pairs), embedded["text_to_image"])
+    reranked = retrieval_metrics(rerank_top_k(sim, k, score_pairs), embedded["text_to_image"])
     return {f"itm_{key}": value for key, value in reranked.items()}
 
 
@@ -213,10 +217,10 @@ def matching_auc(model, embedded: dict[str, np.ndarray], tokens_of_images: torch
     pairs, matches = mismatched_pairs(embedded)
     images, texts = np.array(pairs).T
     itc = (embedded["image_embeds"][images] * embedded["all_text_embeds"][texts]).sum(axis=1)
-    out = {"itc_match_auc": M.roc_auc(itc, matches)}
+    out = {"itc_match_auc": roc_auc(itc, matches)}
     if tokens_of_images is not None:
         captions = embedded["all_captions"].tolist()
-        out["itm_match_auc"] = M.roc_auc(itm_match_logits(model, tokens_of_images, captions, pairs, cfg, device),
+        out["itm_match_auc"] = roc_auc(itm_match_logits(model, tokens_of_images, captions, pairs, cfg, device),
                                          matches)
     return out
 
@@ -263,10 +267,10 @@ def caption_strategies(
         if all_captions is not None:
             all_captions[name] = coco_results(data.records, [c.text for c in captions])
         with timed(seconds, f"score_{name}"):
-            scores = M.caption_metrics(predictions, references, meteor=meteor)
-        collapse = M.collapse_metrics([c.text for c in captions], [c.entropies for c in captions])
+            scores = caption_metrics(predictions, references, meteor=meteor)
+        collapse = collapse_metrics([c.text for c in captions], [c.entropies for c in captions])
         if known_captions is not None:
-            collapse["memorised_share"] = M.memorised_share([c.text for c in captions], known_captions)
+            collapse["memorised_share"] = memorised_share([c.text for c in captions], known_captions)
         results[name] = {
             "params": dcfg.to_dict(),
             "computed_in": describe(autocast_dtype(torch.device(device), dcfg.precision)),  # what "auto" became
@@ -288,7 +292,7 @@ _MOST_FREQUENT_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def train_captions(train_set: CaptionDataset) -> set[str]:
     """The training captions, normalised, computed once per training set (memorisation is measured on it)."""
     if train_set not in _TRAIN_CAPTIONS:
-        _TRAIN_CAPTIONS[train_set] = M.normalised_captions(c for record in train_set.records for c in record.captions)
+        _TRAIN_CAPTIONS[train_set] = normalised_captions(c for record in train_set.records for c in record.captions)
     return _TRAIN_CAPTIONS[train_set]
 
 
@@ -303,7 +307,7 @@ def most_frequent_row(train_set: CaptionDataset, data: EvalImages, meteor: bool)
     if key not in cached:
         captions = [c for record in train_set.records for c in record.captions]
         references = {i: record.captions for i, record in enumerate(data.records)}
-        cached[key] = M.most_frequent_caption_baseline(captions, references, meteor=meteor)
+        cached[key] = most_frequent_caption_baseline(captions, references, meteor=meteor)
     return cached[key]
 
 
@@ -339,12 +343,12 @@ def nearest_neighbour_row(
     if not kept:
         raise ValueError("no readable training image for the nearest-neighbour row")
     nearest = (image_features(model, data.images, device) @ torch.cat(feats).T).topk(min(neighbours, len(kept)))
-    predictions = {i: M.consensus_caption([c for j in row for c in records[kept[j]].captions])
+    predictions = {i: consensus_caption([c for j in row for c in records[kept[j]].captions])
                    for i, row in enumerate(nearest.indices.tolist())}
     if all_captions is not None:
         all_captions["nearest-neighbour"] = coco_results(data.records, list(predictions.values()))
     references = {i: record.captions for i, record in enumerate(data.records)}
-    scores = M.reference_row_scores(predictions, references, train_captions(train_set), meteor=meteor)
+    scores = reference_row_scores(predictions, references, train_captions(train_set), meteor=meteor)
     samples = [{"image_id": r.image_id, "file_path": r.file_path, "caption": predictions[i],
                 "references": r.captions[:5]} for i, r in enumerate(data.records[:SAMPLES_PER_STRATEGY])]
     return {"neighbours": neighbours, "train_images": len(kept), **scores, "samples": samples}
@@ -403,7 +407,7 @@ def evaluate_model(
         with timed(seconds, "itc_retrieval"):
             embedded = embed_eval_set(model, data, cfg, device)
             sim = embedded["image_embeds"] @ embedded["all_text_embeds"].T
-            result["retrieval"] = M.retrieval_metrics(sim, embedded["text_to_image"])
+            result["retrieval"] = retrieval_metrics(sim, embedded["text_to_image"])
         tokens_of_images = None
         if model.use_itm:
             with timed(seconds, "itm_retrieval"):

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.coco import AnnotationError, ImageRecord, load_coco_annotations
-from . import metrics as M
+from .captioning import reference_row_scores
+from .collapse import normalised_captions
 
 
 def coco_results(records: Sequence[ImageRecord], captions: Sequence[str]) -> list[dict[str, Any]]:
@@ -66,12 +67,12 @@ def score_results(
     except AnnotationError as exc:
         raise ValueError(str(exc)) from None
     references = {r.image_id: r.captions for r in records}
-    known = M.normalised_captions(c for r in train for c in r.captions) if train is not None else None
+    known = normalised_captions(c for r in train for c in r.captions) if train is not None else None
     scored = {}
     for path in paths:
         name = Path(path).name.removesuffix(".json")
         if name in scored:
             raise ValueError(f"{path}: two results files named {name}")
         predictions = read_results(Path(path), references)
-        scored[name] = {"file": str(path), **M.reference_row_scores(predictions, references, known, meteor=meteor)}
+        scored[name] = {"file": str(path), **reference_row_scores(predictions, references, known, meteor=meteor)}
     return scored

@@ -286,12 +286,30 @@ class CapfiltReport:
         for name, row in (planted or {}).get("scorers", {}).items():
             if row:
                 lines.append(f"planted captions found by {name}: ROC AUC {row['auc']:.3f}, precision "
-                             f"{_share(row['precision'])}, recall {_share(row['recall'])}")
+                             f"{M.format_share(row['precision'])}, recall {M.format_share(row['recall'])}")
         return "\n".join(lines)
 
 
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
+def _score_batches(models: Models, entries: list[dict[str, Any]], images_root: Path,
+                   settings: CapfiltSettings, device: torch.device, scores_dir: Path,
+                   progress: bool) -> list[dict[str, Any]]:
+    """Every caption's scores line, batch by batch: each batch's lines are written to `scores_dir` as it is
+    done, and a batch already there (a resumed run) is read back instead of scored again."""
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    batches = [entries[i:i + settings.batch_size] for i in range(0, len(entries), settings.batch_size)]
+    lines: list[dict[str, Any]] = []
+    with tqdm(total=len(entries), desc="capfilt", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for number, batch in enumerate(batches):
+            path = scores_dir / f"batch_{number:06d}.jsonl"
+            if path.is_file():
+                batch_lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            else:
+                batch_lines = score_batch(models, batch, images_root, settings, device, number)
+                write_file(path, "".join(json.dumps(line, ensure_ascii=False) + "\n"
+                                         for line in batch_lines).encode())
+            lines += batch_lines
+            bar.update(len(batch))
+    return lines
 
 
 def run_capfilt(captioner: str, filter_spec: str, data: str | Path, out: str | Path,
@@ -326,22 +344,7 @@ def run_capfilt(captioner: str, filter_spec: str, data: str | Path, out: str | P
                           resume_does="continue where it stopped (the batches already scored are kept)")
     folder.start({})
 
-    scores_dir = out / CAPFILT_SCORES
-    scores_dir.mkdir(parents=True, exist_ok=True)
-    batches = [entries[i:i + settings.batch_size] for i in range(0, len(entries), settings.batch_size)]
-    lines: list[dict[str, Any]] = []
-    with tqdm(total=len(entries), desc="capfilt", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for number, batch in enumerate(batches):
-            path = scores_dir / f"batch_{number:06d}.jsonl"
-            if path.is_file():
-                batch_lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-            else:
-                batch_lines = score_batch(models, batch, images_root, settings, torch_device, number)
-                write_file(path, "".join(json.dumps(line, ensure_ascii=False) + "\n"
-                                         for line in batch_lines).encode())
-            lines += batch_lines
-            bar.update(len(batch))
-
+    lines = _score_batches(models, entries, images_root, settings, torch_device, out / CAPFILT_SCORES, progress)
     scored = [line for line in lines if line["origin"] != "unreadable"]
     cut = cutoff([line[scorer] for line in scored], settings)
     for line in lines:

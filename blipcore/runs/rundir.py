@@ -22,36 +22,30 @@ Nothing in a run directory is ever unpickled: weights are safetensors, optimizer
 `torch.load(weights_only=True)`. Readers turn every kind of damage (truncation, bad bytes, wrong
 types, another format version) into RunError / CheckpointError naming the file; a failed write
 (disk full, read-only folder) is a RunError too, and leaves the previous version of the file intact.
-The trainer and the dashboard go through RunDir for every path here.
+The trainer and the dashboard go through RunDir for every path here. Weights and training state as bytes are
+blipcore.runs.weights, the trainer lock blipcore.runs.lock, the errors and shared readers blipcore.runs.files.
 """
+
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from ..io import (
     STALE_TEMPORARY_PATTERN,
-    FileError,
     atomic_write_bytes,
     atomic_write_json,
     is_number,
@@ -61,6 +55,17 @@ from ..io import (
     writing,
 )
 from ..model.config import BlipConfig
+from .files import CheckpointError, RunError, iter_metrics, now, read_json
+from .lock import TrainerLock
+from .weights import (
+    check_state_fits,
+    encode_torch_state,
+    encode_weights,
+    load_model_state,
+    load_torch_state,
+    read_verified_weights,
+)
+from .weights import load_init_weights as load_init_weights  # re-exported: the trainer's `rundir.load_init_weights`
 
 FORMAT_VERSION = 1
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -71,102 +76,6 @@ STATE_FILE = "state.json"
 # A study folder (runs/study-<name>/, blipcore.experiments.study) holds run folders, its plan and its table.
 STUDY_TABLE = "study.json"
 STUDY_PLAN = "plan.toml"
-
-
-class RunError(FileError):
-    """A run directory is missing, unreadable, from another format version, cannot be written, or would be
-    overwritten."""
-
-
-class CheckpointError(RunError):
-    """A checkpoint is missing, truncated, corrupted, or made for another model configuration."""
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """Read a JSON object, raising RunError that names the file and the problem."""
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path}: {what} is missing") from None
-    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, a 5,000-digit number, [[[[...]]]] nesting
-        raise RunError(f"{path}: {what} is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
-    except OSError as err:
-        raise RunError(f"{path}: cannot read {what} ({err.strerror or err})") from None
-    if not isinstance(value, dict):
-        raise RunError(f"{path}: {what} should be a JSON object, found {type(value).__name__}")
-    return value
-
-
-# --- model weights -----------------------------------------------------------------------------
-def tied_names(model: torch.nn.Module) -> set[str]:
-    """State-dict names whose tensor is one already listed under an earlier name (tied weights: e.g.
-    lm_head.weight is word_embeddings.weight). By identity, so it works on the meta device too."""
-    seen, tied = set(), set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            tied.add(name)
-        seen.add(id(tensor))
-    return tied
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors for safetensors: contiguous CPU copies, tied weights stored once."""
-    tied = tied_names(model)
-    return {name: tensor.detach().to("cpu").contiguous()
-            for name, tensor in model.state_dict().items() if name not in tied}
-
-
-def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """CheckpointError naming `source` when `state` was made for another model than `model` (unexpected,
-    missing or differently shaped tensors). Only shapes are read, so `model` may live on the meta device."""
-    expected = model.state_dict()
-    tied = tied_names(model)
-    problems = []
-    for name, tensor in state.items():
-        if name not in expected:
-            problems.append(f"unexpected tensor {name}")
-        elif expected[name].shape != tensor.shape:
-            problems.append(f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}")
-    missing = sorted(set(expected) - set(state) - tied)
-    problems += [f"missing tensor {name}" for name in missing]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(
-            f"{source}: made for a different model configuration: {'; '.join(problems[:3])}{more}"
-        )
-
-
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `model`, with an error naming `source` when it was made for another model."""
-    check_state_fits(model, state, source)
-    model.load_state_dict(state, strict=False)
-
-
-def load_init_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
-    """Start `model` from another run's weights (`fit --init`): every tensor both have is copied; the model's
-    parts the checkpoint lacks (a head for a loss it was not trained with) keep their fresh initialisation,
-    and momentum copies take their online twin's loaded weights; the checkpoint's parts the model has no use
-    for (e.g. the decoder, for a filter trained with ITM + ITC only) are left out. Returns the module
-    tensors loaded and, per top-level module, the tensors of each kind ({"new": {"itm_head": 2}, "dropped":
-    {...}}); CheckpointError when a shared tensor's shape
-    differs (another architecture: image size, widths, depths)."""
-    expected = model.state_dict()
-    tied = tied_names(model)
-    wrong = [f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
-             for name, tensor in state.items() if name in expected and expected[name].shape != tensor.shape]
-    if wrong:
-        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise CheckpointError(f"{source}: another architecture than this run's: {'; '.join(wrong[:3])}{more}")
-    model.load_state_dict({name: tensor for name, tensor in state.items() if name in expected}, strict=False)
-    missing = sorted(set(expected) - set(state) - tied)
-    for online, target in getattr(model, "momentum_pairs", []):  # momentum copies start as their online twins
-        if any(name.startswith(f"{target}.") for name in missing):
-            getattr(model, target).load_state_dict(getattr(model, online).state_dict())
-    def per_module(names: list[str]) -> dict[str, int]:
-        return dict(sorted(Counter(name.split(".")[0] for name in names).items()))
-
-    dropped = sorted(set(state) - set(expected))
-    return {"loaded_tensors": len(state) - len(dropped), "new": per_module(missing), "dropped": per_module(dropped)}
 
 
 def parse_run_spec(spec: str) -> tuple[Path, int | None]:
@@ -186,99 +95,6 @@ def init_checkpoint(spec: str) -> Checkpoint:
     if not run.exists():
         raise RunError(f"{folder}: not a run folder (no run.json there)")
     return run.checkpoint(epoch)
-
-
-def encode_weights(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
-    return save_safetensors(model_state(model), metadata=metadata)
-
-
-def decode_weights(data: bytes, source: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{source}: not a readable safetensors file ({err}); it may be truncated") from None
-
-
-def load_torch_state(path: Path) -> Any:
-    """Optimizer state: tensors and plain containers only (weights_only=True never unpickles code)."""
-    try:
-        return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except Exception as err:  # noqa: BLE001 - any decoding failure is a damaged file to the user
-        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
-
-
-def encode_torch_state(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-# --- one trainer per run ----------------------------------------------------------------------
-class TrainerLock:
-    """The lock a trainer holds on its run folder while it trains (see RunDir.lock_for_training).
-
-    fcntl record locks (lockf) belong to a process: they are not inherited by fork (DataLoader workers)
-    and vanish when the process ends. Within one process they do not exclude each other, so the paths
-    this process holds are also kept in `_held`."""
-
-    _held: set[Path] = set()
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self._fd = path, fd
-
-    @classmethod
-    def acquire(cls, path: Path) -> TrainerLock:
-        key = path.resolve()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            raise RunError(
-                f"{path.parent}: cannot write the run folder ({err.strerror or err}); fix permissions or free space"
-            ) from None
-        try:
-            if key in cls._held:
-                raise BlockingIOError
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            raise RunError(
-                f"{path.parent} is being trained right now by another trainer "
-                f"({holder or 'a process that is starting'}); "
-                "wait for it to finish, or stop it (Ctrl-C or kill -TERM saves resumable state), then --resume"
-            ) from None
-        cls._held.add(key)
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {now()}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode() + b"\n", 0)
-        return cls(key, fd)
-
-    @classmethod
-    def is_held(cls, path: Path) -> bool:
-        """Whether some process holds the lock at `path` now (False when there is no lock file, or it cannot
-        be opened for the test, e.g. in a read-only folder)."""
-        if path.resolve() in cls._held:
-            return True
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # also drops the lock just taken
-        return False
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the fcntl lock
-            self._fd = None
-            self._held.discard(self.path)
 
 
 @dataclass
@@ -540,8 +356,11 @@ class RunDir:
                 continue
         return sorted(found, key=lambda result: (result.get("step") if isinstance(result.get("step"), int) else -1))
 
-    def eval_epochs(self) -> list[int]:
-        return _numbered_epochs(self.eval_dir, ".json")
+    def eval_epochs(self, split: str = "val") -> list[int]:
+        """The epochs evaluated on `split`, sorted: the N of eval/epoch_NNN.json for the validation split,
+        of eval/epoch_NNN.<split>.json for another (the files `eval_path` names)."""
+        self.eval_path(0, split)  # the split's name is checked there
+        return _numbered_epochs(self.eval_dir, ".json" if split == "val" else f".{split}.json")
 
     # --- the dashboard's cache of 2-D layouts ----------------------------------------------------
     def projection_path(self, method: str, epoch: int) -> Path:
@@ -690,44 +509,6 @@ class RunDir:
                     path.unlink(missing_ok=True)
 
 
-def read_verified_weights(path: Path, expected_sha256: Any) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file whose sha256 must equal `expected_sha256` (from its sidecar or
-    state.json); CheckpointError names the file when it is missing, unrecorded, corrupted or not safetensors."""
-    if not isinstance(expected_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", expected_sha256):
-        raise CheckpointError(f"{path}: no valid sha256 recorded for it ({expected_sha256!r}); it cannot be verified")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: weights file is missing") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the weights ({err.strerror or err})") from None
-    if sha256_bytes(data) != expected_sha256:
-        raise CheckpointError(
-            f"{path}: sha256 does not match the one recorded when it was saved (the file is truncated or "
-            "corrupted); use another checkpoint or retrain"
-        )
-    return decode_weights(data, str(path))
-
-
-def iter_metrics(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON-object lines of a metrics file; a missing file has none, an unreadable one is a RunError."""
-    try:
-        raw = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        return
-    except OSError as err:
-        raise RunError(f"{path}: cannot read the metrics ({err.strerror or err})") from None
-    for line in raw.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):
-            continue  # a partial last line of a run still being written, or a damaged line
-        if isinstance(record, dict):
-            yield record
-
-
 def _usable_config(value: Any, source: Path, error: type[RunError]) -> BlipConfig:
     """BlipConfig.from_dict of a config read from `source`, or `error` naming the file and the problem."""
     if not isinstance(value, dict):
@@ -742,10 +523,6 @@ def _numbered_epochs(folder: Path, suffix: str) -> list[int]:
     """The N of the files epoch_NNN<suffix> in `folder`, sorted."""
     pattern = re.compile(r"epoch_(\d+)" + re.escape(suffix))
     return sorted(int(m.group(1)) for p in folder.glob(f"epoch_*{suffix}") if (m := pattern.fullmatch(p.name)))
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def resolve_run_dir(runs_dir: str | Path, name: str) -> RunDir:

@@ -19,199 +19,40 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from ..evaluation.decoding import check_strategy_names
 from ..evaluation.metrics import metric
 from ..io import is_number
 from ..model.blip import BLIP
-from ..model.config import BlipConfig, TrainConfig
+from ..model.config import BlipConfig
 from ..model.vocabulary import CompactEmbedding, training_word_pieces
 from ..runs import rundir
 from ..runs.rundir import CheckpointError, RunDir
-from ..speed import autocast_dtype, cpu_model, describe, matmul_gflops
+from ..speed import autocast_dtype, describe
+from .distributed import DistInfo, ResumableSampler, barrier, init_distributed, select_device
+from .environment import environment_info, git_revision
+from .step import NonFiniteLossError, build_optimizer, learning_rate, no_region, parameter_groups, train_step
+
+# Imported from here by the command line, the tests and benchmarks: the step, its optimizer and schedule, the
+# distributed helpers and the run's environment live in step.py, distributed.py and environment.py.
+__all__ = ["POSITION_KEYS", "DistInfo", "NonFiniteLossError", "ResumableSampler", "Trainer", "barrier",
+           "build_optimizer", "environment_info", "git_revision", "ignore_stop_signals", "init_distributed",
+           "learning_rate", "no_region", "parameter_groups", "select_device", "train_step"]
+
 
 POSITION_KEYS = ("step", "epoch", "batch_in_epoch")  # where training stands: saved in checkpoints/last/state.json
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term or the gradient norm became NaN or infinite; the run stops before applying it."""
-
-
-# --- distributed helpers -----------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group that torchrun describes through RANK / WORLD_SIZE, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
-        dist.barrier()
-
-
-def select_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device (this torch build: "
-                             f"{torch.__version__}); use --device cpu")
-        return torch.device("cuda", info.local_rank)
-    if name != "cpu":
-        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device("cpu")
-
-
-# --- optimisation ------------------------------------------------------------------------------
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on norms, biases, embeddings, [CLS]/position tables, temperature."""
-    decay, no_decay = [], []
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or id(param) in embedding_params or name.endswith(("cls_token", "pos_embed")):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """The trainer's AdamW over `model` (see parameter_groups); benchmarks build theirs here too.
-
-    Fused (one kernel pass over every parameter) where torch has a fused AdamW for the parameters' device
-    (CPU and CUDA): the same update as torch's default, which on a CPU loops over the tensors one by one
-    (flickr8k-cpu has 247); `benchmarks/profile_step.py` shows its share of a step (fused: 14 ms of 2.4 s on
-    two EPYC cores). Elsewhere, torch's default."""
-    groups = parameter_groups(model, train.weight_decay)
-    settings = {"lr": train.lr, "betas": tuple(train.betas)}
-    try:
-        return torch.optim.AdamW(groups, fused=True, **settings)
-    except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, **settings)
-
-
-def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up to base_lr over warmup_steps, then cosine decay to base_lr * min_lr_ratio."""
-    if warmup_steps and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def no_region(name: str) -> contextlib.AbstractContextManager:
-    """train_step's default `region`: none (benchmarks/profile_step.py passes profiler regions instead)."""
-    return contextlib.nullcontext()
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro: list[dict],
-    *,
-    lr: float,
-    grad_clip: float,
-    device: torch.device,
-    autocast: torch.dtype | None,
-    step: int,
-    world_size: int = 1,
-    region: Callable[[str], contextlib.AbstractContextManager] = no_region,
-) -> tuple[dict[str, float], float, int]:
-    """One optimiser step over the accumulated micro-batches (collated dicts); raises NonFiniteLossError before
-    applying a non-finite update. Returns the loss terms averaged over the micro-batches, the gradient norm
-    before clipping and the samples seen (all ranks).
-
-    `model` is what runs the forward: under DDP its wrapper, whose gradients are synchronised at the last
-    micro-batch only. `step` (1-based) names the step in errors. `region(name)` wraps the step ("step") and
-    its parts ("forward", "backward", "clip_grad_norm", "optimizer_step", "zero_grad"): the trainer opens
-    none, the step profiler opens torch.profiler regions, so both time the same code."""
-    with region("step"):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        sums: dict[str, float] = {}
-        samples = 0
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or world_size == 1
-            context = contextlib.nullcontext() if sync else model.no_sync()
-            with context, torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                with region("forward"):
-                    out = model(
-                        batch["images"].to(device, non_blocking=True),
-                        batch["input_ids"].to(device),
-                        batch["attention_mask"].to(device),
-                        batch["image_ids"].to(device),
-                    )
-                values = {k: v.detach().float() for k, v in out.items()}
-                bad = [k for k, v in values.items() if k != "loss" and not torch.isfinite(v)]
-                if bad or not torch.isfinite(values["loss"]):
-                    term = bad[0] if bad else "total"
-                    shown = ", ".join(f"{k}={v.item():.4g}" for k, v in values.items())
-                    raise NonFiniteLossError(
-                        f"step {step}: the {term} loss is not finite ({shown}); the run stops and "
-                        "the last checkpoint is kept. Lower train.lr or check the data."
-                    )
-                with region("backward"):
-                    (out["loss"] / len(micro)).backward()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / len(micro)
-            samples += len(batch["images"]) * world_size
-        with region("clip_grad_norm"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"step {step}: the gradient norm is {grad_norm.item()}; the run stops "
-                                     "and the last checkpoint is kept. Lower train.lr.")
-        with region("optimizer_step"):
-            optimizer.step()
-        with region("zero_grad"):
-            optimizer.zero_grad(set_to_none=True)
-    return sums, float(grad_norm), samples
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch (resume mid-epoch)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start :])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
 
 
 def _timed_batches(loader: DataLoader, window: dict[str, Any]) -> Iterator[Any]:
@@ -235,50 +76,6 @@ def ignore_stop_signals(worker_id: int) -> None:
     before the main process could finish its step and save; the main process stops its workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-# --- run metadata ------------------------------------------------------------------------------
-def environment_info(device: torch.device) -> dict[str, Any]:
-    import numpy
-    import transformers
-
-    from .. import __version__
-
-    versions = {
-        "blipcore": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-    }
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"{platform.machine()}, {os.cpu_count()} cores"
-    described = {"type": device.type, "name": device_name, "cpu_model": cpu_model(),
-                 # what a run's minutes are read against: machines differ several-fold in it
-                 "matmul_fp32_gflops": round(matmul_gflops(device.type), 1)}
-    return {"versions": versions, "device": described, "git_revision": git_revision()}
-
-
-def _checkout_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-# Read when this module is imported, with the code it runs: a study process lives for hours, and a checkout moved
-# meanwhile must not stamp its later runs with a revision whose code they never ran.
-_REVISION_AT_IMPORT = _checkout_revision()
-
-
-def git_revision() -> str | None:
-    """The git revision of the code this process imported (None outside a git checkout)."""
-    return _REVISION_AT_IMPORT
 
 
 # --- the trainer -------------------------------------------------------------------------------

@@ -179,8 +179,7 @@ def scatter_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[st
 def chosen_eval(run: RunDir, split: str) -> tuple[int, dict] | None:
     """(epoch, evaluation) of `split` at the run's dev-chosen epoch (what the table reports), or of its newest
     evaluation of `split` when that epoch has none."""
-    epochs = run.eval_epochs() if split == "val" else sorted(
-        int(p.name[6:9]) for p in run.eval_dir.glob(f"epoch_[0-9][0-9][0-9].{split}.json"))
+    epochs = run.eval_epochs(split)
     if not epochs:
         return None
     choice = common.guarded(dev_choice, run, what=f"the dev choice of {run.name}")
@@ -190,7 +189,7 @@ def chosen_eval(run: RunDir, split: str) -> tuple[int, dict] | None:
 
 
 def captions_section(runs: list[RunDir], variants: dict[str, str], seeds: dict[str, int | None]) -> None:
-    has_test = all(any(run.eval_dir.glob("epoch_*.test.json")) for run in runs)
+    has_test = all(run.eval_epochs("test") for run in runs)
     controls = st.columns([1, 1, 1, 1])
     split = controls[0].radio("Split", ["test", "val"] if has_test else ["val"], horizontal=True, key="study_split")
     seed_choices = sorted({s for s in seeds.values() if s is not None})

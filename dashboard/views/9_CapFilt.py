@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from blipcore.evaluation.metrics import format_share
 from blipcore.experiments.capfilt import CapfiltError, find_capfilt_folders, load_capfilt
 from blipcore.paths import PROJECT_ROOT
 from dashboard import capfilt_figures as cf
@@ -22,13 +23,6 @@ PATH_KEY = "capfilt_path"  # the sidebar's typed folder
 IMAGES_PER_PAGE = 4
 MAKE_ONE = ("Make one: `python -m train capfilt --captioner RUN --filter RUN --data DIR --out DIR2` (a study's "
             "capfilt stage writes it to `<study>/data/<name>/`), or type its folder in the sidebar.")
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime_ns / 1e9
-    except OSError:
-        return 0.0
 
 
 def search_roots() -> list[Path]:
@@ -85,8 +79,8 @@ def load(folder: Path) -> tuple[dict[str, Any], pd.DataFrame, Path]:
     """(summary, records frame, image folder), cached until capfilt.json or capfilt.jsonl changes; a missing or
     damaged folder stops the page with a message."""
     try:
-        summary, frame, images_root = _load(str(folder), (_mtime(folder / "capfilt.json"),
-                                                          _mtime(folder / "capfilt.jsonl")))
+        summary, frame, images_root = _load(str(folder), (common.mtime_of(folder / "capfilt.json"),
+                                                          common.mtime_of(folder / "capfilt.jsonl")))
     except (CapfiltError, ValueError, TypeError, OSError) as err:  # TypeError: e.g. a number as images_root
         common.stop_with(f"Cannot show `{folder}`: {err}", MAKE_ONE)
     if frame.empty:
@@ -103,10 +97,6 @@ def kept_metric(column: Any, label: str, kept: Any, total: Any, help: str | None
     as the value would be cut off in a quarter of the page)."""
     share = f"{kept / total:.0%} of " if isinstance(kept, int) and isinstance(total, int) and total > 0 else "of "
     column.metric(label, _count(kept), delta=share + _count(total), delta_color="off", delta_arrow="off", help=help)
-
-
-def _share(value: Any) -> str:
-    return "–" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{value:.1%}"
 
 
 def decision_rule(summary: dict[str, Any]) -> str:
@@ -203,13 +193,13 @@ def threshold_section(summary: dict[str, Any], frame: pd.DataFrame, scorers: lis
     kept_metric(cols[1], "originals kept", row["originals kept"], row["originals"])
     kept_metric(cols[2], "synthetic kept", row["synthetic kept"], row["synthetic"])
     if "planted" in row:
+        surviving, share_of_kept, genuine = (format_share(row[key], "–") for key in (
+            "planted surviving", "planted share of kept originals", "genuine kept"))
         kept_metric(cols[3], "planted surviving", row["planted kept"], row["planted"],
-                    help=f"{_share(row['planted surviving'])} of the planted captions are kept; they are "
-                         f"{_share(row['planted share of kept originals'])} of the kept originals; "
-                         f"{_share(row['genuine kept'])} of the genuine originals are kept")
-        st.caption(f"At this threshold the kept originals are {_share(row['planted share of kept originals'])} "
-                   f"planted noise; {_share(row['planted surviving'])} of the planted captions survive and "
-                   f"{_share(row['genuine kept'])} of the genuine ones.")
+                    help=f"{surviving} of the planted captions are kept; they are {share_of_kept} of the kept "
+                         f"originals; {genuine} of the genuine originals are kept")
+        st.caption(f"At this threshold the kept originals are {share_of_kept} planted noise; {surviving} of the "
+                   f"planted captions survive and {genuine} of the genuine ones.")
     else:
         cols[3].metric("planted surviving", "–", help="the data had no planted noise")
     cutoff = cut if scorer == summary.get("score") else None
