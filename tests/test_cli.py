@@ -23,16 +23,23 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_every_subcommand_has_help(capsys):
+SUBCOMMANDS = [["fit"], ["eval"], ["score"], ["caption"], ["info"], ["diagnose"], ["capfilt"], ["study"], ["data"],
+               *[["data", name] for name in ("shapes", "coco", "flickr8k", "shards", "noise", "resize")]]
+
+
+def test_python_m_train_has_help():
     out = run_cli("--help")  # `python -m train` itself, in a process of its own; its subcommands in this one
     assert out.returncode == 0 and "usage:" in out.stdout
-    helps = {}
-    for args in (["fit"], ["eval"], ["caption"], ["info"], ["data"], ["data", "shapes"], ["study"], ["capfilt"]):
-        with pytest.raises(SystemExit) as ended:
-            main([*args, "--help"])
-        helps[" ".join(args)] = capsys.readouterr().out
-        assert ended.value.code == 0 and "usage:" in helps[" ".join(args)], args
-    assert "--resume" in helps["fit"] and "SPICE" in helps["eval"] and "--results" in helps["study"]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(capsys, words):
+    with pytest.raises(SystemExit) as ended:
+        main([*words, "--help"])
+    text = capsys.readouterr().out
+    assert ended.value.code == 0 and "usage:" in text
+    expected = {"fit": "--resume", "eval": "SPICE", "study": "--results", "info": "--run-dir"}
+    assert expected.get(" ".join(words), "usage:") in text
 
 
 def test_presets_load_and_relative_roots_resolve_to_the_repository():
@@ -77,7 +84,7 @@ def test_data_root_applies_on_resume_and_info_shows_the_resume(shapes_root, tmp_
                  "--data-root", str(after)]) == 0
     info = RunDir(tmp_path / "run").read_info()
     assert info["config"]["data"]["root"] == str(after) and info["steps_done"] == 3
-    assert main(["info", str(tmp_path / "run")]) == 0
+    assert main(["info", "--run-dir", str(tmp_path / "run")]) == 0
     assert f"resumed    at step 2 on {info['resumes'][0]['at']}" in capsys.readouterr().out
 
 
@@ -102,7 +109,7 @@ def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_runs_dir / "tiny", run_dir)  # eval writes into the run: work on a copy
 
-    info = run_cli("info", str(run_dir))
+    info = run_cli("info", "--run-dir", str(run_dir))
     assert info.returncode == 0, info.stderr
     assert "completed" in info.stdout and "epochs 1, 2" in info.stdout
 
@@ -129,17 +136,17 @@ def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
 
 
 def test_info_on_a_folder_that_is_not_a_run(tmp_path):
-    out = run_cli("info", str(tmp_path))
+    out = run_cli("info", "--run-dir", str(tmp_path))
     assert out.returncode == 2 and "run.json" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_info_json(tiny_runs_dir):
-    out = run_cli("info", str(tiny_runs_dir / "tiny"), "--json")
+    out = run_cli("info", "--run-dir", str(tiny_runs_dir / "tiny"), "--json")
     assert json.loads(out.stdout)["epochs"] == [1, 2]
 
 
 def test_info_shows_the_best_value_of_each_headline_metric(tiny_runs_dir, capsys):
-    assert main(["info", str(tiny_runs_dir / "tiny")]) == 0
+    assert main(["info", "--run-dir", str(tiny_runs_dir / "tiny")]) == 0
     best_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("best "))
     best = RunDir(tiny_runs_dir / "tiny").read_info()["best"]
     shown = dict(item.split("=", 1) for item in best_line.split()[1:])
@@ -266,7 +273,7 @@ def test_eval_on_a_test_split_the_run_does_not_have_is_a_clear_error(tiny_runs_d
 
 
 def test_a_study_without_progress_bars_runs_its_command_stages_without_them_where_they_have_any():
-    from train.cli import _command_stage_words
+    from train.commands.study import command_stage_words as _command_stage_words
 
     capfilt = ["capfilt", "--captioner", "r", "--filter", "r", "--data", "d", "--out", "o"]
     noise = ["data", "noise", "--from", "d", "--out", "o", "--fraction", "0.3"]  # seconds: no progress bar
@@ -274,3 +281,134 @@ def test_a_study_without_progress_bars_runs_its_command_stages_without_them_wher
     assert _command_stage_words(capfilt, progress=True) == capfilt
     assert _command_stage_words(noise, progress=False) == noise
     assert _command_stage_words([*capfilt, "--no-progress"], progress=False) == [*capfilt, "--no-progress"]
+
+
+# --- one consistent command line -----------------------------------------------------------------
+def parse(*words: str):
+    from train.cli import build_parser
+
+    return build_parser().parse_args(list(words))
+
+
+def refused(capsys, *words: str) -> str:
+    """The one-line argparse error of a command line that is refused: exit status 2, no traceback."""
+    with pytest.raises(SystemExit) as ended:
+        parse(*words)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+COMPUTING = {
+    "fit": ["fit"],
+    "eval": ["eval", "--run-dir", "r"],
+    "caption": ["caption", "--run-dir", "r", "photo.jpg"],
+    "capfilt": ["capfilt", "--captioner", "r", "--filter", "r", "--data", "d", "--out", "o"],
+}
+
+
+@pytest.mark.parametrize("command", COMPUTING)
+def test_device_defaults_to_auto_in_every_computing_subcommand(capsys, command):
+    args = parse(*COMPUTING[command])
+    assert args.device == "auto" and not getattr(args, "device_given", False)
+    assert parse(*COMPUTING[command], "--device", "cpu").device == "cpu"
+    assert "--device" in refused(capsys, *COMPUTING[command], "--device", "tpu")
+
+
+def test_eval_and_caption_take_one_gpu_of_several():
+    assert parse(*COMPUTING["eval"], "--device", "cuda:1").device == "cuda:1"
+    assert parse(*COMPUTING["caption"], "--device", "cuda:0").device == "cuda:0"
+
+
+def test_fit_device_overrides_the_preset_only_when_given():
+    from train.commands.fit import build_config
+
+    kept = build_config(parse("fit", "--preset", "demo", "--set", "train.device=cpu"))
+    assert kept.train.device == "cpu"  # the default auto does not override the preset's train.device
+    given = build_config(parse("fit", "--preset", "demo", "--set", "train.device=cpu", "--device", "auto"))
+    assert given.train.device == "auto"
+
+
+def test_resolve_device_auto_is_a_concrete_device():
+    import torch
+
+    from train.arguments import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize(("value", "eval_epoch", "caption_epoch"), [
+    (None, "last", "last"), ("last", "last", "last"), ("LAST", "last", "last"), ("3", 3, 3), ("0", 0, 0),
+    ("all", "all", None), ("1,3", [1, 3], None),
+])
+def test_run_dir_and_epoch(capsys, value, eval_epoch, caption_epoch):
+    epoch = [] if value is None else ["--epoch", value]
+    args = parse("eval", "--run-dir", "runs/demo", *epoch)
+    assert args.run_dir == "runs/demo" and args.epoch == eval_epoch
+    if caption_epoch is None:  # caption uses one checkpoint
+        assert "one checkpoint" in refused(capsys, "caption", "--run-dir", "runs/demo", *epoch, "x.jpg")
+    else:
+        assert parse("caption", "--run-dir", "runs/demo", *epoch, "x.jpg").epoch == caption_epoch
+
+
+@pytest.mark.parametrize("bad", ["x", "-1", "1,x", "", "first"])
+def test_a_bad_epoch_is_a_one_line_error(capsys, bad):
+    line = refused(capsys, "eval", "--run-dir", "runs/demo", "--epoch", bad)
+    assert "--epoch" in line and "N,M, last or all" in line
+
+
+def test_epochs_to_evaluate_reads_every_epoch_spelling(tiny_runs_dir):
+    from train.commands.eval import epochs_to_evaluate
+
+    run = RunDir(tiny_runs_dir / "tiny")
+    assert [epochs_to_evaluate(run, spec) for spec in ("last", "all", 1, [2, 1])] == [[2], [1, 2], [1], [2, 1]]
+
+
+@pytest.mark.parametrize(("spec", "read"), [
+    ("runs/a", ("runs/a", None)), ("runs/a:3", ("runs/a", 3)), ("runs/a:last", ("runs/a", None)),
+])
+def test_run_references_are_run_colon_epoch_everywhere(spec, read):
+    from blipcore.runs.rundir import parse_run_spec
+
+    args = [parse("fit", "--init", spec).init]
+    capfilt = parse("capfilt", "--captioner", spec, "--filter", spec, "--data", "d", "--out", "o")
+    args += [capfilt.captioner, capfilt.filter]
+    assert all(parse_run_spec(arg) == (Path(read[0]), read[1]) for arg in args)
+
+
+@pytest.mark.parametrize("words", [["fit", "--init"], ["capfilt", "--data", "d", "--out", "o", "--filter", "r",
+                                                        "--captioner"]])
+def test_an_empty_run_reference_is_a_one_line_error(capsys, words):
+    assert "RUN[:EPOCH]" in refused(capsys, *words, "")
+
+
+@pytest.mark.parametrize("words", [["fit"], COMPUTING["capfilt"], ["data", "shards", "--from", "d", "--out", "o"]])
+def test_resume_and_overwrite_are_mutually_exclusive(capsys, words):
+    assert parse(*words, "--resume").resume and parse(*words, "--overwrite").overwrite
+    assert "not allowed with argument" in refused(capsys, *words, "--resume", "--overwrite")
+
+
+def test_info_positional_run_still_works_with_a_deprecation_line(tiny_runs_dir, capsys):
+    run = str(tiny_runs_dir / "tiny")
+    assert main(["info", run]) == 0
+    out, err = capsys.readouterr()
+    assert "completed" in out
+    assert err.splitlines() == [f"deprecated: `info {run}` -> use `info --run-dir {run}` "
+                                "(the old spelling goes in the next release)"]
+    assert main(["info", "--run-dir", run]) == 0 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    ([], "info needs the run: --run-dir RUN"),
+    (["--run-dir", "a", "b"], "info takes one run"),
+])
+def test_info_without_one_run_is_a_one_line_error(capsys, words, message):
+    assert main(["info", *words]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
