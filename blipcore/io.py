@@ -110,3 +110,12 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def mtime_of(path: Path) -> float:
+    """`path`'s modification time in seconds (0 when it cannot be read): part of a cache key, so that a cached
+    reading of a file is dropped when the file changes."""
+    try:
+        return path.stat().st_mtime_ns / 1e9
+    except OSError:
+        return 0.0

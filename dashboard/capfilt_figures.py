@@ -250,15 +250,15 @@ def threshold_table(frame: pd.DataFrame, scorer: str, thresholds: float | Iterab
             planted_kept, kept_flagged = int((kept & planted).sum()), int((kept & flagged).sum())
             row.update({
                 "planted kept": planted_kept, "planted": int(planted.sum()),
-                "planted share of kept originals": _share(planted_kept, kept_flagged),
-                "planted surviving": _share(planted_kept, int(planted.sum())),
-                "genuine kept": _share(int((kept & genuine).sum()), int(genuine.sum())),
+                "planted share of kept originals": _fraction(planted_kept, kept_flagged),
+                "planted surviving": _fraction(planted_kept, int(planted.sum())),
+                "genuine kept": _fraction(int((kept & genuine).sum()), int(genuine.sum())),
             })
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _share(part: int, whole: int) -> float:
+def _fraction(part: int, whole: int) -> float:
     return part / whole if whole else math.nan
 
 

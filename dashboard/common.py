@@ -17,6 +17,7 @@ from typing import Any
 
 import streamlit as st
 
+from blipcore.io import mtime_of
 from blipcore.paths import DEFAULT_RUNS_DIR
 from blipcore.runs.rundir import STUDY_TABLE, CheckpointError, RunDir, RunError, is_study, list_runs, read_json
 
@@ -29,15 +30,6 @@ def runs_dir() -> Path:
     parser.add_argument("--runs-dir")
     known, _ = parser.parse_known_args(sys.argv[1:])
     return Path(known.runs_dir or os.environ.get("BLIPLAB_RUNS_DIR") or DEFAULT_RUNS_DIR).expanduser()
-
-
-def mtime_of(path: Path) -> float:
-    """`path`'s modification time in seconds (0 when it cannot be read): part of a cache key, so that a cached
-    reading of a file is dropped when the file changes."""
-    try:
-        return path.stat().st_mtime_ns / 1e9
-    except OSError:
-        return 0.0
 
 
 # --- run summaries -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from blipcore.evaluation.diagnosis import Diagnosis, Finding, worst
+from blipcore.io import mtime_of
 from blipcore.runs.rundir import RunDir
 
 # The pages a finding's numbers are on (blipcore.evaluation.diagnosis.Kind.page), their files in views/, and the
@@ -24,22 +25,15 @@ HEALTH_COLOURS = {"healthy": "#27AE60", "info": "#2E6BE6", "warning": "#B7791F",
 FINDING_COLUMNS = ("severity", "finding", "since", "evidence", "shown on", "remedy measured")
 
 
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
-def run_stamp(run: RunDir) -> tuple[int, int, int]:
+def run_stamp(run: RunDir) -> tuple[float, float, float]:
     """What a run's diagnosis depends on, as modification times (run.json, metrics.jsonl, the eval folder, which
     changes when an evaluation file is added): a cache key that changes when the trainer writes."""
-    return _mtime(run.run_json), _mtime(run.metrics_file), _mtime(run.eval_dir)
+    return mtime_of(run.run_json), mtime_of(run.metrics_file), mtime_of(run.eval_dir)
 
 
-def files_stamp(folder: Path) -> tuple[tuple[str, int], ...]:
+def files_stamp(folder: Path) -> tuple[tuple[str, float], ...]:
     """Every file under `folder` with its modification time: a cache key for what is diagnosed from them."""
-    return tuple((str(p), _mtime(p)) for p in sorted(Path(folder).rglob("*")) if p.is_file())
+    return tuple((str(p), mtime_of(p)) for p in sorted(Path(folder).rglob("*")) if p.is_file())
 
 
 def health_colour(health: str | None) -> str:

@@ -306,6 +306,7 @@ COMPUTING = {
     "eval": ["eval", "--run-dir", "r"],
     "caption": ["caption", "--run-dir", "r", "photo.jpg"],
     "capfilt": ["capfilt", "--captioner", "r", "--filter", "r", "--data", "d", "--out", "o"],
+    "study": ["study", "plan.toml"],
 }
 
 
@@ -329,6 +330,30 @@ def test_fit_device_overrides_the_preset_only_when_given():
     assert kept.train.device == "cpu"  # the default auto does not override the preset's train.device
     given = build_config(parse("fit", "--preset", "demo", "--set", "train.device=cpu", "--device", "auto"))
     assert given.train.device == "auto"
+
+
+def test_a_studys_device_reaches_its_runs_only_when_given_and_records_still_count(tmp_path, monkeypatch):
+    import blipcore.experiments.study as study
+    from blipcore import BlipConfig
+
+    seen = {}
+
+    def record_plan(plan, out, train, command, **options):
+        seen["device"] = plan.base_config().train.device
+        raise study.StudyStopped("stopped before training")
+
+    monkeypatch.setattr(study, "run_study", record_plan)
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text('name = "x"\npreset = "demo"\n[[stage]]\nname = "a"\n[stage.variants]\nv = {}\n')
+    assert main(["study", str(plan_file), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 130
+    assert seen["device"] == "cpu"
+    assert main(["study", str(plan_file), "--out", str(tmp_path / "s")]) == 130
+    assert seen["device"] == "auto"  # the preset's, untouched
+    from blipcore.experiments.study import config_differences
+
+    planned = BlipConfig.preset("demo").to_dict()
+    elsewhere = BlipConfig.preset("demo").override({"train.device": "cpu"}).to_dict()
+    assert config_differences(elsewhere, planned) == []  # where a run trained is not how
 
 
 def test_resolve_device_auto_is_a_concrete_device():

@@ -18,12 +18,12 @@ VIEWS = Path(__file__).parent
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _diagnosis(path: str, stamp: tuple[int, int, int]) -> Diagnosis:
+def _diagnosis(path: str, stamp: tuple[float, float, float]) -> Diagnosis:
     return diagnose_run(RunDir(path))
 
 
 @st.cache_data(show_spinner="Diagnosing the committed records…", max_entries=4)
-def _records(stamp: tuple[tuple[str, int], ...]) -> list[Diagnosis]:
+def _records(stamp: tuple[tuple[str, float], ...]) -> list[Diagnosis]:
     return committed_diagnoses(RECORDS_DIR)
 
 

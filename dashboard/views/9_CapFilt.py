@@ -14,6 +14,7 @@ import streamlit as st
 
 from blipcore.evaluation.metrics import format_share
 from blipcore.experiments.capfilt import CapfiltError, find_capfilt_folders, load_capfilt
+from blipcore.io import mtime_of
 from blipcore.paths import PROJECT_ROOT
 from dashboard import capfilt_figures as cf
 from dashboard import common, figures
@@ -79,8 +80,8 @@ def load(folder: Path) -> tuple[dict[str, Any], pd.DataFrame, Path]:
     """(summary, records frame, image folder), cached until capfilt.json or capfilt.jsonl changes; a missing or
     damaged folder stops the page with a message."""
     try:
-        summary, frame, images_root = _load(str(folder), (common.mtime_of(folder / "capfilt.json"),
-                                                          common.mtime_of(folder / "capfilt.jsonl")))
+        summary, frame, images_root = _load(str(folder), (mtime_of(folder / "capfilt.json"),
+                                                          mtime_of(folder / "capfilt.jsonl")))
     except (CapfiltError, ValueError, TypeError, OSError) as err:  # TypeError: e.g. a number as images_root
         common.stop_with(f"Cannot show `{folder}`: {err}", MAKE_ONE)
     if frame.empty:

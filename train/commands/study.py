@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.arguments import int_list
+from train.arguments import add_device_argument, given, int_list
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "table when the run's folder is gone: commit DIR to spread a study over machines "
                             "(a recorded run is not trained again)")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_argument(study, "of every run trains", indexed=False,
+                        note="; when --device is not given, the plan's train.device is kept (auto unless set)")
     study.add_argument("--report", type=Path, metavar="FILE",
                        help="train nothing: write the table of the records in --results (alone: no run folder "
                             "counts) to FILE as Markdown, headed by the command that regenerates it; the project's "
@@ -53,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return _write_study_report(plan, args)
     if args.data_root:
         plan.overrides["data.root"] = str(Path(args.data_root).resolve())
+    if given(args, "device"):
+        plan.overrides["train.device"] = args.device
     selection(plan, args.only, args.seeds)  # a bad --only or --seeds is refused before anything is written
     out = Path(args.out or f"runs/study-{plan.name}")
     save_plan_copy(Path(args.plan), out)

@@ -62,8 +62,9 @@ def reported_evaluation(run: RunDir, test: TestFn | None = None) -> tuple[int, s
     return epoch, "test", strategy, test(run, epoch, list(run.load_eval(epoch).get("strategies", {})))
 
 
-# Config fields that say where a run's files are, not how it trained: a record made on another machine matches.
-LOCATION_FIELDS = ("name", "data.root", "train.init")
+# Config fields that say where a run's files are or which device it used, not how it trained: a record made on
+# another machine matches (the record's machine says which device trained it).
+LOCATION_FIELDS = ("name", "data.root", "train.init", "train.device")
 
 
 @dataclass
