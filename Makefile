@@ -1,4 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv and install first.
+# PYTEST_ARGS passes options to pytest, e.g. make test PYTEST_ARGS='-m shared_data'.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -36,7 +37,7 @@ dashboard: install
 demo: train-demo dashboard
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,14 @@ PHOTOS = COCO_CC_BY_FIXTURE
 PHOTOS_TRAIN, PHOTOS_VAL = 64, 10
 
 
-def needs_shared_dataset(name: str) -> pytest.MarkDecorator:
-    """Skip the test, saying why and how to run it, where the full dataset SHARED_DATA_DIR / name is missing."""
+def needs_shared_dataset(name: str) -> Callable[[Callable], Callable]:
+    """Mark the test `shared_data` (`pytest -m shared_data` runs these alone) and skip it, saying why and how to run
+    it, where the full dataset SHARED_DATA_DIR / name is missing."""
     root = SHARED_DATA_DIR / name
-    return pytest.mark.skipif(not root.is_dir(), reason=(
+    skip = pytest.mark.skipif(not root.is_dir(), reason=(
         f"needs the full {name} dataset in {root}, which is not there: set {SHARED_DATA_ENV} to the folder that "
         f"holds {name}/ (default: ../shared/data beside the checkout)"))
+    return lambda test: pytest.mark.shared_data(skip(test))
 
 
 def tiny_config(**model_overrides) -> BlipConfig:
