@@ -231,10 +231,11 @@ def test_the_runs_page_shows_each_runs_health(server: str, page: Page) -> None:
     page.wait_for_selector(PAGES[""], timeout=PAGE_TIMEOUT_MS)
     settle(page)
     table = page.locator('[data-testid="stDataFrame"]').first
-    headers = table.locator('[role="columnheader"]').all_inner_texts()
-    assert "health" in headers, headers  # (the grid draws only the columns in view: "diagnosis" is further right)
-    cells = table.locator('[role="gridcell"]').all_inner_texts()
-    assert any(cell in ("healthy", "info", "warning", "error") for cell in cells), cells[:40]
+    # the grid fills its accessible cells after it draws, and only for the columns in view ("diagnosis" is further
+    # right): wait for the health column and one of its values
+    table.locator('[role="columnheader"]', has_text="health").first.wait_for(state="attached", timeout=PAGE_TIMEOUT_MS)
+    health = re.compile(r"^\s*(healthy|info|warning|error)\s*$")
+    table.locator('[role="gridcell"]').filter(has_text=health).first.wait_for(state="attached", timeout=PAGE_TIMEOUT_MS)
     assert_no_error(page, "/ (the Runs page)")
     screenshot(page, "Runs_health")
 
