@@ -22,7 +22,7 @@ Conventions (HF `generate`'s unless said otherwise):
   the rules to log-softmaxed scores instead; that differs only for the repetition penalty and in not
   renormalising after a ban. Ours keeps beam search with one beam identical to greedy decoding.)
 - precision "auto" (the default) decodes with a bf16 copy of the weights where this machine's bf16
-  matmuls win (blipcore.speed; 2.5x faster at the seed size on an AMX Xeon), in fp32 elsewhere; the
+  matmuls win (blipcore.speed), in fp32 elsewhere; the
   per-step evidence (log-probabilities, entropies, cross-attention) is always float32.
 - min_length / max_length count new tokens (HF's min_new_tokens / max_new_tokens): min_length
   tokens come before [SEP] may; max_length bounds the steps, [SEP] included (so a caption that

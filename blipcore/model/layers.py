@@ -11,7 +11,7 @@ depth on a block's residual branches, and Locality Self-Attention (`Attention(..
 
 On a CPU in bf16 or fp16 (autocast, the inference copy), torch's fused (flash) kernel is several times slower
 than its math backend for the short sequences of the CPU presets and faster for long ones, so attention over at
-most CPU_MATH_MAX_KEYS keys runs the math backend there (benchmarks/attention_backends.py measures both).
+most CPU_MATH_MAX_KEYS keys runs the math backend there.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # A per-layer cache is a plain dict: {"k": (B, H, T, head_dim), "v": ...}. Self-attention appends the
 # new step's keys/values to it; cross-attention fills it once with the image tokens' keys/values.
 LayerCache = dict[str, Tensor]
-# Forward + backward, batch 64, 4 heads of 64, bf16, torch 2.13 on a 2-core Xeon: 37 keys 25 ms fused, 6 ms math;
-# 197 keys (batch 16, 8 heads) 39 ms fused, 46 ms math.
+# Below this many keys the math backend wins on a CPU in bf16 (the CPU presets' 37 image tokens and 40 text
+# tokens); the ViT-B/16 size's 197 keys favour the fused kernel.
 CPU_MATH_MAX_KEYS = 64
 
 

@@ -167,8 +167,8 @@ def lm_loss(
 
 
 # Logits computed at once by linear_cross_entropy: ~16 M floats (64 MB in fp32) a chunk of rows, whatever the
-# vocabulary: on a 2-core AMD EPYC at the flickr8k-cpu preset's size (2,500 targets, width 256, 30,524 words)
-# the fastest of 2-16 M (smaller chunks make the vocabulary matmul slower than the passes they keep in cache).
+# vocabulary: smaller chunks make the vocabulary matmul slower than the passes they keep in cache, larger ones
+# spill out of it.
 CHUNK_ELEMENTS = 1 << 24
 
 

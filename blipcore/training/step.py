@@ -39,8 +39,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
 
     Fused (one kernel pass over every parameter) where torch has a fused AdamW for the parameters' device
     (CPU and CUDA): the same update as torch's default, which on a CPU loops over the tensors one by one
-    (flickr8k-cpu has 247); `benchmarks/profile_step.py` shows its share of a step (fused: 14 ms of 2.4 s on
-    two EPYC cores). Elsewhere, torch's default."""
+    (flickr8k-cpu has 247); `benchmarks/profile_step.py` shows its share of a step. Elsewhere, torch's
+    default."""
     groups = parameter_groups(model, train.weight_decay)
     settings = {"lr": train.lr, "betas": tuple(train.betas)}
     try:
