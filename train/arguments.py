@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEVICES = ("auto", "cpu", "cuda")
+from blipcore.model.config import DEVICES
+
 EPOCH_WORDS = ("last", "all")
 
 
