@@ -4,7 +4,7 @@ Starts `streamlit run dashboard/app.py` on a free port, opens every page once to
 (model loads, decoding, projections), then times each page two ways:
 
 - reload: a fresh page load of the page's URL (a bookmark, F5): Streamlit's frontend starts, opens a
-  session and runs the page's script;
+  connection to the server and runs the page's script;
 - click: the page's link in the sidebar clicked from another page (how people move around the app).
 
 Each is timed from the action until the script run has finished and everything on the page is

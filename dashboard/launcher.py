@@ -1,7 +1,7 @@
 """Train the demo run in a background process that outlives the page that started it.
 
 The dashboard never trains inside its own script run: the Runs page starts `python -m train fit`
-in a new session, remembers its pid in `<runs>/.demo-train.pid`, and sends its output to
+in a process group of its own, remembers its pid in `<runs>/.demo-train.pid`, and sends its output to
 `<runs>/.demo-train.log`. Every page reload (or another browser tab) finds the same process through
 that file, so a second click cannot start a second trainer. Progress is read from the run directory
 itself: run.json's total_steps and the last step logged in metrics.jsonl.

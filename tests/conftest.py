@@ -108,7 +108,7 @@ def photos_cfg(shapes_root: Path, **train) -> BlipConfig:
 @pytest.fixture(scope="session")
 def tiny_runs_dir(tmp_path_factory, shapes_root) -> Path:
     """A runs folder holding one finished run, `tiny` (2 epochs, ITC + LM + ITM, greedy evaluation),
-    for dashboard and CLI tests. Treat it as read-only: it is shared by the whole session."""
+    for dashboard and CLI tests. Treat it as read-only: it is shared by every test of the run."""
     from blipcore.training.trainer import Trainer
 
     runs = tmp_path_factory.mktemp("runs")

@@ -204,7 +204,7 @@ def test_kill_9_at_random_moments_then_resume_ends_with_the_uninterrupted_weight
 
 # --- signals to the process group, and a second trainer ---------------------------------------
 def start_trainer(*args: str, log: Path) -> subprocess.Popen:
-    """`python -m train fit ARGS` in a session (process group) of its own, stderr to `log`."""
+    """`python -m train fit ARGS` in a process group of its own, stderr to `log`."""
     with open(log, "ab") as err:
         return subprocess.Popen([sys.executable, "-m", "train", "fit", "--no-progress", *args], cwd=REPO_ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=err,
