@@ -284,6 +284,22 @@ def test_a_collapse_that_went_away_is_info_with_the_severity_it_reached(tmp_path
     assert not D.diagnose_run(run, NO_RECORDS).reaches("warning")
 
 
+def test_a_collapse_that_lapsed_and_came_back_is_dated_from_its_first_onset(tmp_path):
+    evals = healthy_evaluations() + [evaluation(40, val_itc=1.2, val_lm=2.2, r1=30.0, rsum=180.0, itc_auc=0.92,
+                                                strategies={"greedy": {"cider": 0.7}, "beam": {"cider": 0.75}})]
+    for index, rate in enumerate((0.5, 0.2, 0.4, 0.45)):  # repeats, dips under the level once, repeats again
+        evals[index]["strategies"]["greedy"]["metrics"].update(repetition_rate=rate)
+    finding = names(D.diagnose_run(make_run(tmp_path / "lapsed", evals), NO_RECORDS))["token-repeat collapse (greedy)"]
+    assert finding.until is None and finding.severity != "info"  # it holds at the latest evaluation
+    assert (finding.step, finding.held) == (10, "3 of 4")
+    assert finding.period() == "step 10 (epoch 1), at 3 of 4 evaluations"
+    steady = healthy_evaluations()
+    for ev in steady:
+        ev["strategies"]["greedy"]["metrics"].update(repetition_rate=0.5)
+    held_throughout = names(D.diagnose_run(make_run(tmp_path / "steady", steady), NO_RECORDS))
+    assert held_throughout["token-repeat collapse (greedy)"].held is None
+
+
 def test_runs_being_written_killed_or_not_evaluated_are_diagnosed(tmp_path):
     live = make_run(tmp_path / "live", healthy_evaluations()[:1], status="running")
     with open(live.metrics_file, "ab") as f:
@@ -340,20 +356,25 @@ def test_the_gpu_run_is_over_confident_not_memorising():
 
 def test_committed_recipe_records_give_the_findings_their_numbers_say():
     records = D.committed_records()
+    # the original recipe's seed-0 record keeps its ten dev evaluations: collapse from the first (step 375)
     original = D.diagnose_record(RECORDS / "recipes" / "original-original-seed0.json", records)
+    assert original.evaluations == 10
     collapse = names(original)["caption collapse (greedy)"]
-    assert collapse.severity == "warning" and collapse.onset == "epoch 1 (test)"
-    assert collapse.evidence[0].value == pytest.approx(0.213)
-    assert "beam 21.3% → 7.5%" in collapse.remedy  # this record's own evaluation
-    assert "records of recipes: original/original: beam 14.9% → 8.4% (3 seeds)" in collapse.remedy  # its seeds
-    assert "caption collapse (beam)" not in names(original)  # 7.5 %
-    assert names(original)["token-repeat collapse (greedy)"].evidence[0].value == pytest.approx(0.342, abs=1e-3)
+    assert (collapse.severity, collapse.onset, collapse.held) == ("warning", "step 375", None)  # at all ten
+    assert collapse.evidence[0].value == pytest.approx(0.23)  # as the latest evaluation shows it
+    assert "beam 23.0% → 7.5%" in collapse.remedy  # this record's own evaluation
+    assert "records of recipes: original/original: beam 15.1% → 8.4% (3 seeds)" in collapse.remedy  # its seeds
+    beam = names(original)["caption collapse (beam)"]  # every image's caption the same word at step 375, 7.5 % at last
+    assert (beam.severity, beam.peak, beam.onset, beam.resolved) == ("info", "warning", "step 375", True)
+    repeats = names(original)["token-repeat collapse (greedy)"]
+    assert (repeats.onset, repeats.held) == ("step 375", "8 of 10")  # under the level at steps 3,000 and 3,375
+    assert repeats.evidence[0].value == pytest.approx(0.322, abs=1e-3)
     tuned = names(D.diagnose_record(RECORDS / "recipes" / "recipes-tuned-seed0.json", records))
     assert not {"caption collapse (greedy)", "caption collapse (beam)", "token-repeat collapse (greedy)"} & set(tuned)
     # the direction of beam's effect is measured per recipe, not assumed: it helps the original recipe, not the tuned
     effects = D.strategy_effects(records, "top_caption_share", "greedy")
     before, after, seeds = effects["recipes", "original", "original"]["beam"]
-    assert (round(before, 3), round(after, 3), seeds) == (0.149, 0.084, 3)
+    assert (round(before, 3), round(after, 3), seeds) == (0.151, 0.084, 3)
     before, after, _ = effects["recipes", "recipes", "tuned"]["beam"]
     assert after > before
     text_only = D.diagnose_record(RECORDS / "recipes" / "pretraining-text-lm-seed0.json", records)

@@ -28,13 +28,12 @@ def _evaluation_findings(history: History, records: Sequence[RecordedRun]) -> li
     last = len(evals) - 1
     for key in keys:
         held = [i for i, hits in enumerate(per_eval) if key in hits]
-        if held[-1] == last:  # it holds now: since the start of its latest unbroken stretch
-            start = last
-            while start - 1 in held:
-                start -= 1
-            hit, onset = per_eval[last][key], evals[start]
+        if held[-1] == last:  # it holds now, as the latest evaluation shows it, since it first held
+            hit, onset = per_eval[last][key], evals[held[0]]
+            lapsed = len(held) < last - held[0] + 1  # it stopped for a while in between: say how often it held
             findings.append(Finding(hit.name, hit.severity, hit.summary, onset.step, onset.epoch, hit.evidence,
-                                    hit.subject, hit.remedy, split=onset.split))
+                                    hit.subject, hit.remedy, held=f"{len(held)} of {len(evals)}" if lapsed else None,
+                                    split=onset.split))
         else:  # it held once and stopped: reported as it was at its worst
             peak_index = max(held, key=lambda i: (severity_rank(per_eval[i][key].severity), -i))
             hit, onset, stopped = per_eval[peak_index][key], evals[held[0]], evals[held[-1] + 1]

@@ -135,7 +135,7 @@ class Finding:
     remedy: str | None = None
     peak: str | None = None
     until: str | None = None  # the evaluation at which a resolved finding no longer held
-    held: str | None = None  # at how many evaluations a resolved finding held ("2 of 8")
+    held: str | None = None  # at how many evaluations it held ("2 of 8"), where not at every one since its onset
     split: str = "val"
     tab: str | None = None  # the dashboard tab, where it is not the kind's own
 
@@ -164,9 +164,11 @@ class Finding:
         return f"{self.severity} (was {self.peak})" if self.resolved and self.peak else self.severity
 
     def period(self) -> str:
-        """When it held: its onset, and for a resolved finding how often and until when."""
+        """When it held: its onset; how often, where it did not hold at every evaluation since; when it was over."""
         onset = self.onset or "-"
-        return f"{onset}, at {self.held} evaluations, over by {self.until}" if self.until else onset
+        if self.until:
+            return f"{onset}, at {self.held} evaluations, over by {self.until}"
+        return f"{onset}, at {self.held} evaluations" if self.held else onset
 
     def line(self) -> str:
         """One line: severity, name, onset and evidence (the remedy after an arrow)."""
