@@ -5,10 +5,10 @@ blipcore.speed.autocast_dtype picks for the preset's train.precision on this mac
 synthetic full-length batch: random pixels at the preset's image size, random word pieces filling
 max_text_len ([CLS] first, [SEP] last, no padding), `train.grad_accum_steps` micro-batches per step as the
 trainer accumulates them. Each step is the trainer's own (blipcore.training.trainer.train_step): forward (the model's
-loss dict: ITC, LM, ITM as the preset weighs them), the finiteness checks, backward, clip_grad_norm_,
-optimizer.step and zero_grad, each part in a torch.profiler.record_function region that train_step opens
-through its `region` argument. Inside the forward, regions are opened from
-the outside, without touching blipcore's code: forward pre/post hooks on the vision encoder, the text encoder
+loss dict: ITC, LM, ITM as the preset weighs them), backward, clip_grad_norm_, the loss terms and gradient norm
+recorded on the device (StepMonitor), optimizer.step and zero_grad, each part in a torch.profiler.record_function
+region that train_step opens through its `region` argument. Inside the forward, regions are opened from the
+outside, without touching blipcore's code: forward pre/post hooks on the vision encoder, the text encoder
 (its ITC pass) and the decoder (and the momentum encoders when on), and record_function wrappers around
 blipcore.model.losses' ITC and LM losses and the model's ITM loss, for as long as the profile runs.
 
@@ -16,7 +16,7 @@ It prints:
 
 1. a region table: milliseconds per step and share of the step for each region; the rows add up to the step
    ("other (forward)" is the forward's time outside its named parts, "other" the step's outside every region:
-   the trainer's loss checks, the learning-rate update, Python between regions), and the forward FLOPs
+   the device-side record of the step, the learning-rate update, Python between regions), and the forward FLOPs
    (blipcore.model.flops) and achieved GFLOP/s of the regions that do matrix products;
 2. torch's operator table (key_averages), the top --top operators by self CPU time over all profiled steps
    (on CUDA also by self device time);

@@ -7,27 +7,33 @@ had planted noise) or a synthetic one the captioner wrote, its ITM match probabi
 (either may be null), and whether it was kept. A caption is kept when its score reaches the cut-off, so a
 threshold t here keeps the captions with score >= t, as `python -m train capfilt` does. For finding planted
 captions the suspicion score is the negated filter score: a low match score marks a likely planted caption.
+A clean caption (origin "clean": the data's human-annotated subset, kept as it is) has no score.
+
+Two CapFilt outputs of one seed (the noisy-data model as filter, and BLIP's filter fine-tuned on the clean subset)
+compare side by side: their detection tables, score histograms and ROC curves (the comparison_* builders).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from blipcore.evaluation.matching import roc_auc, roc_curve
-from blipcore.experiments.capfilt import SCORERS
+from blipcore.experiments.capfilt import SCORED_ORIGINS, SCORERS
 from dashboard.figures import REFERENCE_COLOUR, _finish
 
 COLUMNS = ("image_id", "file_name", "origin", "index", "text", "planted", "itm", "itc", "kept")
 SCORER_LABELS = {"itm": "ITM match probability", "itc": "ITC cosine similarity"}
 SCORER_COLOURS = {"itm": "#2E6BE6", "itc": "#E4572E"}
-SCORED_ORIGINS = ("original", "synthetic")  # "unreadable" lines (an image that could not be read) have no score
 # The groups a histogram can split the captions into, and their colours.
 GROUPINGS = {
     "decision": ("kept", "dropped"),
@@ -40,6 +46,18 @@ GROUP_COLOURS = {"kept": "#17A398", "dropped": "#C0392B", "original": "#2E6BE6",
 
 def scorer_label(scorer: str) -> str:
     return SCORER_LABELS.get(scorer, scorer)
+
+
+def init_note(summary: Mapping[str, Any], role: str) -> str:
+    """What the page says after the captioner or the filter (`role`) when its run started from another run's
+    weights (capfilt.json's "<role>_init"): " (fine-tuned from `run`)", with the parts that started fresh; "" for a
+    run trained from random weights, or a summary made before capfilt.json kept it."""
+    init = summary.get(f"{role}_init")
+    if not isinstance(init, Mapping) or not init.get("run"):
+        return ""
+    fresh = init.get("new") if isinstance(init.get("new"), Mapping) else {}
+    return f" (fine-tuned from `{Path(str(init['run'])).name}`" + (
+        f"; started fresh: {', '.join(map(str, fresh))})" if fresh else ")")
 
 
 # --- the records -----------------------------------------------------------------------------------
@@ -275,6 +293,7 @@ IMAGE_FILTERS: dict[str, Callable[[pd.DataFrame], bool]] = {
     "with a dropped original": lambda rows: bool(((rows["origin"] == "original") & ~rows["kept"]).any()),
     "with a kept synthetic caption": lambda rows: bool(((rows["origin"] == "synthetic") & rows["kept"]).any()),
     "unreadable": lambda rows: bool((rows["origin"] == "unreadable").any()),
+    "in the clean subset": lambda rows: bool((rows["origin"] == "clean").any()),
 }
 
 
@@ -291,7 +310,7 @@ def _number(value: float) -> str:
 def caption_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One image's captions as shown: originals first (in their file order), then synthetic ones, with both
     scores, kept / dropped and planted / genuine (blank when unknown), indexed by "original 3" / "synthetic 0"."""
-    order = {"original": 0, "synthetic": 1}
+    order = {"original": 0, "clean": 0, "synthetic": 1}
     rows = rows.assign(_order=rows["origin"].map(order).fillna(2)).sort_values(["_order", "index"], kind="stable")
     planted = {True: "planted", False: "genuine"}
     table = pd.DataFrame({
@@ -303,3 +322,97 @@ def caption_table(rows: pd.DataFrame) -> pd.DataFrame:
     }, index=[f"{origin} {'' if pd.isna(index) else int(index)}".strip()
               for origin, index in zip(rows["origin"], rows["index"], strict=True)])
     return table
+
+
+# --- two filters side by side --------------------------------------------------------------------------
+SEED_SUFFIX = re.compile(r"seed(\d+)$")
+FILTER_DASHES = ("solid", "dash", "dot", "dashdot")  # the ROC curves of the first, second, ... filter
+
+
+def comparison_order(folder: str, found: Sequence[str]) -> list[str]:
+    """The CapFilt folders to compare `folder` with, likeliest first: those beside it (a study's data/ holds
+    each protocol's output of each seed) of the same seed (a name ending in seed<N>), then the others beside
+    it, then the rest, each group by path; `folder` itself left out."""
+    here = Path(folder)
+    seed = SEED_SUFFIX.search(here.name)
+
+    def distance(other: str) -> tuple[bool, bool, str]:
+        there = Path(other)
+        same_seed = seed is not None and (match := SEED_SUFFIX.search(there.name)) is not None and \
+            match.group(1) == seed.group(1)
+        return there.parent != here.parent, not same_seed, other
+
+    return sorted((other for other in found if other != folder), key=distance)
+
+
+# The shares comparison_table gives of what a CapFilt output kept: column -> (kept count, of count) in its counts
+KEPT_SHARES = {"originals kept": ("kept_original", "original"), "images kept": ("images_kept", "images"),
+               "synthetic kept": ("kept_synthetic", "synthetic")}
+
+
+def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """The filters of several CapFilt outputs (label -> capfilt.json), one row per (filter, scorer): the
+    detection_table's ROC AUC, precision and recall at finding the planted captions, and the shares of the
+    scored originals, the images and the synthetic captions kept (NaN where a count is missing)."""
+    rows = []
+    for label, summary in summaries.items():
+        counts = summary.get("counts") if isinstance(summary.get("counts"), Mapping) else {}
+        shares = {name: _count_share(counts, part, whole) for name, (part, whole) in KEPT_SHARES.items()}
+        rows += [{"filter": label, **row, **shares} for row in detection_table(summary).to_dict("records")]
+    return pd.DataFrame(rows, columns=["filter", *detection_table({}).columns, *KEPT_SHARES])
+
+
+def _count_share(counts: Mapping[str, Any], part: str, whole: str) -> float:
+    found, total = counts.get(part), counts.get(whole)
+    return _fraction(found, total) if isinstance(found, int) and isinstance(total, int) else math.nan
+
+
+def comparison_histograms(frames: Mapping[str, pd.DataFrame], scorer: str, bins: int = 40,
+                          height_each: int = 230) -> go.Figure:
+    """The `scorer` scores of the planted and the genuine originals of each filter (label -> records frame), a
+    panel a filter, on shared bins and one x axis, each group as the share of its captions in a bin (the two
+    outputs score different numbers of captions): the less the two groups overlap, the better that filter
+    separates the planted noise. A filter without planted flags or scores gets an empty panel."""
+    groups = {label: histogram_groups(frame, scorer, "planted") for label, frame in frames.items()}
+    values = np.concatenate([v for found in groups.values() for v in found.values()] or [np.array([])])
+    fig = make_subplots(rows=max(1, len(frames)), cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        subplot_titles=list(frames) or None)
+    if len(values):
+        low, high = float(values.min()), float(values.max())
+        edges = np.linspace(low, high, bins + 1) if high > low else np.array([low, low + 0.01])
+        centres, size = ((edges[:-1] + edges[1:]) / 2).tolist(), float(edges[1] - edges[0])
+        for row, (label, found) in enumerate(groups.items(), start=1):
+            for group, scores in found.items():
+                counts, _ = np.histogram(scores, bins=edges)
+                fig.add_trace(go.Bar(
+                    x=centres, y=(counts / max(1, len(scores))).tolist(), width=size, customdata=counts.tolist(),
+                    name=f"{group} ({len(scores):,})", legendgroup=group, showlegend=row == 1 or len(groups) == 1,
+                    opacity=0.65, marker=dict(color=GROUP_COLOURS[group], line=dict(width=0)),
+                    hovertemplate=f"{label}: {group}<br>{scorer} %{{x:.3f}}<br>%{{y:.1%}} of the {group} "
+                                  "(%{customdata:,})<extra></extra>",
+                ), row=row, col=1)
+            fig.update_yaxes(title_text="share", tickformat=".0%", row=row, col=1)
+    fig.update_layout(barmode="overlay", bargap=0)
+    fig.update_xaxes(title_text=scorer_label(scorer), row=max(1, len(frames)), col=1)
+    return _finish(fig, 80 + height_each * max(1, len(frames)))
+
+
+def comparison_roc(curves: Mapping[str, Sequence[Roc]], height: int = 460) -> go.Figure:
+    """Each filter's ROC curves at finding the planted originals (label -> its planted_roc curves), over the
+    chance diagonal: the colour is the scorer, the dash the filter, the AUC in the legend."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance (AUC 0.500)",
+                             line=dict(color=REFERENCE_COLOUR, dash="dash", width=1), hoverinfo="skip"))
+    for index, (label, found) in enumerate(curves.items()):
+        for curve in found:
+            fig.add_trace(go.Scatter(
+                x=curve.fpr.tolist(), y=curve.tpr.tolist(), mode="lines", line_shape="hv",
+                name=f"{label} · {curve.scorer.upper()} (AUC {curve.auc:.3f})",
+                line=dict(color=SCORER_COLOURS.get(curve.scorer), width=2,
+                          dash=FILTER_DASHES[index % len(FILTER_DASHES)]),
+                hovertemplate=f"{label} · {curve.scorer}<br>planted dropped %{{y:.1%}} of {curve.planted:,}<br>"
+                              f"genuine dropped %{{x:.1%}} of {curve.genuine:,}<extra></extra>",
+            ))
+    fig.update_xaxes(title_text="genuine originals dropped (false positive rate)", range=[0, 1])
+    fig.update_yaxes(title_text="planted originals dropped (true positive rate)", range=[0, 1.02])
+    return _finish(fig, height, legend=dict(orientation="v", yanchor="bottom", y=0.02, xanchor="right", x=0.99))

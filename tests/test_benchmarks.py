@@ -19,13 +19,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blipcore import BLIP, BlipConfig
 from blipcore.model import losses as blip_losses
-from blipcore.model.flops import training_flops, training_step_flops
+from blipcore.model.flops import training_flops, training_step_flops, unpadded_training_flops
 from blipcore.model.tokenizer import tokenize_captions
 from tests.conftest import REPO_ROOT, tiny_config
 
 BENCH = REPO_ROOT / "benchmarks" / "bench_vs_hf_blip.py"
-# --compile: torch.compile's path is timed too (its compilation, in the warm-up round, is most of this test's time)
-TINY = ["--presets", "tiny", "--steps", "2", "--warmup", "1", "--new-tokens", "4", "--decode-images", "2", "--compile"]
+# --compile ours: the trainer's compiled step is timed too, on captions padded to max_text_len (one shape: one
+# compilation, in the warm-up round, most of this test's time); HF's compiled contender is the same code path
+TINY = ["--presets", "tiny", "--steps", "2", "--warmup", "1", "--new-tokens", "4", "--decode-images", "2",
+        "--compile", "ours"]
 CONTENDERS = ("ours_lm", "hf_lm", "ours_itc_lm", "ours_itc_lm_itm", "ours_lm_compiled")
 
 
@@ -56,10 +58,12 @@ def test_machine_and_settings(report: dict[str, Any], bench: ModuleType) -> None
     assert machine["cpu"] and machine["cores"] >= 1 and machine["torch_threads"] >= 1
     assert machine["torch"] == torch.__version__ and machine["device"] == "cpu" and machine["gpu"] is None
     assert machine["matmul_n"] == 2048 and machine["matmul_gflops"]["float32"] > 0
+    assert machine["spec_peak"] is None  # a data sheet's bf16 peak is a GPU's
     # the real captions: coco-mini's in the shared data folder, else the repository's fixture's
     settings = dict(report["settings"])
     assert settings.pop("captions") == str(bench.default_captions().resolve())
-    assert settings == {"steps": 2, "warmup": 1, "new_tokens": 4, "decode_images": 2, "compile": True, "beams": 3}
+    assert settings == {"steps": 2, "warmup": 1, "new_tokens": 4, "decode_images": 2, "compile": ["ours"], "beams": 3,
+                        "parts": ["training", "decoding", "memory"]}
     assert list(report["presets"]) == ["tiny"]
 
 
@@ -82,15 +86,23 @@ def test_training(report: dict[str, Any], bench: ModuleType) -> None:
             assert row["gflops_per_s"] == pytest.approx(row["gflop"] / row["step_s"])
             assert row["hardware_ratio"] == pytest.approx(row["gflops_per_s"] / training["matmul_gflops"])
         assert training["ratio"] == pytest.approx(training["hf_lm"]["step_s"] / training["ours_lm"]["step_s"])
+        # the compiled step reads padded captions; its FLOPs, as every contender's, count the unpadded ones
         assert training["hf_lm"]["gflop"] == training["ours_lm"]["gflop"] == training["ours_lm_compiled"]["gflop"]
+        assert "spec_ratio" not in training["ours_lm"] and "compiled_ratio" not in training  # HF not compiled
         assert training["compile_speedup"] == pytest.approx(
             training["ours_lm"]["step_s"] / training["ours_lm_compiled"]["step_s"])
         assert training["ours_lm"]["gflop"] < training["ours_itc_lm"]["gflop"] < training["ours_itc_lm_itm"]["gflop"]
-    full = size["training"]["full_length"]
+    full, real = size["training"]["full_length"], size["training"]["realistic"]
     cfg = bench.size_config("tiny")
     assert full["text_len"] == full["real_tokens"] == cfg.model.max_text_len
     lm_only = cfg.override(bench.VARIANTS["ours_lm"])  # the model's own labels give flops.full_lm_targets' count
     assert full["ours_lm"]["gflop"] == pytest.approx(training_step_flops(lm_only, batch, cfg.model.max_text_len) / 1e9)
+    # real captions (the timed rounds' batches: those after the warm-up): FLOPs counted on each unpadded caption
+    batches = bench.caption_sets(cfg, batch, 3, Path(report["settings"]["captions"]))["realistic"][1:]
+    lengths = [tokenize_captions(c, cfg.model.max_text_len)["attention_mask"].sum(dim=1).tolist() for c in batches]
+    expected = statistics.mean(unpadded_training_flops(lm_only, n) for n in lengths) / 1e9
+    assert real["ours_lm"]["gflop"] == pytest.approx(expected)
+    assert expected < statistics.mean(training_step_flops(lm_only, batch, max(n)) for n in lengths) / 1e9
 
 
 def test_decoding_and_memory(report: dict[str, Any]) -> None:

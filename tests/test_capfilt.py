@@ -1,10 +1,12 @@
-"""CapFilt on the shapes data: planted noise (`data noise`), a run started from another's weights (`fit --init`),
-and `capfilt` itself: every caption accounted for, scored against the planted record, resumable, its output a
-dataset that trains; bad input refused before anything is written."""
+"""CapFilt on the shapes data: planted noise (`data noise`, with a clean subset too), a run started from another's
+weights (`fit --init`), and `capfilt` itself: every caption accounted for, scored against the planted record,
+resumable, its output a dataset that trains; bad input refused before anything is written. Both protocols of
+studies/capfilt.toml: its plan checked, and rehearsed end to end at a tiny size."""
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from unittest.mock import ANY
@@ -14,12 +16,12 @@ import torch
 
 from blipcore.data import build_datasets
 from blipcore.data.derived import CAPFILT_RECORD, CAPFILT_SCORES, CAPFILT_SUMMARY, NOISE_RECORD
-from blipcore.data.prep.noise import plant_noise
+from blipcore.data.prep.noise import clean_annotations, plant_noise
 from blipcore.evaluation.metrics import roc_auc
 from blipcore.experiments.capfilt import CapfiltSettings, load_capfilt, run_capfilt
 from blipcore.runs.rundir import RunDir, parse_run_spec
 from blipcore.training.trainer import Trainer
-from tests.conftest import small_cfg
+from tests.conftest import REPO_ROOT, small_cfg
 from train.cli import main
 
 TRAIN = "annotations/captions_train.json"
@@ -81,6 +83,45 @@ def test_noise_is_seeded_and_its_dataset_trains(shapes_root, noisy_root, tmp_pat
     assert planted <= trained_captions
     summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
     assert summary["status"] == "completed" and summary["step"] == 2
+
+
+def test_noise_without_a_clean_subset_draws_as_before_the_option(shapes_root, noisy_root):
+    """The planted captions of a dataset without a clean subset: the first `count` of random.Random(seed)'s sample
+    of every caption, as before --clean-images existed (the committed records' noisy data is made again the same)."""
+    lines = read_jsonl(noisy_root / NOISE_RECORD)
+    expected = set(random.Random(0).sample(range(len(lines)), round(0.3 * len(lines))))
+    assert {line["index"] for line in lines if line["planted"]} == expected
+    assert not any(line["clean"] for line in lines) and not (noisy_root / clean_annotations(TRAIN)).exists()
+
+
+def test_noise_keeps_a_clean_subset_untouched_and_writes_its_annotation_file(shapes_root, tmp_path, capsys):
+    out = tmp_path / "noisy-clean"
+    assert main(["data", "noise", "--from", str(shapes_root), "--out", str(out), "--fraction", "0.3",
+                 "--clean-images", "16"]) == 0
+    assert f"data.train_annotations={clean_annotations(TRAIN)}" in capsys.readouterr().out
+    source = json.loads((shapes_root / TRAIN).read_text())
+    lines = read_jsonl(out / NOISE_RECORD)
+    clean = {line["image_id"] for line in lines if line["clean"]}
+    assert len(clean) == 16 and all(line["clean"] == (line["image_id"] in clean) for line in lines)
+    # the noise never touches a clean image's captions, nor lends them: the same share of all the captions is
+    # planted, every one among the other images'
+    assert sum(line["planted"] for line in lines) == round(0.3 * len(lines))
+    for line in lines:
+        if line["image_id"] in clean:
+            assert not line["planted"] and line["caption"] == line["original"]
+        if line["planted"]:
+            assert line["from_image_id"] not in clean
+    # the clean subset's own file: exactly its images and their untouched captions, as the source has them
+    subset = json.loads((out / clean_annotations(TRAIN)).read_text())
+    assert {image["id"] for image in subset["images"]} == clean
+    assert subset["annotations"] == [a for a in source["annotations"] if a["image_id"] in clean]
+    assert clean_annotations(TRAIN) == "annotations/captions_clean.json"
+    # refused before anything is written: a subset of every image, more planted captions than the rest hold
+    for args, message in ((["--clean-images", "64"], "--clean-images must be in [0, 64)"),
+                          (["--clean-images", "60", "--fraction", "0.3"], "more than the 20 outside")):
+        assert main(["data", "noise", "--from", str(shapes_root), "--out", str(tmp_path / "no"),
+                     "--fraction", "0.3", *args]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("fraction", ["1.0", "-0.1", "1.5"])
@@ -247,10 +288,77 @@ def test_capfilt_cli_and_its_refusals(tiny_runs_dir, noisy_root, shapes_root, tm
 
 
 # --- the loop as a study plan ---------------------------------------------------------------------------------
+def test_the_plan_follows_blip_beside_todays_protocol(tmp_path):
+    """studies/capfilt.toml's BLIP stages: the noise of today's protocol with a clean subset, a filter (ITC + ITM)
+    and a captioner (LM) fine-tuned from the noisy-data model of their seed on the clean subset alone, CapFilt
+    with those two as today's with the noisy-data model, a retraining at the clean and noisy runs' budget; a
+    recovery question each; one command a seed trains BLIP's loop and nothing of today's."""
+    from blipcore.experiments.study import load_plan, planned_config, selection
+    from blipcore.experiments.study.plan import capfilt_protocol
+    from blipcore.experiments.study.running import _runs_to_train
+
+    plan = load_plan(REPO_ROOT / "studies" / "capfilt.toml")
+    stages = {stage.name: stage for stage in plan.stages}
+
+    def option(stage: str, name: str) -> str:
+        args = stages[stage].command
+        return args[args.index(name) + 1]
+
+    for name in ("--from", "--fraction", "--seed", "--train-annotations"):
+        assert option("blip-noisy-data", name) == option("noisy-data", name)
+    assert option("blip-noisy-data", "--clean-images") == "1000"
+    assert "--clean-images" not in stages["noisy-data"].command
+    train_file = option("blip-noisy-data", "--train-annotations")
+    budget = planned_config(plan, tmp_path, stages["clean"], "tuned", 1).train.max_steps
+    for variant, losses in (("filter", {"itc", "itm"}), ("captioner", {"lm"})):
+        cfg = planned_config(plan, tmp_path, stages["blip-finetuned"], variant, 1)
+        assert cfg.train.init == str(tmp_path / "blip-noisy-tuned-seed1")
+        assert cfg.data.root == str(tmp_path / "data" / "noisy-clean")
+        assert cfg.data.train_annotations == clean_annotations(train_file)
+        assert {loss for loss in ("itc", "lm", "itm") if getattr(cfg.model, f"{loss}_weight") > 0} == losses
+        assert cfg.train.max_steps <= budget / 3
+    assert capfilt_protocol(plan, "bootstrapped") == "captioner and filter: noisy/tuned"
+    assert capfilt_protocol(plan, "blip-bootstrapped") == (
+        "captioner: blip-finetuned/captioner, filter: blip-finetuned/filter")
+    assert option("blip-bootstrapped-data", "--data") == option("blip-noisy-data", "--out")
+    assert option("blip-bootstrapped-data", "--train-annotations") == train_file  # not the filter's clean subset
+    for name in ("--synthetic", "--threshold"):
+        assert option("blip-bootstrapped-data", name) == option("bootstrapped-data", name)
+    boot = planned_config(plan, tmp_path, stages["blip-bootstrapped"], "tuned", 1)
+    assert not boot.train.init and boot.train.max_steps == budget
+    assert [(r.reference, r.degraded, r.treated) for r in plan.recoveries] == [
+        (("clean", "tuned"), ("noisy", "tuned"), ("bootstrapped", "tuned")),
+        (("clean", "tuned"), ("blip-noisy", "tuned"), ("blip-bootstrapped", "tuned"))]
+    assert _runs_to_train(plan, tmp_path, selection(plan, ["blip-bootstrapped"], [2]), set()) == {
+        ("blip-noisy", "tuned", 2), ("blip-finetuned", "filter", 2), ("blip-finetuned", "captioner", 2),
+        ("blip-bootstrapped", "tuned", 2)}
+
+
+def test_the_filters_table_puts_the_protocols_side_by_side_with_their_spread_over_seeds():
+    from blipcore.experiments.study.report import filters_markdown
+
+    def row(protocol: str, seed: int, auc: float, clean: int) -> dict:
+        return {"protocol": protocol, "stage": protocol.split()[0], "seed": seed, "scorer": "itm", "decided": True,
+                "auc": auc, "precision": 0.5, "recall": 0.25, "original": 100, "kept_original": 70, "images": 20,
+                "images_kept": 19, "synthetic": 20 - clean // 5, "kept_synthetic": 10, "clean": clean,
+                "clean_images": clean // 5}
+
+    rows = [row("today", 0, 0.75, 0), row("today", 1, 0.77, 0), row("blip", 0, 0.90, 25), row("blip", 1, 0.94, 25)]
+    lines = filters_markdown(rows).splitlines()
+    assert "| today | today | 0 | itm | yes | 0.750 | 50.0% | 25.0% | 70.0% (70 of 100) | 95.0% (19 of 20) | " \
+           "50.0% (10 of 20) | - |" in lines
+    assert "| blip | blip | 1 | itm | yes | 0.940 | 50.0% | 25.0% | 70.0% (70 of 100) | 95.0% (19 of 20) | " \
+           "66.7% (10 of 15) | 25 captions of 5 images |" in lines
+    assert lines[lines.index("CapFilt filters over seeds: mean ± sd") + 4:] == [
+        "| today | today | itm | 2 | 0.760 ± 0.014 | 50.0% ± 0.0% | 25.0% ± 0.0% |",
+        "| blip | blip | itm | 2 | 0.920 ± 0.028 | 50.0% ± 0.0% | 25.0% ± 0.0% |"]
+
+
 def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
-    """studies/capfilt.toml's stages on the shapes data: plant noise, train on clean and on noisy captions,
-    CapFilt the noisy data with the noisy-data model, train on the bootstrapped data; one table with the
-    filter's detection rows."""
+    """studies/capfilt.toml's stages on the shapes data, both protocols on one noisy dataset with a clean subset:
+    plant noise, train on clean and on noisy captions; CapFilt the noisy data with the noisy-data model, and with
+    a captioner and a filter fine-tuned from it on the clean subset (BLIP's); train on each bootstrapped dataset;
+    one table with each protocol's filter rows and recovery row."""
     from blipcore.evaluation.evaluator import CheckpointEvaluator
     from blipcore.experiments.study import parse_plan, run_study
     from tests.test_study import tiny_plan
@@ -262,10 +370,12 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     make_data = raw["stage"][0]
     study = tmp_path / "study-capfilt"
     noisy_run = "{run:noisy/tuned}"  # the noisy run of the stage's seed: each seed is the whole loop
+    finetune = {"train.init": noisy_run, "data.train_annotations": clean_annotations(TRAIN), "train.max_steps": 2}
     raw["stage"] = [
         make_data,
         {"name": "noisy-data", "command": ["data", "noise", "--from", "{study}/shapes", "--out", "{study}/data/noisy",
-                                           "--fraction", "0.3"], "produces": "{study}/data/noisy"},
+                                           "--fraction", "0.3", "--clean-images", "16"],
+         "produces": "{study}/data/noisy"},
         {"name": "clean", "data": "make-data", "variants": {"tuned": {}}},
         {"name": "noisy", "data": "noisy-data", "variants": {"tuned": {}}},
         {"name": "boot-data", "command": ["capfilt", "--captioner", noisy_run, "--filter", noisy_run, "--data",
@@ -273,9 +383,18 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
                                           "--keep-fraction", "0.7", "--seed", "{seed}", "--no-progress"],
          "produces": "{study}/data/boot-seed{seed}"},
         {"name": "bootstrapped", "data": "boot-data", "variants": {"tuned": {}}},
+        {"name": "finetuned", "data": "noisy-data", "variants": {
+            "filter": {**finetune, "model.lm_weight": 0.0},
+            "captioner": {**finetune, "model.itc_weight": 0.0, "model.itm_weight": 0.0}}},
+        {"name": "blip-data", "command": ["capfilt", "--captioner", "{run:finetuned/captioner}", "--filter",
+                                          "{run:finetuned/filter}", "--data", "{study}/data/noisy",
+                                          "--train-annotations", TRAIN, "--out", "{study}/data/blip-seed{seed}",
+                                          "--keep-fraction", "0.7", "--seed", "{seed}", "--no-progress"],
+         "produces": "{study}/data/blip-seed{seed}"},
+        {"name": "blip", "data": "blip-data", "variants": {"tuned": {}}},
     ]
-    raw["recovery"] = {"metric": "cider", "reference": "clean/tuned", "degraded": "noisy/tuned",
-                       "treated": "bootstrapped/tuned"}
+    raw["recovery"] = [{"metric": "cider", "reference": "clean/tuned", "degraded": "noisy/tuned",
+                        "treated": treated} for treated in ("bootstrapped/tuned", "blip/tuned")]
     plan = parse_plan(raw)
 
     trained = []
@@ -288,14 +407,37 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
         return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=False, progress=False)
 
     table = run_study(plan, study, train, main, log=lambda _: None, test=test_without_meteor)
-    assert {row["stage"] for row in table["rows"]} == {"clean", "noisy", "bootstrapped"}
+    assert {row["stage"] for row in table["rows"]} == {"clean", "noisy", "bootstrapped", "finetuned", "blip"}
     boot = RunDir(study / "bootstrapped-tuned-seed0").config()
     assert boot.data.root == str(study / "data" / "boot-seed0")
-    assert [(f["stage"], f["seed"], f["scorer"], f["decided"]) for f in table["filters"]] == [
-        ("boot-data", 0, "itm", True), ("boot-data", 0, "itc", False)]
+    today, blip = "captioner and filter: noisy/tuned", "captioner: finetuned/captioner, filter: finetuned/filter"
+    assert [(f["protocol"], f["stage"], f["seed"], f["scorer"], f["decided"]) for f in table["filters"]] == [
+        (today, "boot-data", 0, "itm", True), (today, "boot-data", 0, "itc", False),
+        (blip, "blip-data", 0, "itm", True), (blip, "blip-data", 0, "itc", False)]
     summary = load_capfilt(study / "data" / "boot-seed0").summary
     assert table["filters"][0]["auc"] == summary["planted"]["scorers"]["itm"]["auc"]
-    assert "CapFilt filters" in (study / "study.md").read_text()
+    # the filter, fine-tuned without LM, counts with its last epoch's ranking and matching: a row, and a record
+    filter_row = next(row for row in table["rows"] if (row["stage"], row["variant"]) == ("finetuned", "filter"))
+    assert filter_row["decoding"] == "-" and filter_row["chosen_on_dev"] == 1 and filter_row["itm_match_auc"]
+    # BLIP's CapFilt: the clean subset's captions kept as they are, neither captioned nor scored; the filter's
+    # ITM head is the noisy-data model's (explicit: nothing of it started fresh), its decoder dropped
+    result = load_capfilt(study / "data" / "blip-seed0")
+    counts, noise = result.summary["counts"], read_jsonl(study / "data" / "noisy" / NOISE_RECORD)
+    clean = [line for line in noise if line["clean"]]
+    assert (counts["clean"], counts["clean_images"], counts["synthetic"]) == (len(clean), 16, 64 - 16)
+    assert result.summary["planted"]["captions"] == counts["original"] == len(noise) - len(clean)
+    assert sorted(r["index"] for r in result.records if r["origin"] == "clean") == [c["index"] for c in clean]
+    assert all(r["kept"] and r["itm"] is None and r["itc"] is None for r in result.records if r["origin"] == "clean")
+    kept = json.loads((study / "data" / "blip-seed0" / TRAIN).read_text())["annotations"]
+    assert {c["caption"] for c in clean} <= {a["caption"] for a in kept}
+    started = result.summary["filter_init"]
+    assert started["run"] == str(study / "noisy-tuned-seed0") and started["new"] == {}
+    assert "text_decoder" in started["dropped"] and "itm_head" in result.summary["captioner_init"]["dropped"]
+    # a recovery row each, named by its protocol
+    assert [r["protocol"] for r in table["recoveries"]] == [today, blip] and table["recovery"] == table["recoveries"][0]
+    page = (study / "study.md").read_text()
+    assert "| protocol | clean/tuned (reference) | noisy/tuned (degraded) | treated |" in page
+    assert f"| {today} | " in page and f"| {blip} | " in page and "| blip/tuned: " in page
     recovery = table["recovery"]  # one seed: each role's number, and no verdict without a spread
     cider = {stage: RunDir(study / f"{stage}-tuned-seed0").load_eval(1, split="test")["strategies"]["greedy"]
              ["metrics"]["cider"] for stage in ("clean", "noisy", "bootstrapped")}
@@ -308,8 +450,9 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
     trained.clear()
     assert run_study(plan, study, train, main, log=lambda _: None, results=results) == {**table, "runs": ANY}
     assert trained == [] and sorted(path.name for path in results.iterdir()) == [
-        "boot-data-seed0.capfilt.json", "bootstrapped-tuned-seed0.json", "clean-tuned-seed0.json",
-        "noisy-tuned-seed0.json"]
+        "blip-data-seed0.capfilt.json", "blip-tuned-seed0.json", "boot-data-seed0.capfilt.json",
+        "bootstrapped-tuned-seed0.json", "clean-tuned-seed0.json", "finetuned-captioner-seed0.json",
+        "finetuned-filter-seed0.json", "noisy-tuned-seed0.json"]
     recorded = "".join(path.read_text() for path in results.iterdir())
     dataset = json.loads((study / "shapes" / "annotations" / "captions_heldout.json").read_text())
     evaluation = RunDir(study / "clean-tuned-seed0").load_eval(1, split="test")
@@ -325,7 +468,8 @@ def test_the_capfilt_loop_runs_as_a_study_plan(shapes_root, tmp_path):
         shutil.rmtree(folder)
     again = run_study(plan, study, train, main, log=lambda _: None, results=results)
     assert trained == [] and {run["source"] for run in again["runs"]} == {"record"}
-    assert (again["rows"], again["filters"], again["recovery"]) == (table["rows"], table["filters"], table["recovery"])
+    assert [again[key] for key in ("rows", "filters", "recoveries")] == [table[key] for key in (
+        "rows", "filters", "recoveries")]
     # ... unless a stage to run needs a folder: the bootstrapped run's record gone, CapFilt needs its captioner
     (results / "bootstrapped-tuned-seed0.json").unlink()
     run_study(plan, study, train, main, log=lambda _: None, test=test_without_meteor, results=results,

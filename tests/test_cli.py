@@ -23,8 +23,9 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-SUBCOMMANDS = [["fit"], ["eval"], ["score"], ["caption"], ["info"], ["diagnose"], ["capfilt"], ["study"], ["data"],
-               *[["data", name] for name in ("shapes", "coco", "flickr8k", "shards", "noise", "resize")]]
+SUBCOMMANDS = [["fit"], ["eval"], ["score"], ["caption"], ["info"], ["diagnose"], ["capfilt"], ["study"], ["export"],
+               ["data"],
+               *[["data", name] for name in ("shapes", "coco", "flickr8k", "shards", "noise", "resize", "cache")]]
 
 
 def test_python_m_train_has_help():

@@ -1,6 +1,7 @@
-"""The CapFilt page: its histograms, ROC curves, threshold table and caption tables built from hand-made
-capfilt.jsonl records, and the page itself run headless (AppTest) on a hand-made `python -m train capfilt`
-folder (capfilt.json, capfilt.jsonl and a few tiny PNG images; no model), damaged ones included."""
+"""The CapFilt page: its histograms, ROC curves, threshold table, caption tables and the comparison of two
+filters built from hand-made capfilt.jsonl records, and the page itself run headless (AppTest) on hand-made
+`python -m train capfilt` folders (capfilt.json, capfilt.jsonl and a few tiny PNG images; no model), damaged ones
+included."""
 
 from __future__ import annotations
 
@@ -43,14 +44,24 @@ def make_records(planted: bool = True) -> list[dict]:
                      "text": "img5.png: cannot identify image file", "kept": False}]
 
 
-def make_capfilt_folder(out: Path, images: Path, planted: bool = True) -> Path:
-    """A `python -m train capfilt` output folder for make_records, its images (1-4; image 5 is missing) in
-    `images`: the summary's planted report comes from blipcore.experiments.capfilt.scorer_report, as the command's
-    does."""
+def better_records() -> list[dict]:
+    """make_records as a better filter scores them (BLIP's, fine-tuned on clean captions): every planted original
+    below every genuine one by ITM (AUC 1), the kept flags of the same cut-off."""
+    lines = make_records()
+    for line in lines:
+        if line.get("planted"):
+            line.update(itm=line["itm"] / 10, kept=line["itm"] / 10 >= CUTOFF)
+    return lines
+
+
+def make_capfilt_folder(out: Path, images: Path, planted: bool = True, lines: list[dict] | None = None) -> Path:
+    """A `python -m train capfilt` output folder for make_records (or `lines`), its images (1-4; image 5 is
+    missing) in `images`: the summary's planted report comes from blipcore.experiments.capfilt.scorer_report, as
+    the command's does."""
     images.mkdir(parents=True, exist_ok=True)
     for image, colour in zip(range(1, 5), ("red", "green", "blue", "yellow"), strict=True):
         Image.new("RGB", (16, 12), colour).save(images / f"img{image}.png")
-    lines = make_records(planted)
+    lines = lines or make_records(planted)
     out.mkdir(parents=True, exist_ok=True)
     (out / "capfilt.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary = {
@@ -164,8 +175,49 @@ def test_detection_table_and_caption_tables(frame):
     assert cf.image_ids(frame, "unreadable") == [5]
 
 
+def test_the_summary_names_the_run_a_fine_tuned_filter_started_from():
+    summary = {"filter_init": {"run": "/study/noisy-tuned-seed0", "new": {}, "dropped": {"text_decoder": 40}},
+               "captioner_init": {"run": "/study/noisy-tuned-seed0", "new": {"itm_head": 2}}}
+    assert cf.init_note(summary, "filter") == " (fine-tuned from `noisy-tuned-seed0`)"
+    assert cf.init_note(summary, "captioner") == " (fine-tuned from `noisy-tuned-seed0`; started fresh: itm_head)"
+    assert cf.init_note({"filter_init": None}, "filter") == cf.init_note({}, "filter") == ""
+
+
+def test_two_filters_compare_side_by_side(frame):
+    better = cf.records_frame(better_records())
+    frames = {"noisy model": frame, "fine-tuned": better}
+    # the other CapFilt folders, likeliest first: beside it and of its seed, beside it, elsewhere
+    found = ["/s/data/boot-seed0", "/s/data/boot-seed1", "/s/data/blip-seed1", "/s/data/blip-seed0", "/t/blip-seed0"]
+    assert cf.comparison_order("/s/data/boot-seed0", found) == [
+        "/s/data/blip-seed0", "/s/data/blip-seed1", "/s/data/boot-seed1", "/t/blip-seed0"]
+    summaries = {"noisy model": {"score": "itm", "planted": planted_report(make_records()),
+                                 "counts": {"original": 8, "kept_original": 5, "images": 5, "images_kept": 4,
+                                            "synthetic": 4, "kept_synthetic": 2}},
+                 "fine-tuned": {"score": "itm", "planted": planted_report(better_records())}}
+    table = cf.comparison_table(summaries).set_index(["filter", "scorer"])
+    assert table.loc[("noisy model", "itm"), "ROC AUC"] == pytest.approx(ITM_AUC)
+    assert table.loc[("fine-tuned", "itm"), "ROC AUC"] == pytest.approx(1.0)
+    assert table.loc[("noisy model", "itm"), ["originals kept", "images kept", "synthetic kept"]].tolist() == [
+        5 / 8, 4 / 5, 2 / 4]
+    assert math.isnan(table.loc[("fine-tuned", "itm"), "images kept"])  # no counts: no share
+    # one panel a filter, planted and genuine as shares of each group on the same bins
+    fig = cf.comparison_histograms(frames, "itm")
+    assert [a.text for a in fig.layout.annotations] == ["noisy model", "fine-tuned"]
+    assert [t.legendgroup for t in fig.data] == ["planted", "genuine"] * 2
+    assert all(sum(t.y) == pytest.approx(1.0) for t in fig.data) and len({tuple(t.x) for t in fig.data}) == 1
+    assert [sum(t.customdata) for t in fig.data] == [3, 5, 3, 5]
+    assert [t.xaxis for t in fig.data] == ["x", "x", "x2", "x2"]
+    curves = {label: [cf.planted_roc(f, s) for s in ("itm", "itc")] for label, f in frames.items()}
+    roc = cf.comparison_roc(curves)
+    assert [t.name for t in roc.data] == ["chance (AUC 0.500)", "noisy model · ITM (AUC 0.933)",
+                                          "noisy model · ITC (AUC 1.000)", "fine-tuned · ITM (AUC 1.000)",
+                                          "fine-tuned · ITC (AUC 1.000)"]
+    assert [t.line.dash for t in roc.data[1:]] == ["solid", "solid", "dash", "dash"]
+    assert roc.data[1].line.color == roc.data[3].line.color == cf.SCORER_COLOURS["itm"]
+
+
 # --- the page --------------------------------------------------------------------------------------
-TABS = ["Scores", "Planted noise (ROC)", "Threshold", "Images"]
+TABS = ["Scores", "Planted noise (ROC)", "Threshold", "Images", "Compare filters"]
 
 
 def run_page(monkeypatch, runs_dir: Path, state: dict | None = None) -> AppTest:
@@ -225,6 +277,22 @@ def test_capfilt_page_roc_threshold_and_images(monkeypatch, runs_dir):
     assert len(at.table) == 1 and "image not found" in texts(at)  # image 5: unreadable, its file missing
     at.selectbox(key="capfilt_image_filter").set_value("with a planted caption").run()
     assert len(at.table) == 3
+
+
+def test_capfilt_page_compares_two_filters_of_one_seed(monkeypatch, runs_dir, tmp_path):
+    monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)  # not the checkout's data/, which may hold outputs
+    data = runs_dir / "study-boot" / "data"
+    make_capfilt_folder(data / "blip-boot", tmp_path / "images", lines=better_records())
+    at = run_page(monkeypatch, runs_dir, {"capfilt_section": "Compare filters", "selected_capfilt": str(data / "boot")})
+    assert at.selectbox(key="capfilt_compare_with").value == str(data / "blip-boot")
+    table = at.dataframe[-1].value  # after the summary's detection table
+    assert table["filter"].tolist() == ["runs/study-boot/data/boot"] * 2 + ["runs/study-boot/data/blip-boot"] * 2
+    assert table["ROC AUC"].tolist() == pytest.approx([ITM_AUC, 1.0, 1.0, 1.0])
+    histograms, roc = plotly_specs(at)
+    assert len(histograms["data"]) == 4 and len(roc["data"]) == 5
+    make_capfilt_folder(tmp_path / "solo" / "boot", tmp_path / "images")
+    at = run_page(monkeypatch, tmp_path / "solo", {"capfilt_section": "Compare filters"})
+    assert "No other CapFilt output" in texts(at)  # one folder: nothing to compare with
 
 
 def test_capfilt_page_without_planted_noise_says_why_there_is_no_roc(monkeypatch, tmp_path):

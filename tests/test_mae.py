@@ -238,7 +238,8 @@ def test_train_init_from_an_mae_run_seeds_a_blip_runs_encoder_and_leaves_its_tex
     torch.manual_seed(0)
     trainer.model = BLIP(blip_cfg, pieces)
     fresh = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
-    report = trainer._load_init_weights(blip_cfg.train.init)  # what fit() does with train.init
+    spec = blip_cfg.train.init
+    report = trainer._load_init_weights(spec, *trainer._read_init_weights(spec))  # what fit() does with train.init
     state = trainer.model.state_dict()
     encoder = {name: tensor for name, tensor in mae_model.state_dict().items() if name.startswith("visual_encoder.")}
     assert report["loaded_tensors"] == len(encoder) and set(report["dropped"]) == {"mae_decoder"}

@@ -214,11 +214,12 @@ def test_preset_files_chain_through_base_and_keep_absolute_roots(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    (None, r"unknown preset 'nope'; presets: coco-mini, demo, flickr8k, flickr8k-cpu, seed"),
+    (None, r"unknown preset 'nope'; presets: coco-mini, demo, flickr8k, flickr8k-cpu, flickr8k-gpu, seed"),
     ("[model\n", r"mine\.toml: not a valid TOML preset"),
     ('base = "demo"\n[model]\nimage_size = "big"\n', r"mine\.toml: model\.image_size must be a whole number"),
     ('base = "nope"\n',
-     r"mine\.toml: base must name a preset \(coco-mini, demo, flickr8k, flickr8k-cpu, seed\), got 'nope'"),
+     r"mine\.toml: base must name a preset \(coco-mini, demo, flickr8k, flickr8k-cpu, flickr8k-gpu, seed\), "
+     r"got 'nope'"),
     ("[modle]\nx = 1\n", r"mine\.toml: unknown key\(s\) modle"),
     ("[train]\nbatchsize = 1\n", r"mine\.toml: unknown field 'train\.batchsize'"),
 ])

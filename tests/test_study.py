@@ -220,6 +220,10 @@ def test_the_study_command_says_how_to_resume_a_stopped_study(tmp_path, monkeypa
          "command stage 'c' names run a/x, which is not a variant of an earlier training stage"),
         ({"recovery": {"metric": "cider", "reference": "recipes/fast", "degraded": "recipes/nowhere",
                        "treated": "recipes/fast"}}, "degraded = 'recipes/nowhere' is not a stage/variant"),
+        ({"recovery": [{"reference": "recipes/fast", "degraded": "recipes/slow", "treated": "recipes/fast"},
+                       {"reference": "recipes/fast", "degraded": "recipes/slow", "treated": "none/x"}]},
+         "treated = 'none/x' is not a stage/variant"),
+        ({"recovery": "recipes/fast"}, r"\[recovery\] must be a table, or \[\[recovery\]\] tables"),
         ({"recovery": {"reference": ["recipes/fast"], "degraded": "recipes/slow", "treated": "recipes/fast"}},
          "reference = \\['recipes/fast'\\] is not a stage/variant"),
         ({"recovery": {"metric": "mean_length", "reference": "recipes/fast", "degraded": "recipes/slow",
@@ -305,6 +309,20 @@ def test_recovery_is_judged_only_where_the_cost_exceeds_two_sd_over_seeds(values
                                                 - statistics.fmean(values["degraded"].values()))
     table = recovery_markdown(summary)
     assert "clean/tuned (reference)" in table and summary["verdict"] in table
+
+
+def test_recovery_questions_of_several_protocols_share_one_table():
+    values = {"reference": {0: 0.30, 1: 0.32}, "degraded": {0: 0.20, 1: 0.22}, "treated": {0: 0.26, 1: 0.28}}
+    today = {"protocol": "captioner and filter: noisy/tuned", **judge_recovery(RECOVERY, values)}
+    blip = {"protocol": "captioner: tuned/captioner, filter: tuned/filter",
+            **judge_recovery(Recovery("cider", ("clean", "tuned"), ("noisy-blip", "tuned"), ("boot-blip", "tuned")),
+                             {**values, "degraded": {}})}
+    rows = [line for line in recovery_markdown([today, blip]).splitlines() if line.startswith("| ")]
+    # a column names the variant every row shares, else each cell names its own
+    assert rows[0].startswith("| protocol | clean/tuned (reference) | degraded | treated | cost |") and len(rows) == 3
+    assert rows[1].startswith("| captioner and filter: noisy/tuned | 0.310 ± 0.014 (2 seeds) | noisy/tuned: 0.210")
+    assert "| noisy-blip/tuned: - |" in rows[2] and rows[2].endswith("| not yet: every role needs an evaluated run |")
+    assert "protocol" not in recovery_markdown({**today, "protocol": None})  # no CapFilt: no protocol column
 
 
 def test_recovery_of_a_lower_is_better_metric_counts_a_fall_as_the_gain():
@@ -477,7 +495,8 @@ def test_the_shipped_plans_load(name):
     plan = load_plan(Path(__file__).parents[1] / "studies" / f"{name}.toml")
     assert plan.name == name and plan.seeds == [0, 1, 2] and plan.preset == "flickr8k-cpu"
     if name == "capfilt":
-        assert (plan.recovery.reference, plan.recovery.degraded, plan.recovery.treated) == RECOVERY_ROLES_RUNS
+        today = plan.recoveries[0]  # the first protocol's; BLIP's is tested in tests/test_capfilt.py
+        assert (today.reference, today.degraded, today.treated) == RECOVERY_ROLES_RUNS
     else:  # the plan's targets; the decoder-pretrained recipe brings its pretraining run along
         assert {target.describe() for target in plan.targets} >= {
             "BLEU-4 ≥ 0.120", "CIDEr ≥ 0.300", "CIDEr 0.050 better than nearest-neighbour, by > 2 sd"}

@@ -7,6 +7,7 @@
     python -m train caption --run-dir runs/demo --strategy beam photo.jpg
     python -m train caption --run-dir runs/demo photos/ --out captions.csv
     python -m train info --run-dir runs/demo
+    python -m train export --runs-dir runs --tensorboard runs/tensorboard --follow
     python -m train data shapes --out data/shapes
     python -m train data coco --out data/coco2017 --first 10000 --val-first 1000
     python -m train data flickr8k --images Flickr8k_Dataset.zip --text Flickr8k_text.zip --out data/flickr8k
@@ -25,12 +26,13 @@ import sys
 from blipcore.model.config import available_presets, load_preset  # noqa: F401  (part of this module's interface)
 from train.arguments import add_resume_arguments as _add_resume_arguments  # noqa: F401  (the old name)
 from train.arguments import program_name
-from train.commands import capfilt, caption, data, diagnose, fit, info, score, study
+from train.commands import capfilt, caption, data, diagnose, export, fit, info, score, study
 from train.commands import eval as eval_command
 from train.commands.fit import build_config  # noqa: F401  (part of this module's interface)
 from train.commands.study import command_stage_words as _command_stage_words  # noqa: F401  (the old name)
 
-COMMANDS = (fit, eval_command, score, caption, capfilt, study, info, diagnose, data)  # in the order --help lists
+# in the order --help lists
+COMMANDS = (fit, eval_command, score, caption, capfilt, study, info, diagnose, export, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """What training reads: captioned images in COCO caption format (real or generated) as torch datasets.
 
 `build_datasets(cfg)` is the entry point; `load_image` is the one way images are decoded. WebDataset shards
-(`ShardDataset`) live in `blipcore.data.shards`, imported on use. Getting public datasets onto disk, writing
+(`ShardDataset`) live in `blipcore.data.shards`, imported on use; the decoded-image cache of data.loader = "cache"
+(`CacheLoader`) in `blipcore.data.image_cache`, imported by the trainer. Getting public datasets onto disk, writing
 shards, resizing and planting noise is offline preparation, in `blipcore.data.prep`: it imports this package,
 never the reverse.
 """

@@ -192,10 +192,18 @@ class CaptionDataset(Dataset):
         choice = random.Random(f"{self.seed}:{self.epoch}:{item}").randrange(len(self.records[item].captions))
         return item, choice
 
+    def augment_seed(self, item: int) -> int:
+        """The seed of an item's transform draws (its crop, its jitter): a function of (seed, epoch, item) alone."""
+        return random.Random(f"{self.seed}:{self.epoch}:{item}:augment").getrandbits(63)
+
+    def flipped(self, item: int) -> bool:
+        """Whether an item is flipped: its image mirrored and its caption's sides swapped (`flip` sets only)."""
+        return self.flip and draws_flip(f"{self.seed}:{self.epoch}:{item}")
+
     def _augment(self, image: Any, item: int) -> torch.Tensor:
         """The transform, its random draws (crop) seeded by (seed, epoch, item); the process's RNG is left alone."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(random.Random(f"{self.seed}:{self.epoch}:{item}:augment").getrandbits(63))
+            torch.manual_seed(self.augment_seed(item))
             return self.transform(image)
 
     def __getitem__(self, item: int) -> dict[str, Any] | None:
@@ -211,7 +219,7 @@ class CaptionDataset(Dataset):
                 warnings.warn(f"skipping image: {exc}", ImageSkippedWarning, stacklevel=2)
             return None
         pixels, text = self._augment(image, item), record.captions[caption]
-        if self.flip and draws_flip(f"{self.seed}:{self.epoch}:{item}"):  # the image and its caption together
+        if self.flipped(item):  # the image and its caption together
             pixels, text = pixels.flip(-1), swap_left_right(text)
         return {
             "image": pixels,

@@ -333,15 +333,9 @@ def nearest_neighbour_row(
     first `train_images` of the split (0 = all), decoded with the evaluation transform. `all_captions`
     gets its every caption under "nearest-neighbour", as caption_strategies does."""
     records = train_set.records[:train_images] if train_images else train_set.records
-    plain = CaptionDataset(records, build_transform(cfg.model.image_size, train=False), caption_mode="random")
-    loader = DataLoader(plain, batch_size=64, collate_fn=_stack_readable)
-    feats, kept = [], []
-    for images, indices in loader:
-        feats.append(image_features(model, images, device))
-        kept += indices
-    if not kept:
-        raise ValueError("no readable training image for the nearest-neighbour row")
-    nearest = (image_features(model, data.images, device) @ torch.cat(feats).T).topk(min(neighbours, len(kept)))
+    images, kept = _neighbour_images(train_set, len(records), cfg.model.image_size)
+    nearest = (image_features(model, data.images, device) @ image_features(model, images, device).T).topk(
+        min(neighbours, len(kept)))
     predictions = {i: consensus_caption([c for j in row for c in records[kept[j]].captions])
                    for i, row in enumerate(nearest.indices.tolist())}
     if all_captions is not None:
@@ -351,6 +345,24 @@ def nearest_neighbour_row(
     samples = [{"image_id": r.image_id, "file_path": r.file_path, "caption": predictions[i],
                 "references": r.captions[:5]} for i, r in enumerate(data.records[:SAMPLES_PER_STRATEGY])]
     return {"neighbours": neighbours, "train_images": len(kept), **scores, "samples": samples}
+
+
+_NEIGHBOUR_IMAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _neighbour_images(train_set: CaptionDataset, count: int, size: int) -> tuple[torch.Tensor, list[int]]:
+    """The first `count` training images (the readable ones, evaluation transform) and their record indices: decoded
+    once per training set and size, and reused by every evaluation's nearest-neighbour row, as eval_images does."""
+    cached = _NEIGHBOUR_IMAGES.setdefault(train_set, {})
+    if (count, size) not in cached:
+        plain = CaptionDataset(train_set.records[:count], build_transform(size, train=False), caption_mode="random")
+        batches = [(images, indices) for images, indices in DataLoader(plain, batch_size=64,
+                                                                       collate_fn=_stack_readable) if indices]
+        if not batches:
+            raise ValueError("no readable training image for the nearest-neighbour row")
+        cached[count, size] = (torch.cat([images for images, _ in batches]),
+                               [index for _, indices in batches for index in indices])
+    return cached[count, size]
 
 
 def _stack_readable(items: list[dict[str, Any] | None]) -> tuple[torch.Tensor, list[int]]:

@@ -79,6 +79,8 @@ _DECLARED: tuple[Metric, ...] = (
            "optimisation"),
     Metric("grad_norm", "gradient norm", None, ".3f", "global gradient norm before clipping, mean over the window",
            "optimisation"),
+    Metric("grad_norm_max", "largest gradient norm", None, ".3f",
+           "global gradient norm before clipping, the window's largest", "optimisation"),
     Metric("samples_per_s", "throughput (samples/s)", "higher", ".1f", "training samples per second, all processes",
            "optimisation"),
     Metric("data_wait_share", "data wait (share of step time)", "lower", ".1%",

@@ -7,16 +7,21 @@ bootstrapped dataset a model is trained on again.
 The captioner needs a trained decoder (LM); the filter an ITM head (its match probability is the score BLIP
 filters with) or ITC (cosine similarity of the two embeddings); every caption gets both scores the filter
 has. A caption is kept when its score reaches --threshold (ITM probability) or lies in the top --keep-fraction
-of all scores. DIR2 is a derived dataset (blipcore.data.derived: images linked, val/test annotations copied)
-whose training file holds the kept captions, with:
+of all scores. When DIR has a clean subset (`data noise --clean-images`: the human-annotated share), its images
+are neither captioned nor filtered: their captions are kept as they are, as BLIP keeps COCO's. DIR2 is a derived
+dataset (blipcore.data.derived: images linked, val/test annotations copied) whose training file holds the kept
+captions, with:
 
-    capfilt.jsonl   one line per caption scored, in image order, originals first:
-                    {"image_id", "file_name", "origin": "original" | "synthetic", "index" (the original's
-                    position in the source's annotation file, or the synthetic caption's draw k), "text",
-                    "planted" (from DIR/noise.jsonl; null when DIR has none or for synthetic captions),
-                    "itm" (match probability or null), "itc" (cosine similarity or null), "kept"}
-    capfilt.json    the settings, counts, the cut-off, and with planted noise each scorer's ROC AUC, precision
-                    and recall at finding the planted captions among the originals
+    capfilt.jsonl   one line per caption scored, in image order, originals first, then the clean subset's:
+                    {"image_id", "file_name", "origin": "original" | "synthetic" | "clean", "index" (the
+                    original's position in the source's annotation file, or the synthetic caption's draw k),
+                    "text", "planted" (from DIR/noise.jsonl; null when DIR has none or for synthetic captions),
+                    "itm" (match probability or null), "itc" (cosine similarity or null; both null for a clean
+                    caption, which is not scored), "kept"}
+    capfilt.json    the settings, counts, the cut-off, where the captioner and the filter started from (their
+                    run.json "init": a fine-tuned run names its init run and the parts that started fresh), and
+                    with planted noise each scorer's ROC AUC, precision and recall at finding the planted
+                    captions among the scored originals
     capfilt-scores/ the scores of each batch of images as it is done: a stopped run resumes (--resume) there
 
 Batched on the project's decoding (blipcore.evaluation.decoding.generate) and model code, with a progress bar.
@@ -56,6 +61,7 @@ from ..model.tokenizer import tokenize_captions
 from ..runs.rundir import Checkpoint, RunDir, RunError, init_checkpoint, parse_run_spec, read_json
 
 SCORERS = ("itm", "itc")  # the filter's two scores: ITM match probability, ITC cosine similarity
+SCORED_ORIGINS = ("original", "synthetic")  # the captions the filter scores; "clean" and "unreadable" lines it does not
 DEFAULT_THRESHOLD = 0.5  # ITM: keep a caption the filter finds more likely matching than not
 SAMPLING = ("nucleus", "top-k")  # strategies that draw a different caption each time (BLIP's choice: nucleus)
 
@@ -258,18 +264,29 @@ def scorer_report(lines: Sequence[dict[str, Any]], scorers: Sequence[str], chose
 
 # --- the command -------------------------------------------------------------------------------------------
 def _entries(document: dict[str, Any], noise: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """One entry per image (in the file's image order) with its original captions (index, text, planted)."""
+    """One entry per image (in the file's image order) with its original captions (index, text, planted) and
+    whether it belongs to the data's clean subset (noise.jsonl's "clean")."""
     if noise is not None and len(noise) != len(document["annotations"]):
         raise CapfiltError(f"{CAPFILT_RECORD}: the data's noise.jsonl has {len(noise)} lines for "
                            f"{len(document['annotations'])} training captions: it belongs to other captions")
     by_image: dict[int, list[tuple[int, str, bool | None]]] = {}
+    clean: set[Any] = set()
     for index, annotation in enumerate(document["annotations"]):
         text = " ".join(annotation["caption"].split())
+        if noise is not None and noise[index].get("clean"):
+            clean.add(annotation["image_id"])
         if text:
             planted = None if noise is None else bool(noise[index]["planted"])
             by_image.setdefault(annotation["image_id"], []).append((index, text, planted))
-    return [{"image_id": image["id"], "file_name": image["file_name"], "originals": by_image[image["id"]]}
-            for image in document["images"] if image["id"] in by_image]
+    return [{"image_id": image["id"], "file_name": image["file_name"], "originals": by_image[image["id"]],
+             "clean": image["id"] in clean} for image in document["images"] if image["id"] in by_image]
+
+
+def clean_lines(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The capfilt.jsonl lines of the clean subset's captions: kept as they are, not scored."""
+    return [{"image_id": entry["image_id"], "file_name": entry["file_name"], "origin": "clean", "index": index,
+             "text": text, "planted": planted, "itm": None, "itc": None, "kept": True}
+            for entry in entries if entry["clean"] for index, text, planted in entry["originals"]]
 
 
 @dataclass
@@ -282,6 +299,8 @@ class CapfiltReport:
         lines = [f"{c['images']:,} images: kept {c['kept_original']:,} of {c['original']:,} original and "
                  f"{c['kept_synthetic']:,} of {c['synthetic']:,} synthetic captions ({self.summary['score']} >= "
                  f"{self.summary['cutoff']:.3f}) -> {self.out}"]
+        if c.get("clean"):
+            lines.append(f"the clean subset's {c['clean']:,} captions of {c['clean_images']:,} images kept as they are")
         planted = self.summary.get("planted")
         for name, row in (planted or {}).get("scorers", {}).items():
             if row:
@@ -334,6 +353,7 @@ def run_capfilt(captioner: str, filter_spec: str, data: str | Path, out: str | P
     if out.resolve() == data.resolve():
         raise DataSourceError("--out must be another folder than --data")
     entries = _entries(document, read_noise_record(data))
+    scored_entries = [entry for entry in entries if not entry["clean"]]
     owned = (Path(train_annotations).parts[0], CAPFILT_RECORD, CAPFILT_SUMMARY, CAPFILT_SCORES, MARKER,
              *source_entries(data, train_annotations))
     recorded = {"captioner": f"{models.captioner_ckpt.weights.parent.parent}:{models.captioner_ckpt.epoch}",
@@ -344,12 +364,14 @@ def run_capfilt(captioner: str, filter_spec: str, data: str | Path, out: str | P
                           resume_does="continue where it stopped (the batches already scored are kept)")
     folder.start({})
 
-    lines = _score_batches(models, entries, images_root, settings, torch_device, out / CAPFILT_SCORES, progress)
-    scored = [line for line in lines if line["origin"] != "unreadable"]
+    lines = _score_batches(models, scored_entries, images_root, settings, torch_device, out / CAPFILT_SCORES,
+                           progress)
+    scored = [line for line in lines if line["origin"] in SCORED_ORIGINS]
     cut = cutoff([line[scorer] for line in scored], settings)
     for line in lines:
-        line["kept"] = line["origin"] != "unreadable" and line[scorer] >= cut
-    if scored and not any(line["kept"] for line in lines):  # the scores stay in OUT: --resume re-cuts them
+        line["kept"] = line["origin"] in SCORED_ORIGINS and line[scorer] >= cut
+    lines += clean_lines(entries)
+    if scored and not any(line["kept"] for line in scored):  # the scores stay in OUT: --resume re-cuts them
         low, high = min(line[scorer] for line in scored), max(line[scorer] for line in scored)
         raise CapfiltError(f"the filter kept no caption: every {scorer.upper()} score is below the cut-off {cut:.3f} "
                            f"(they range from {low:.3f} to {high:.3f}; an ITM head still at chance gives every pair "
@@ -366,19 +388,34 @@ def run_capfilt(captioner: str, filter_spec: str, data: str | Path, out: str | P
     bootstrapped = {**document, "images": images, "annotations": annotations}
     write_derived_dataset(data, out, train_annotations, bootstrapped)
     write_file(out / CAPFILT_RECORD, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
-    counts = {
-        "images": len(entries), "images_kept": len(images),
-        "unreadable": sum(line["origin"] == "unreadable" for line in lines),
-        **{origin: sum(line["origin"] == origin for line in lines) for origin in ("original", "synthetic")},
-        **{f"kept_{origin}": sum(line["kept"] and line["origin"] == origin for line in lines)
-           for origin in ("original", "synthetic")},
-    }
+    counts = {"images": len(entries), "images_kept": len(images), **caption_counts(lines),
+              "clean_images": len(entries) - len(scored_entries)}
     planted = scorer_report(lines, models.scorers, scorer, [line["kept"] for line in lines])
     summary = {**recorded, "threshold": settings.threshold, "keep_fraction": settings.keep_fraction,
                "score": scorer, "scorers": list(models.scorers), "cutoff": cut,
-               "images_root": str(images_root.resolve()), "counts": counts, "planted": planted}
+               "images_root": str(images_root.resolve()), "counts": counts, "planted": planted,
+               "captioner_init": _started_from(models.captioner_ckpt), "filter_init": _started_from(models.filter_ckpt)}
     write_json(out / CAPFILT_SUMMARY, summary)
     return CapfiltReport(out, summary)
+
+
+def caption_counts(lines: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """capfilt.json's caption counts: unreadable images, then per origin (original, synthetic, clean) how many
+    captions there were and how many were kept."""
+    origins = (*SCORED_ORIGINS, "clean")
+    return {"unreadable": sum(line["origin"] == "unreadable" for line in lines),
+            **{origin: sum(line["origin"] == origin for line in lines) for origin in origins},
+            **{f"kept_{origin}": sum(line["kept"] and line["origin"] == origin for line in lines)
+               for origin in origins}}
+
+
+def _started_from(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """Where a captioner's or filter's run started: its run.json "init" (the run it was fine-tuned from, and the
+    parts that started fresh, e.g. an ITM head its init lacked), None for a run trained from random weights."""
+    try:
+        return RunDir(ckpt.weights.parent.parent).read_info().get("init")
+    except RunError:
+        return None
 
 
 # --- reading a CapFilt folder (the dashboard, the study) -----------------------------------------------------

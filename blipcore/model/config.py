@@ -28,6 +28,10 @@ BERT_VOCAB_SIZE = 30522
 VOCAB_SIZE = BERT_VOCAB_SIZE + 2
 VOCABULARIES = ("full", "captions")  # model.vocabulary: all word pieces, or those of the training captions
 DATA_KINDS = ("shapes", "coco", "webdataset")
+# data.loader: how training reads a folder dataset (kind shapes or coco): "folder" decodes and augments each image
+# in DataLoader workers; "cache" reads the decoded-image cache and augments whole batches on the device
+# (blipcore.data.image_cache)
+DATA_LOADERS = ("folder", "cache")
 # Where a dataset comes from, for the message when it is missing (blipcore.data.datasets.fetch_hint): "" none,
 # "coco2017" / "flickr8k" name the `python -m train data ...` command that fetches it, "test-fixture" has none.
 DATA_SOURCES = ("", "coco2017", "flickr8k", "test-fixture")
@@ -46,6 +50,9 @@ AUGMENT_SETS: dict[str, tuple[str, ...]] = {
     "crop-jitter-flip": ("crop", "jitter", "flip"),
 }
 PRECISIONS = ("auto", "bf16", "fp32")
+# train.compile: auto (CUDA: torch.compile with CUDA graphs; a CPU: eager), off, on (torch.compile without CUDA
+# graphs), cudagraphs (with them; CUDA only). blipcore.training.step.compile_mode maps them to torch.compile's modes.
+COMPILE_MODES = ("auto", "off", "on", "cudagraphs")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -228,7 +235,11 @@ class DataConfig:
     subset: int = 0  # use only the first N training images (0 = all); the seed used 10,000 of train2017
     val_subset: int = 0
     caption_mode: str = "random"  # "random": one caption per image per epoch; "all": every caption a sample
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers of the "folder" loader (the "cache" loader needs none)
+    loader: str = "folder"  # one of DATA_LOADERS
+    # where data.loader = "cache" keeps its files ("" = the user's cache folder, ~/.cache/bliplab/images); relative
+    # to the project checkout, as root
+    cache_dir: str = ""
     # WebDataset shards (kind == "webdataset"): the train shards are streamed; evaluation reads the val files
     train_shards: str = ""  # where the train shards are read from: "" = beside shards.json in root, or a brace
     #   pattern of paths or http(s) URLs, e.g. https://host/c/train-{000000..000009}.tar (pipe: commands only with
@@ -251,6 +262,11 @@ class DataConfig:
         _check_at_least("data", self, 1, "shapes_n_train shapes_n_val eval_images shuffle_buffer")
         _check([
             (self.kind in DATA_KINDS, f"data.kind must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}"),
+            (self.loader in DATA_LOADERS,
+             f"data.loader must be one of {', '.join(DATA_LOADERS)}, got {self.loader!r}"),
+            (self.loader != "cache" or self.kind != "webdataset",
+             "data.loader = 'cache' reads a folder dataset (data.kind shapes or coco), not streamed WebDataset "
+             "shards: use data.loader = 'folder'"),
             (self.source in DATA_SOURCES,
              f"data.source must be one of {', '.join(map(repr, DATA_SOURCES))}, got {self.source!r}"),
             (self.caption_mode in CAPTION_MODES,
@@ -279,6 +295,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: str = "auto"  # auto (compiled with CUDA graphs on CUDA, eager on a CPU) | off | on | cudagraphs
     log_every: int = 10
     eval_every_steps: int = 0  # extra fast evaluations inside an epoch (0 = only at epoch ends)
     eval_strategies: tuple[str, ...] = ("greedy", "beam")
@@ -299,6 +316,8 @@ class TrainConfig:
             (self.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
             (self.precision in PRECISIONS,
              f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.compile in COMPILE_MODES,
+             f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
         ])
 
 

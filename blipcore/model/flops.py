@@ -45,6 +45,9 @@ needs its Linear's input gradient: 3x.)
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+
 from .config import BlipConfig, ModelConfig
 from .tokenizer import load_tokenizer
 from .vision import ShiftedPatchTokenizer, conv_stem_channels
@@ -196,3 +199,12 @@ def training_step_flops(
 ) -> int:
     """Total FLOPs of one training step (see training_flops)."""
     return sum(training_flops(cfg, batch, text_len, lm_targets).values())
+
+
+def unpadded_training_flops(cfg: BlipConfig | ModelConfig, lengths: Iterable[int]) -> int:
+    """FLOPs of one training step on captions of these unpadded lengths ([CLS] caption [SEP], cut at
+    max_text_len), one image each: every caption counted at its own length, so the padding a batch carries (to its
+    longest caption, or to max_text_len on the compiled path) counts for nothing. What a step's MFU is read on.
+    (ITM's mined negatives pair an image with another caption of the batch: counted at the pair's own caption.)"""
+    counts = Counter(min(int(n), _model(cfg).max_text_len) for n in lengths)
+    return sum(count * training_step_flops(cfg, 1, length) for length, count in counts.items())

@@ -133,22 +133,28 @@ def lm_loss(
 ) -> Tensor:
     """Next-token cross-entropy: the decoder state at position t predicts labels[:, t+1]; -100 is ignored.
 
-    hidden: (B, L, width) final decoder states. The vocabulary head runs only at positions with a
+    hidden: (B, L, width) final decoder states. Eager on a CPU, the vocabulary head runs only at positions with a
     target (not on [DEC], the prompt or padding), which is most of the cost of a small model's step;
     when training it runs fused with the loss (`linear_cross_entropy`: its matmuls in autocast's dtype, the rest in
-    fp32), except under a GPU's autocast.
+    fp32). On a GPU and under torch.compile it runs at every position and the loss ignores the others: picking the
+    target rows has a data-dependent shape, which waits for the device and breaks a compiled graph.
     The mean is over the global batch's tokens: each rank divides its sum by the mean token count per
     rank, so DDP's gradient averaging gives exactly the single-process loss on the same global batch.
     """
     targets = labels[:, 1:]
     keep = targets != -100
+    if hidden.device.type != "cpu" or torch.compiler.is_compiling():  # static shapes, no wait for the device
+        logits = lm_head(hidden[:, :-1]).float()
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                label_smoothing=label_smoothing, reduction="sum")
+        return total / _target_count(keep, distributed)
     states = hidden[:, :-1][keep]  # (number of targets, width)
     device = states.device.type
     autocast = torch.is_autocast_enabled(device)
     # Fused when training: under a CPU's bf16 autocast too, with bf16 matmuls as autocast's linear would run them
     # and the softmax in fp32, where autograd's unfused log-softmax over the vocabulary costs more than the fused
-    # kernel's extra casts (a GPU's autocast keeps the unfused path)
-    fused = torch.is_grad_enabled() and states.requires_grad and (device == "cpu" or not autocast)
+    # kernel's extra casts
+    fused = torch.is_grad_enabled() and states.requires_grad
     if fused:
         matmul_dtype = torch.get_autocast_dtype(device) if autocast else None
         with torch.autocast(device, enabled=False):
@@ -158,12 +164,17 @@ def lm_loss(
     else:
         total = F.cross_entropy(lm_head(states).float(), targets[keep], label_smoothing=label_smoothing,
                                 reduction="sum")
+    return total / _target_count(keep, distributed)
+
+
+def _target_count(keep: Tensor, distributed: bool) -> Tensor:
+    """lm_loss's divisor: the targets `keep` marks, the mean over ranks when distributed, at least 1."""
     count = keep.sum().float()
     if distributed and is_distributed():
         count = count.detach().clone()
         dist.all_reduce(count)
         count = count / dist.get_world_size()
-    return total / count.clamp_min(1.0)
+    return count.clamp_min(1.0)
 
 
 # Logits computed at once by linear_cross_entropy: ~16 M floats (64 MB in fp32) a chunk of rows, whatever the
@@ -277,8 +288,8 @@ def sample_negatives(
     picks = []
     for sim in (sim_i2t, sim_i2t.t()):
         weights = F.softmax(sim.float(), dim=1).masked_fill(same, 0.0) + 1e-12 * (~same)
-        empty = weights.sum(dim=1) <= 0
-        if empty.any():  # every item is the same image: any other index will do as a negative
-            weights[empty] = (~torch.eye(len(sim), dtype=torch.bool, device=sim.device))[empty].float()
+        empty = weights.sum(dim=1, keepdim=True) <= 0  # every item is the same image: any other index will do
+        others = (~torch.eye(len(sim), dtype=torch.bool, device=sim.device)).float()
+        weights = torch.where(empty, others, weights)  # (no test on the host: a step never waits for the device)
         picks.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
     return picks[0], picks[1]

@@ -17,12 +17,13 @@ step, save and stop; DataLoader workers ignore both, so a signal to the group ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,16 @@ from ..runs.rundir import CheckpointError, RunDir
 from ..speed import autocast_dtype, describe
 from .distributed import DistInfo, ResumableSampler, barrier, init_distributed, select_device
 from .environment import environment_info, git_revision
-from .step import NonFiniteLossError, build_optimizer, learning_rate, no_region, parameter_groups, train_step
+from .step import (
+    NonFiniteLossError,
+    StepMonitor,
+    build_optimizer,
+    learning_rate,
+    no_region,
+    parameter_groups,
+    step_module,
+    train_step,
+)
 
 # Imported from here by the command line, the tests and benchmarks: the step, its optimizer and schedule, the
 # distributed helpers and the run's environment live in step.py, distributed.py and environment.py.
@@ -55,7 +65,7 @@ __all__ = ["POSITION_KEYS", "DistInfo", "NonFiniteLossError", "ResumableSampler"
 POSITION_KEYS = ("step", "epoch", "batch_in_epoch")  # where training stands: saved in checkpoints/last/state.json
 
 
-def _timed_batches(loader: DataLoader, window: dict[str, Any]) -> Iterator[Any]:
+def _timed_batches(loader: Iterable[Any], window: dict[str, Any]) -> Iterator[Any]:
     """The loader's batches, adding to window["wait"] the seconds the loop waited for each (starting the
     workers included): logged as data_wait_share, the share of the time a step waited for its data."""
     started = time.perf_counter()
@@ -136,6 +146,7 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------
     def _build(self) -> None:
         from ..data import CaptionCollator, build_datasets
+        from ..data.image_cache import CacheLoader
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
@@ -150,10 +161,13 @@ class Trainer:
             self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=cfg.train.seed
         )
         self.collate = CaptionCollator(cfg.model.max_text_len)
+        # data.loader = "cache": the decoded-image cache, built on first use (one process builds, the others wait)
+        self.cache_loader = None if cfg.data.loader != "cache" else CacheLoader.from_config(
+            cfg, self.train_set, self.device, progress=self.progress and self.dist.is_main)
         # More loader processes than cores only take time from the step (a preset written for a big machine
-        # asks for 4): bounded by the cores this process may use.
-        self.workers = min(cfg.data.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                           else os.cpu_count() or 1)
+        # asks for 4): bounded by the cores this process may use. The cache loader runs in this process.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.workers = 0 if self.cache_loader is not None else min(cfg.data.num_workers, cores)
         self.batches_per_epoch = len(self.train_set) // self.dist.world_size // cfg.train.batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(
@@ -166,13 +180,18 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         word_pieces = None
+        init = None if self.resume or not cfg.train.init else self._read_init_weights(cfg.train.init)
         if cfg.model.vocabulary == "captions" and self.resume:  # its map comes with its weights, its size with run.json
             cfg = self.cfg = cfg.override({"model.vocab_size": self.run.config().model.vocab_size})
         elif cfg.model.vocabulary == "captions":
-            word_pieces = training_word_pieces(self.train_set, cfg.model.prompt)
+            # A run started from another's weights keeps their word pieces (a fine-tune on other captions, e.g. a
+            # CapFilt filter on a clean subset: a piece they lack reads as [UNK]); else its training captions'
+            pieces = None if init is None else init[1].get("word_embeddings.to_full")
+            word_pieces = pieces.tolist() if pieces is not None else training_word_pieces(self.train_set,
+                                                                                         cfg.model.prompt)
             cfg = self.cfg = cfg.override({"model.vocab_size": len(word_pieces)})
         self.model = BLIP(cfg, word_pieces).to(self.device)
-        self.init_report = None if self.resume or not cfg.train.init else self._load_init_weights(cfg.train.init)
+        self.init_report = None if init is None else self._load_init_weights(cfg.train.init, *init)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.started = time.time()
@@ -243,7 +262,7 @@ class Trainer:
             total=self.total_steps, initial=self.step, desc=f"train {self.run.name}", unit="step",
             disable=not (self.progress and self.dist.is_main), dynamic_ncols=True,
         )
-        window = {"samples": 0, "time": time.time(), "sums": {}, "count": 0, "wait": 0.0}
+        window = {"samples": 0, "time": time.time(), "wait": 0.0}
         while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stop_requested:
             if self.sampler is None:
                 self.train_set.start_batch = self.batch_in_epoch  # it yields the rest of this epoch's batches
@@ -252,24 +271,19 @@ class Trainer:
                 self.sampler.start = self.batch_in_epoch * cfg.batch_size
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.epoch)
-            loader = DataLoader(  # its own generator: starting an epoch (or a resumed one) leaves the global RNG alone
-                self.train_set, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=self.collate,
-                num_workers=self.workers, drop_last=True, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=ignore_stop_signals,
-            )
             micro: list[dict] = []
-            for batch in _timed_batches(loader, window):
+            for batch in _timed_batches(self._epoch_loader(), window):
                 self.batch_in_epoch += 1
                 if batch is not None:
                     micro.append(batch)
                 if len(micro) < cfg.grad_accum_steps and self.batch_in_epoch < self.batches_per_epoch:
                     continue
                 if micro:
-                    terms, grad_norm, samples = self._optimizer_step(micro)
+                    samples = self._optimizer_step(micro)
                     micro = []
                     self.step += 1
                     bar.update(1)
-                    self._log_window(window, terms, grad_norm, samples, bar)
+                    self._log_window(window, samples, bar)
                 if self.step >= self.total_steps or self.stop_requested:
                     break
                 if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
@@ -298,37 +312,61 @@ class Trainer:
                             "train_seconds": info["train_seconds"], "best": info.get("best", {})}
         barrier(self.dist)
 
-    def _optimizer_step(self, micro: list[dict]) -> tuple[dict[str, float], float, int]:
-        """One optimiser step over the accumulated micro-batches at the schedule's learning rate."""
+    @functools.cached_property
+    def monitor(self) -> StepMonitor:
+        """The device-side record of the steps (loss terms, gradient norms, the first non-finite step)."""
+        return StepMonitor(self.device)
+
+    @functools.cached_property
+    def _step_module(self) -> tuple[nn.Module, int]:
+        """What each step runs (the model, compiled as train.compile says) and the caption length it pads to."""
+        return step_module(self.ddp_model, self.cfg.train.compile, self.device, self.cfg.model.max_text_len)
+
+    def _epoch_loader(self) -> Iterable[dict[str, Any] | None]:
+        """This epoch's batches from the sampler's position on: the image cache's, or a DataLoader's over the folder
+        dataset (with its own generator: starting an epoch, or a resumed one, leaves the global RNG alone)."""
+        cfg = self.cfg.train
+        if self.cache_loader is not None:
+            return self.cache_loader.batches(self.sampler)
+        return DataLoader(
+            self.train_set, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=self.collate,
+            num_workers=self.workers, drop_last=True, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=ignore_stop_signals,
+        )
+
+    def _optimizer_step(self, micro: list[dict]) -> int:
+        """One optimiser step over the accumulated micro-batches at the schedule's learning rate; the samples seen.
+        It waits for nothing on a GPU (its numbers go to self.monitor); on a CPU, where reading them costs nothing,
+        a non-finite loss or gradient norm stops the run at that step."""
         train = self.cfg.train
         lr = learning_rate(self.step, self.total_steps, train.lr, train.warmup_steps, train.min_lr_ratio)
-        return train_step(self.ddp_model, self.optimizer, micro, lr=lr, grad_clip=train.grad_clip,
-                          device=self.device, autocast=self.autocast, step=self.step + 1,
-                          world_size=self.dist.world_size)
+        module, pad_to = self._step_module
+        samples = train_step(module, self.optimizer, micro, lr=lr, grad_clip=train.grad_clip, device=self.device,
+                             autocast=self.autocast, step=self.step + 1, world_size=self.dist.world_size,
+                             monitor=self.monitor, pad_to=pad_to)
+        if self.device.type == "cpu":
+            self.monitor.check()
+        return samples
 
-    def _log_window(self, window: dict, terms: dict[str, float], grad_norm: float, samples: int, bar: tqdm) -> None:
+    def _log_window(self, window: dict, samples: int, bar: tqdm) -> None:
+        """Every log_every-th step, one line of the window's means from self.monitor: the host's one read of the
+        device in those steps (NonFiniteLossError, naming the first bad step, if one was not finite)."""
         window["samples"] += samples
-        window["count"] += 1
-        for k, v in terms.items():
-            window["sums"][k] = window["sums"].get(k, 0.0) + v
-        window.setdefault("grad", 0.0)
-        window["grad"] += grad_norm
         # every log_every-th step (not every log_every steps from the start): a resumed run logs the same steps
         if self.step % max(1, self.cfg.train.log_every) and self.step < self.total_steps:
             return
+        means = self.monitor.read()
         elapsed = max(time.time() - window["time"], 1e-9)
-        means = {k: v / window["count"] for k, v in window["sums"].items()}
         record = {
             "step": self.step, "epoch": self._epoch_progress(),
             "split": "train", **means, "lr": self.optimizer.param_groups[0]["lr"],
             "temperature": float(self.model.temperature) if self.model.use_itc else None,
-            "grad_norm": window["grad"] / window["count"], "samples_per_s": window["samples"] / elapsed,
-            "data_wait_share": min(1.0, window["wait"] / elapsed),
+            "samples_per_s": window["samples"] / elapsed, "data_wait_share": min(1.0, window["wait"] / elapsed),
         }
         bar.set_postfix(loss=f"{means['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}", refresh=False)
         if self.dist.is_main:
             self.run.append_metrics(record)
-        window.update(samples=0, time=time.time(), sums={}, count=0, grad=0.0, wait=0.0)
+        window.update(samples=0, time=time.time(), wait=0.0)
 
     # --- epoch ends, evaluation and state ------------------------------------------------------
     def _end_of_epoch(self) -> None:
@@ -351,6 +389,7 @@ class Trainer:
     def _evaluate(self, label: str, epoch: int | None) -> dict[str, Any]:
         """Validation losses, retrieval, captioning and the embeddings dump, on the main process only,
         under a forked RNG so that evaluating never changes training's random stream."""
+        self.monitor.check()  # a step recorded non-finite on the device stops the run before it is evaluated
         metrics: dict[str, Any] = {}
         if self.dist.is_main:
             from ..evaluation.evaluator import evaluate_run_epoch
@@ -381,6 +420,7 @@ class Trainer:
 
     def _save_state(self) -> None:
         """checkpoints/last/ (RunDir.save_state): weights, optimizer and RNG states, and the position."""
+        self.monitor.check()  # a step recorded non-finite on the device stops the run before it is saved
         if self.dist.is_main:
             training = {
                 "optimizer": self.optimizer.state_dict(),
@@ -392,11 +432,15 @@ class Trainer:
             self.run.save_state(self.model, training, position, self.cfg)
         barrier(self.dist)
 
-    def _load_init_weights(self, spec: str) -> dict[str, Any]:
+    @staticmethod
+    def _read_init_weights(spec: str) -> tuple[Any, dict[str, torch.Tensor]]:
+        """train.init's checkpoint and its verified weights."""
+        ckpt = rundir.init_checkpoint(spec)
+        return ckpt, rundir.read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
+
+    def _load_init_weights(self, spec: str, ckpt: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """train.init: this run starts from another run's checkpoint (its weights only: a fresh optimizer,
         schedule and data order). What was loaded goes into run.json ("init")."""
-        ckpt = rundir.init_checkpoint(spec)
-        state = rundir.read_verified_weights(ckpt.weights, ckpt.meta.get("sha256"))
         pieces = state.get("word_embeddings.to_full")
         has_words = any(name.startswith("word_embeddings.") for name in state)  # an MAE run's checkpoint has none
         if isinstance(self.model.word_embeddings, CompactEmbedding) and has_words and (

@@ -1,7 +1,8 @@
 """CapFilt: one `python -m train capfilt` output folder — who captioned and who filtered, what was kept; the
 filter's scores of kept and dropped captions (and of planted and genuine ones when the data had planted noise);
-each scorer's ROC curve at finding the planted captions; what another threshold would keep; and the images
-with their original and synthetic captions, scored."""
+each scorer's ROC curve at finding the planted captions; what another threshold would keep; the images with
+their original and synthetic captions, scored; and this filter beside another output's (another protocol's
+filter of the same seed: the noisy-data model against BLIP's fine-tuned on a clean subset)."""
 
 from __future__ import annotations
 
@@ -113,10 +114,15 @@ def decision_rule(summary: dict[str, Any]) -> str:
 def summary_section(folder: Path, summary: dict[str, Any]) -> None:
     counts = summary.get("counts") if isinstance(summary.get("counts"), dict) else {}
     scorers = summary.get("scorers")
-    st.caption(f"`{folder}` · captioner `{summary.get('captioner', '?')}` · filter `{summary.get('filter', '?')}` "
+    st.caption(f"`{folder}` · captioner `{summary.get('captioner', '?')}`{cf.init_note(summary, 'captioner')} · "
+               f"filter `{summary.get('filter', '?')}`{cf.init_note(summary, 'filter')} "
                f"(scorers: {', '.join(map(str, scorers)) if isinstance(scorers, list) and scorers else '?'}) · "
                f"{summary.get('synthetic_per_image', '?')} synthetic caption(s) per image by "
                f"`{summary.get('decoding', '?')}` decoding · kept: {decision_rule(summary)}")
+    if isinstance(counts.get("clean"), int) and counts["clean"]:
+        st.caption(f"The data's clean subset, {_count(counts['clean'])} captions of "
+                   f"{_count(counts.get('clean_images'))} images, was kept as it is: not captioned, not scored, "
+                   "as BLIP keeps COCO's human-annotated captions.")
     cols = st.columns(4)
     kept_metric(cols[0], "images kept", counts.get("images_kept"), counts.get("images"),
                 help="images with at least one kept caption")
@@ -217,6 +223,47 @@ def threshold_section(summary: dict[str, Any], frame: pd.DataFrame, scorers: lis
                "keeps exactly these; `python -m train capfilt --threshold T` writes the dataset).")
 
 
+def compare_section(folder: Path, summary: dict[str, Any], frame: pd.DataFrame) -> None:
+    """This filter beside another CapFilt output's (the same seed of another protocol, first in the list): the
+    detection table, the planted and genuine scores of each, and their ROC curves."""
+    roots = search_roots()
+    others = cf.comparison_order(str(folder), _found(tuple(map(str, roots))))
+    if not others:
+        st.info("No other CapFilt output to compare with. A study with two protocols (`studies/capfilt.toml`) "
+                "writes one a protocol and seed into its `data/`.")
+        return
+    other = st.selectbox("Compare with", others, key="capfilt_compare_with",
+                         format_func=lambda f: shown_path(f, roots),
+                         help="Another CapFilt output, those of the same study and seed first.")
+    try:
+        other_summary, other_frame, _ = _load(other, (mtime_of(Path(other) / "capfilt.json"),
+                                                      mtime_of(Path(other) / "capfilt.jsonl")))
+    except (CapfiltError, ValueError, TypeError, OSError) as err:
+        st.warning(f"Cannot read `{other}`: {err}")
+        return
+    labels = (shown_path(str(folder), roots), shown_path(other, roots))
+    frames = {labels[0]: frame, labels[1]: other_frame}
+    table = cf.comparison_table({labels[0]: summary, labels[1]: other_summary})
+    if not table.empty:
+        st.dataframe(table, hide_index=True, key="capfilt_compare_table", column_config={
+            "ROC AUC": st.column_config.NumberColumn(format="%.3f"),
+            **{c: st.column_config.NumberColumn(format="percent") for c in (
+                "precision", "recall", "originals kept", "images kept", "synthetic kept")},
+        })
+    common_scorers = [s for s in cf.available_scorers(frame, summary) if s in cf.available_scorers(other_frame)]
+    if not common_scorers or not (cf.has_planted(frame) and cf.has_planted(other_frame)):
+        st.info("No histograms or ROC curves to compare: both outputs need planted noise and a scorer in common.")
+        return
+    scorer = pick_scorer(common_scorers, "capfilt_compare_scorer")
+    st.plotly_chart(cf.comparison_histograms(frames, scorer), key="capfilt_compare_hist")
+    st.caption("Each filter's scores of the planted and the genuine original captions, as the share of each group "
+               "in a bin: the less the two overlap, the better a cut-off separates the planted noise.")
+    curves = {label: [c for s in common_scorers if (c := cf.planted_roc(f, s)) is not None]
+              for label, f in frames.items()}
+    st.plotly_chart(cf.comparison_roc(curves), key="capfilt_compare_roc")
+    st.caption("Each filter's ROC curves at finding the planted captions: colour the scorer, dash the filter.")
+
+
 def images_section(frame: pd.DataFrame, images_root: Path, folder: Path) -> None:
     controls = st.columns([2, 1, 3])
     which = controls[0].selectbox("Show", list(cf.IMAGE_FILTERS), key="capfilt_image_filter")
@@ -255,4 +302,5 @@ common.lazy_tabs({
     "Planted noise (ROC)": lambda: roc_section(summary, frame, scorers),
     "Threshold": lambda: threshold_section(summary, frame, scorers, folder),
     "Images": lambda: images_section(frame, images_root, folder),
+    "Compare filters": lambda: compare_section(folder, summary, frame),
 }, key=SECTION_KEY)

@@ -1,4 +1,5 @@
-"""`data`: generate datasets, fetch and convert public ones (shapes, coco, flickr8k, shards, noise, resize)."""
+"""`data`: generate datasets, fetch and convert public ones (shapes, coco, flickr8k, shards, noise, resize), and
+build the decoded-image cache (cache)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Generate, fetch, convert and derive datasets in COCO caption format (docs/data.md). "
                     "Example: python -m train data shapes --out data/shapes")
     data_sub = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
-    for add in (_add_shapes, _add_coco, _add_flickr8k, _add_shards, _add_noise, _add_resize):
+    for add in (_add_shapes, _add_coco, _add_flickr8k, _add_shards, _add_noise, _add_resize, _add_cache):
         add(data_sub)
     return data
 
@@ -157,8 +158,15 @@ def _add_noise(subparsers) -> None:
             "image). Images and the other entries are linked, not copied; the val and test annotations are\n"
             "copied unchanged. OUT/noise.jsonl says, for every training caption, whether it was replaced and\n"
             "what it said before: CapFilt's filter is scored against it.\n\n"
+            "--clean-images N keeps a clean subset, the part BLIP's human-annotated captions (COCO) play beside\n"
+            "its web pairs: N training images, drawn with --seed, whose captions the noise neither replaces nor\n"
+            "lends to another image (\"clean\": true in noise.jsonl); the --fraction planted captions all fall\n"
+            "among the other images'. Their own annotation file, annotations/captions_clean.json beside the\n"
+            "training file, is what a captioner and a filter are fine-tuned on (fit --init RUN --set\n"
+            "data.train_annotations=annotations/captions_clean.json); `capfilt` keeps their captions as they are.\n\n"
             "example:  python -m train data noise --from ../shared/data/flickr8k --out data/flickr8k-noisy \\\n"
-            "              --fraction 0.3 --train-annotations annotations/captions_official_train.json"
+            "              --fraction 0.3 --train-annotations annotations/captions_official_train.json \\\n"
+            "              --clean-images 1000"
         ),
     )
     add_source_and_out(noise, "the noisy dataset's folder")
@@ -168,6 +176,13 @@ def _add_noise(subparsers) -> None:
     noise.add_argument("--train-annotations", default=DataConfig().train_annotations, metavar="FILE",
                        help="the training captions, relative to DIR (default %(default)s; Flickr8k's official "
                             "split: annotations/captions_official_train.json)")
+    noise.add_argument("--clean-images", type=count, default=0, metavar="N",
+                       help="training images whose captions stay clean, the human-annotated share a captioner "
+                            "and a filter are fine-tuned on (default 0: none). On Flickr8k's 6,000, "
+                            "studies/capfilt.toml keeps 1,000: BLIP's share (COCO's 113K of its 14M images, 0.8%%) "
+                            "would be 48 images, 240 captions, each seen 80 times by the 300-step fine-tune at batch "
+                            "64; 1,000 images give 5,000 captions, seen ~4 times, near BLIP's 5-6 fine-tuning epochs "
+                            "on COCO, and leave 5,000 images to the noise")
     noise.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in OUT")
     noise.set_defaults(func=run_noise)
 
@@ -206,6 +221,43 @@ def _add_resize(subparsers) -> None:
     add_resume_arguments(resize, "continue an interrupted run into OUT (same settings): write only the missing files",
                           "start again in an OUT that holds something: deletes what this command writes there")
     resize.set_defaults(func=run_resize)
+
+
+def _add_cache(subparsers) -> None:
+    from blipcore.data.image_cache import BUILD_WORKERS, SCALE
+
+    cache = subparsers.add_parser(
+        "cache", help="decode a dataset's training images once into the image cache of data.loader = cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Decode the training images of a COCO-caption-format folder once into the image cache that\n"
+            f"`fit --set data.loader=cache` reads (docs/data.md): every image at {SCALE:g}x the model's image size on\n"
+            "its shorter side (aspect kept, never enlarged), uint8, in one memory-mapped file, and the\n"
+            "captions' token ids beside it. Training builds the cache on first use as well; this command builds\n"
+            "it ahead, e.g. before several runs start. It is keyed by the size and the images (paths and file\n"
+            "sizes): a built one is reused, another size or dataset gets its own file.\n\n"
+            "The training split is read as --preset lays it out (annotation file, image folder, subset; its\n"
+            "model's image size and caption length); without --preset, annotations/captions_train.json and\n"
+            "images/ with every image, and --size is required.\n\n"
+            "example:  python -m train data cache --from ../shared/data/flickr8k --preset flickr8k-cpu\n"
+            "          python -m train fit --preset flickr8k-cpu --data-root ../shared/data/flickr8k \\\n"
+            "              --set data.loader=cache"
+        ),
+    )
+    cache.add_argument("--from", dest="source", required=True, metavar="DIR", help="a COCO-caption-format folder")
+    cache.add_argument("--preset", metavar="NAME", help="the preset (or .toml file) the training runs with")
+    cache.add_argument("--size", type=positive_int, metavar="PX",
+                       help=f"the model's image size (default: the preset's model.image_size); stored at {SCALE:g}x it")
+    cache.add_argument("--train-annotations", metavar="FILE",
+                       help="the training captions, relative to DIR (default: the preset's, or "
+                            f"{DataConfig().train_annotations})")
+    cache.add_argument("--out", metavar="DIR",
+                       help="the cache folder (default: the preset's data.cache_dir, or the user's cache folder "
+                            "~/.cache/bliplab/images); train with --set data.cache_dir=DIR then")
+    cache.add_argument("--workers", type=positive_int, default=BUILD_WORKERS, metavar="N",
+                       help="images decoded at once (default: the CPU count, at most 8)")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cache.set_defaults(func=run_cache)
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -279,9 +331,13 @@ def run_noise(args: argparse.Namespace) -> int:
     from blipcore.data.prep.noise import plant_noise
 
     report = plant_noise(args.source, args.out, args.fraction, seed=args.seed,
-                         train_annotations=args.train_annotations, overwrite=args.overwrite)
+                         train_annotations=args.train_annotations, overwrite=args.overwrite,
+                         clean_images=args.clean_images)
     print(report.summary())
     print(f"train on it with:  --data-root {report.out}")
+    if report.clean_file:
+        print(f"fine-tune on the clean subset with:  --data-root {report.out} --set "
+              f"data.train_annotations={report.clean_file}")
     return 0
 
 
@@ -296,4 +352,30 @@ def run_resize(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return interrupted(args, "every file written so far is complete and kept")
     print(report.summary())
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    """Build (or find) the image cache and caption tokens of a folder's training split."""
+    from blipcore.data.image_cache import build_cache
+    from blipcore.model.config import BlipConfig, load_preset
+
+    if args.preset is None and args.size is None:
+        raise ValueError("data cache needs the model's image size: pass --size PX or --preset NAME")
+    cfg = load_preset(args.preset) if args.preset else BlipConfig()
+    overrides = {"data.kind": "coco", "data.root": str(Path(args.source).resolve())}
+    if args.size:
+        overrides["model.image_size"] = args.size
+    if args.train_annotations:
+        overrides["data.train_annotations"] = args.train_annotations
+    out = str(Path(args.out).resolve()) if args.out else ""
+    if out:  # absolute: a relative data.cache_dir is taken relative to the project checkout
+        overrides["data.cache_dir"] = out
+    try:
+        report = build_cache(cfg.override(overrides), workers=args.workers, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written is read as a cache; run the same command again", file=sys.stderr)
+        return 130
+    print(report)
+    print("train with:  --set data.loader=cache" + (f" --set data.cache_dir={out}" if out else ""))
     return 0

@@ -88,6 +88,10 @@ recover?). Each run counts with its reported number (its dev-chosen checkpoint a
     target = 0.5                       # share of the cost it must win back ...
     # ... judged only where the cost exceeds two standard deviations over seeds (of reference and degraded)
 
+`[[recovery]]` tables ask it of several protocols, a row each in one table (CapFilt's: a captioner and filter
+that are the noisy-data model, against BLIP's fine-tuned on a clean subset); each row names the captioner and
+filter of the CapFilt data its treated variant trains on.
+
 And it may state targets, levels every training variant is judged against on the same reported numbers (mean over
 seeds): a metric's level (at least, or at most for a lower-is-better metric), or a margin over a reference row,
 met only where the margin also exceeds two standard deviations over seeds (of the variant and of the row):

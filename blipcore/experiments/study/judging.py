@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...evaluation import metrics as M
-from .plan import RECOVERY_ROLES, Plan, Recovery, Target
+from .plan import RECOVERY_ROLES, Plan, Recovery, Target, capfilt_protocol
 from .records import Reported, RunResult
 
 
@@ -28,19 +28,21 @@ def reported_value(result: RunResult, key: str, row: str | None = None) -> float
     return None
 
 
-def recovery_summary(plan: Plan, reported: Reported) -> dict[str, Any] | None:
-    """The plan's [recovery] question answered from its runs' reported numbers (each run's metric at its
-    dev-chosen strategy); None when the plan asks none."""
-    recovery = plan.recovery
-    if recovery is None:
-        return None
-    values = {}
-    for role in RECOVERY_ROLES:
-        values[role] = {}
-        for seed, result in reported.get(getattr(recovery, role), {}).items():
-            if (value := reported_value(result, recovery.metric)) is not None:
-                values[role][seed] = value
-    return judge_recovery(recovery, values)
+def recovery_summaries(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
+    """The plan's recovery questions answered from its runs' reported numbers (each run's metric at its
+    dev-chosen strategy), in the plan's order, each with the CapFilt protocol its treated variant trains on
+    ("protocol": None where it trains on no CapFilt data); empty when the plan asks none."""
+    summaries = []
+    for recovery in plan.recoveries:
+        values: dict[str, dict[int, float]] = {}
+        for role in RECOVERY_ROLES:
+            values[role] = {}
+            for seed, result in reported.get(getattr(recovery, role), {}).items():
+                if (value := reported_value(result, recovery.metric)) is not None:
+                    values[role][seed] = value
+        summaries.append({"protocol": capfilt_protocol(plan, recovery.treated[0]),
+                          **judge_recovery(recovery, values)})
+    return summaries
 
 
 def judge_recovery(recovery: Recovery, values: dict[str, dict[int, float]]) -> dict[str, Any]:

@@ -99,7 +99,8 @@ class Plan:
     seeds: list[int]
     overrides: dict[str, Any]
     stages: list[Stage]
-    recovery: Recovery | None = None
+    # [recovery], or [[recovery]] to ask the question of several protocols (CapFilt's: one per captioner and filter)
+    recoveries: list[Recovery] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     reference: str | None = None  # "stage/variant" whose cost the table gives the others' as a ratio of
 
@@ -161,8 +162,11 @@ def parse_plan(table: dict[str, Any], source: str = "plan") -> Plan:
                 if (ref_stage, ref_variant) not in earlier:
                     raise fail(f"variant {variant!r} of stage {stage.name!r} names run {ref_stage}/{ref_variant}, "
                                "which is not a variant of an earlier training stage")
-    if "recovery" in table:
-        plan.recovery = _parse_recovery(table["recovery"], stages, fail)
+    raw_recoveries = table.get("recovery", [])
+    raw_recoveries = [raw_recoveries] if isinstance(raw_recoveries, dict) else raw_recoveries
+    if not isinstance(raw_recoveries, list):
+        raise fail("[recovery] must be a table, or [[recovery]] tables")
+    plan.recoveries = [_parse_recovery(raw, stages, fail) for raw in raw_recoveries]
     raw_targets = table.get("target", [])
     if not isinstance(raw_targets, list):
         raise fail("targets are [[target]] tables")
@@ -187,6 +191,30 @@ def command_runs(text: str) -> list[tuple[str, str, int | None]]:
 def run_references(overrides: dict[str, Any]) -> list[tuple[str, str, int | None]]:
     """The runs a variant's settings name (see command_runs)."""
     return [run for value in overrides.values() if isinstance(value, str) for run in command_runs(value)]
+
+
+CAPFILT_ROLES = ("--captioner", "--filter")  # the arguments of a `capfilt` command that name its two models
+
+
+def capfilt_protocol(plan: Plan, stage_name: str) -> str | None:
+    """Which captioner and filter made a CapFilt dataset, in the plan's words ("captioner and filter: noisy/tuned",
+    "captioner: finetuned/captioner, filter: finetuned/filter"): of a `capfilt` command stage, or of the one a
+    training stage trains on; None for any other stage."""
+    stage = next(s for s in plan.stages if s.name == stage_name)
+    if stage.trains:
+        return None if stage.data is None else capfilt_protocol(plan, stage.data)
+    args = stage.command or []
+    if not args or args[0] != "capfilt":
+        return None
+    named = []
+    for role in CAPFILT_ROLES:
+        value = args[args.index(role) + 1] if role in args[:-1] else "?"
+        runs = command_runs(value)
+        named.append("/".join(runs[0][:2]) if runs else value)
+    captioner, filter_run = named
+    if captioner == filter_run:
+        return f"captioner and filter: {captioner}"
+    return f"captioner: {captioner}, filter: {filter_run}"
 
 
 def _parse_stage(raw: Any, index: int, produced: set[str], fail: Callable[[str], PlanError]) -> Stage:

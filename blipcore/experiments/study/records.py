@@ -22,16 +22,24 @@ TestFn = Callable[[RunDir, int, list[str]], dict[str, Any]]  # (run, epoch, stra
 
 
 def evaluate_on_test(run: RunDir, epoch: int, strategies: list[str]) -> dict[str, Any]:
-    """The default TestFn: every image of the test split, METEOR included (blipcore.evaluation.evaluator)."""
+    """The default TestFn: every image of the test split, METEOR included (blipcore.evaluation.evaluator), on the
+    device the run trained on (its train.device; "auto": CUDA where torch sees one)."""
+    import torch
+
     from ...evaluation.evaluator import CheckpointEvaluator
 
-    return CheckpointEvaluator(run, "test").evaluate(epoch, strategies, meteor=True, progress=False)
+    device = run.config().train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return CheckpointEvaluator(run, "test", device=device).evaluate(epoch, strategies, meteor=True, progress=False)
 
 
 def dev_choice(run: RunDir) -> tuple[int, str] | None:
-    """(epoch, strategy) of the run's highest validation CIDEr over its epoch evaluations; None before one. An
-    image-only run (model.mae, image pretraining) writes no caption: its last epoch, strategy ""."""
-    if run.config().model.mae:
+    """(epoch, strategy) of the run's highest validation CIDEr over its epoch evaluations; None before one. A run
+    that writes no caption, image-only (model.mae, image pretraining) or without a decoder (model.lm_weight = 0,
+    e.g. a CapFilt filter): its last epoch, strategy "" (the checkpoint `capfilt` reads by default)."""
+    model = run.config().model
+    if model.mae or model.lm_weight <= 0:
         epochs = run.eval_epochs()
         return (epochs[-1], "") if epochs else None
     best: tuple[float, int, str] | None = None
@@ -62,9 +70,9 @@ def reported_evaluation(run: RunDir, test: TestFn | None = None) -> tuple[int, s
     return epoch, "test", strategy, test(run, epoch, list(run.load_eval(epoch).get("strategies", {})))
 
 
-# Config fields that say where a run's files are or which device it used, not how it trained: a record made on
-# another machine matches (the record's machine says which device trained it).
-LOCATION_FIELDS = ("name", "data.root", "train.init", "train.device")
+# Config fields that say where a run's files are, which device it used and whether its step was compiled, not how
+# it trained: a record made on another machine matches (the record's machine says which device trained it).
+LOCATION_FIELDS = ("name", "data.root", "data.cache_dir", "train.init", "train.device", "train.compile")
 
 
 @dataclass

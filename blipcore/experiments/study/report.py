@@ -20,13 +20,17 @@ from ...model.config import BlipConfig
 from ...model.flops import training_step_flops
 from ...runs.rundir import STUDY_TABLE, read_json
 from .folders import run_dir, stage_output
-from .judging import recovery_summary, target_rows
-from .plan import RECOVERY_ROLES, RETRIEVAL_METRICS, TABLE_METRICS, Plan, Stage, run_references
+from .judging import recovery_summaries, target_rows
+from .plan import RECOVERY_ROLES, RETRIEVAL_METRICS, TABLE_METRICS, Plan, Stage, capfilt_protocol, run_references
 from .records import Reported, RunResult, record_path, reported_runs, save_record
+
+# The decoding cell of a run that writes no caption but ranks and matches (a CapFilt filter, trained without LM)
+NO_CAPTIONS = "-"
 
 
 def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
-    """One row per (stage, variant, strategy or reference row): mean and spread over the seeds' runs."""
+    """One row per (stage, variant, strategy or reference row): mean and spread over the seeds' runs; a run that
+    writes no caption but has retrieval or matching numbers (a filter) has one row, decoding NO_CAPTIONS."""
     rows = []
     ratios = _compute_ratios(plan, reported)
     for stage in (s for s in plan.stages if s.trains):
@@ -36,10 +40,13 @@ def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
             for seed, result in found.items():
                 evaluation = result.evaluation
                 entries = {**evaluation.get("strategies", {}), **evaluation.get("reference_rows", {})}
+                if not entries and (evaluation.get("retrieval") or evaluation.get("matching")):
+                    entries = {NO_CAPTIONS: {}}
                 for name, entry in entries.items():
                     values = {**entry.get("metrics", {}), **evaluation.get("retrieval", {}),
                               **evaluation.get("matching", {}), "epoch": result.epoch,
-                              "minutes": (result.train_seconds or 0) / 60, "chosen": name == result.chosen,
+                              "minutes": (result.train_seconds or 0) / 60,
+                              "chosen": name == (result.chosen or NO_CAPTIONS),
                               "gflops": step_gflops(result.config), "compute_ratio": ratios.get((stage.name, variant,
                                                                                                 seed))}
                     by_row.setdefault(name, []).append(values)
@@ -189,10 +196,17 @@ def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:
                                    "- where the record keeps no history)")
 
 
+# What the filters table counts of each CapFilt output (capfilt.json's "counts"): the captions and images there
+# were, and how many were kept; the clean subset's captions are kept as they are
+FILTER_COUNTS = ("original", "kept_original", "images", "images_kept", "synthetic", "kept_synthetic", "clean",
+                 "clean_images")
+
+
 def filter_rows(plan: Plan, study: Path, results: Path | None = None) -> list[dict[str, Any]]:
-    """One row per (CapFilt command stage, scorer) whose output exists here, or whose summary `results` holds:
-    how well the filter found the planted captions (ROC AUC, precision, recall) and what it kept
-    (blipcore.experiments.capfilt's capfilt.json). A summary found here is recorded in `results`."""
+    """One row per (CapFilt command stage, seed, scorer) whose output exists here, or whose summary `results`
+    holds: its protocol (which captioner and filter, `capfilt_protocol`), how well the filter found the planted
+    captions (ROC AUC, precision, recall) and what it kept (blipcore.experiments.capfilt's capfilt.json). A
+    summary found here is recorded in `results`."""
     rows = []
     for stage in (s for s in plan.stages if not s.trains):
         for seed in plan.seeds if stage.per_seed else [None]:
@@ -202,12 +216,11 @@ def filter_rows(plan: Plan, study: Path, results: Path | None = None) -> list[di
             counts, planted = summary.get("counts", {}), summary.get("planted") or {}
             for scorer in summary.get("scorers", []):
                 detection = (planted.get("scorers") or {}).get(scorer) or {}
-                rows.append({"stage": stage.name, "seed": seed, "scorer": scorer,
-                             "decided": scorer == summary.get("score"), "auc": detection.get("auc"),
-                             "precision": detection.get("precision"), "recall": detection.get("recall"),
-                             "dropped_original": detection.get("dropped"), "planted": planted.get("planted"),
-                             "original": counts.get("original"), "kept_original": counts.get("kept_original"),
-                             "synthetic": counts.get("synthetic"), "kept_synthetic": counts.get("kept_synthetic")})
+                rows.append({"protocol": capfilt_protocol(plan, stage.name), "stage": stage.name, "seed": seed,
+                             "scorer": scorer, "decided": scorer == summary.get("score"),
+                             "auc": detection.get("auc"), "precision": detection.get("precision"),
+                             "recall": detection.get("recall"), "dropped_original": detection.get("dropped"),
+                             "planted": planted.get("planted"), **{key: counts.get(key) for key in FILTER_COUNTS}})
     return rows
 
 
@@ -228,25 +241,40 @@ def _capfilt_summary(stage: Stage, plan: Plan, study: Path, seed: int | None,
     return None
 
 
-def recovery_markdown(summary: dict[str, Any] | None) -> str:
-    """The recovery question as a short Markdown table (empty without one)."""
-    if not summary:
+def _recovery_value(summary: dict[str, Any], role: str) -> str:
+    """A role's mean ± sd over its seeds in a recovery table, "-" before a run."""
+    declared, entry = M.metric(summary["metric"]), summary[role]
+    if entry["mean"] is None:
+        return "-"
+    spread = f" ± {declared.format(entry['sd'])}" if entry["sd"] is not None else ""
+    seeds = len(entry["values"])
+    return f"{declared.format(entry['mean'])}{spread} ({seeds} seed{'' if seeds == 1 else 's'})"
+
+
+def recovery_markdown(summaries: dict[str, Any] | Sequence[dict[str, Any]] | None) -> str:
+    """The recovery questions (one summary, or a list: one per protocol) as one short Markdown table, a row a
+    question: a role's column names its variant when every row has the same ("clean/tuned (reference)"), else
+    each cell does; a protocol column where a question's treated variant trains on CapFilt data. Empty without a
+    question."""
+    summaries = [summaries] if isinstance(summaries, dict) else list(summaries or [])
+    if not summaries:
         return ""
-    declared = M.metric(summary["metric"])
-
-    def role(name: str) -> str:
-        entry = summary[name]
-        spread = f" ± {declared.format(entry['sd'])}" if entry["sd"] is not None else ""
-        seeds = len(entry["values"])
-        return f"{declared.format(entry['mean'])}{spread} ({seeds} seed{'' if seeds == 1 else 's'})"
-
-    share = "-" if summary["share"] is None else f"{100 * summary['share']:.0f}%"
-    heads = [f"{summary[name]['run']} ({name})" for name in RECOVERY_ROLES]
-    row = [*(role(name) for name in RECOVERY_ROLES), declared.format(summary["cost"]),
-           declared.format(summary["won_back"]), share, f"{100 * summary['target']:.0f}%", summary["verdict"]]
-    return markdown([*heads, "cost", "won back", "share won back", "target", "verdict"], [row],
-                    f"Recovery in {declared.label}: each run's dev-chosen checkpoint and decoding, mean ± sd over "
-                    "seeds")
+    protocols = any(summary.get("protocol") for summary in summaries)
+    shared = {role: len({summary[role]["run"] for summary in summaries}) == 1 for role in RECOVERY_ROLES}
+    heads = [f"{summaries[0][role]['run']} ({role})" if shared[role] else role for role in RECOVERY_ROLES]
+    rows = []
+    for summary in summaries:
+        declared = M.metric(summary["metric"])
+        roles = [_recovery_value(summary, role) if shared[role] else
+                 f"{summary[role]['run']}: {_recovery_value(summary, role)}" for role in RECOVERY_ROLES]
+        numbers = [None if summary[key] is None else declared.format(summary[key]) for key in ("cost", "won_back")]
+        share = None if summary["share"] is None else f"{100 * summary['share']:.0f}%"
+        rows.append([*([summary.get("protocol")] if protocols else []), *roles, *numbers, share,
+                     f"{100 * summary['target']:.0f}%", summary["verdict"]])
+    labels = ", ".join(sorted({M.metric(summary["metric"]).label for summary in summaries}))
+    return markdown([*(["protocol"] if protocols else []), *heads, "cost", "won back", "share won back", "target",
+                     "verdict"], rows,
+                    f"Recovery in {labels}: each run's dev-chosen checkpoint and decoding, mean ± sd over seeds")
 
 
 def targets_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -298,16 +326,19 @@ def write_table(plan: Plan, study: Path, results: Path | None = None,
 
 def study_table(plan: Plan, study: Path, reported: Reported, results: Path | None) -> dict[str, Any]:
     """Everything the study's table says (study.json): variant rows, runs, filters, recovery and targets."""
+    recoveries = recovery_summaries(plan, reported)
+    # "recovery": the first question, as readers of one question (the dashboard's Study page) expect it
     return {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": study_rows(plan, reported),
             "runs": run_rows(plan, reported), "filters": filter_rows(plan, study, results),
-            "recovery": recovery_summary(plan, reported), "targets": target_rows(plan, reported)}
+            "recovery": recoveries[0] if recoveries else None, "recoveries": recoveries,
+            "targets": target_rows(plan, reported)}
 
 
 def table_markdown(table: dict[str, Any]) -> str:
     """study.md: the variants table, then the filters, recovery, targets and runs sections a study has."""
     if not table["rows"]:
         return "No run of this study is complete or recorded yet.\n"
-    return (markdown_table(table["rows"]) + filters_markdown(table["filters"]) + recovery_markdown(table["recovery"])
+    return (markdown_table(table["rows"]) + filters_markdown(table["filters"]) + recovery_markdown(table["recoveries"])
             + targets_markdown(table["targets"]) + runs_markdown(table["runs"]))
 
 
@@ -356,18 +387,43 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def filters_markdown(filters: Sequence[dict[str, Any]]) -> str:
-    """The CapFilt filters as a Markdown table (empty when the study has none)."""
+    """The CapFilt filters as a Markdown table, protocols side by side (empty when the study has none)."""
     if not filters:
         return ""
 
     def share(value: Any) -> str:
         return "-" if not M.is_number(value) else f"{100 * value:.1f}%"
 
-    headers = ["stage", "seed", "scorer", "decided", "ROC AUC", "precision", "recall", "originals kept",
-               "synthetic kept"]
-    body = [[row["stage"], "all" if row["seed"] is None else row["seed"], row["scorer"],
+    def kept(row: dict[str, Any], key: str, total: str) -> str:
+        found, of = row.get(key), row.get(total)
+        if not isinstance(found, int) or not isinstance(of, int):
+            return "-"
+        return f"{share(found / of) if of else '-'} ({found} of {of})"
+
+    def clean(row: dict[str, Any]) -> str:
+        return f"{row['clean']} captions of {row['clean_images']} images" if row.get("clean") else "-"
+
+    headers = ["protocol", "stage", "seed", "scorer", "decided", "ROC AUC", "precision", "recall", "originals kept",
+               "images kept", "synthetic kept", "clean, kept as they are"]
+    body = [[row["protocol"], row["stage"], "all" if row["seed"] is None else row["seed"], row["scorer"],
              "yes" if row["decided"] else "no", _number(row["auc"], 3), share(row["precision"]),
-             share(row["recall"]), f"{row['kept_original']} of {row['original']}",
-             f"{row['kept_synthetic']} of {row['synthetic']}"] for row in filters]
-    return markdown(headers, body, "CapFilt filters: finding the planted captions among the originals (low score = "
-                                   "planted)")
+             share(row["recall"]), kept(row, "kept_original", "original"), kept(row, "images_kept", "images"),
+             kept(row, "kept_synthetic", "synthetic"), clean(row)] for row in filters]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in filters:
+        groups.setdefault((row["protocol"], row["stage"], row["scorer"]), []).append(row)
+    spread = [[*key, len(rows), *(_mean_sd([row[name] for row in rows], show) for name, show in (
+        ("auc", lambda v: _number(v, 3)), ("precision", share), ("recall", share)))] for key, rows in groups.items()]
+    return (markdown(headers, body, "CapFilt filters: finding the planted captions among the scored originals (low "
+                                    "score = planted), and what each protocol kept")
+            + markdown(["protocol", "stage", "scorer", "seeds", "ROC AUC", "precision", "recall"], spread,
+                       "CapFilt filters over seeds: mean ± sd"))
+
+
+def _mean_sd(values: Sequence[Any], show: Callable[[Any], str]) -> str:
+    """The mean ± sample sd of the numbers among `values`, each shown by `show` ("-" without any)."""
+    numbers = [v for v in values if M.is_number(v)]
+    if not numbers:
+        return "-"
+    spread = f" ± {show(statistics.stdev(numbers))}" if len(numbers) > 1 else ""
+    return show(statistics.fmean(numbers)) + spread
