@@ -235,12 +235,15 @@ def alternate(
     return times
 
 
-def matmul_reference(
-    device: torch.device, dtype: torch.dtype, reps: int = 5
-) -> tuple[Callable[[int], object], int]:
-    """The hardware reference: a contender doing `reps` n x n matmuls on all threads (n = MATMUL_SIZE), and
-    the FLOPs of one call."""
-    n = speed.MATMUL_SIZE[device.type]
+# n x n matmuls per call of the hardware reference: a call long enough to time. One GPU matmul at n = 8192 takes
+# milliseconds; one CPU matmul at n = 2048 takes a third of a second on 2 cores, and more only lengthens the run.
+MATMUL_REPS = {"cpu": 1, "cuda": 5}
+
+
+def matmul_reference(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[int], object], int]:
+    """The hardware reference: a contender doing MATMUL_REPS n x n matmuls on all threads (n = MATMUL_SIZE),
+    and the FLOPs of one call."""
+    n, reps = speed.MATMUL_SIZE[device.type], MATMUL_REPS[device.type]
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
 
     def run(_round: int) -> None:

@@ -106,18 +106,18 @@ def test_bad_values_stop_before_anything_is_written(tmp_path, capsys, assignment
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
+def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path, capsys):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_runs_dir / "tiny", run_dir)  # eval writes into the run: work on a copy
 
-    info = run_cli("info", "--run-dir", str(run_dir))
-    assert info.returncode == 0, info.stderr
-    assert "completed" in info.stdout and "epochs 1, 2" in info.stdout
+    assert main(["info", "--run-dir", str(run_dir)]) == 0  # info and eval in this process, caption in its own
+    info = capsys.readouterr().out
+    assert "completed" in info and "epochs 1, 2" in info
 
-    out = run_cli("eval", "--run-dir", str(run_dir), "--epoch", "all", "--strategies", "greedy,beam,repetition-penalty",
-                  "--images", "6", "--no-meteor")
-    assert out.returncode == 0, out.stderr
-    assert "epoch 1" in out.stdout and "epoch 2" in out.stdout and "beam" in out.stdout
+    assert main(["eval", "--run-dir", str(run_dir), "--epoch", "all", "--strategies", "greedy,beam,repetition-penalty",
+                 "--images", "6", "--no-meteor"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1" in out and "epoch 2" in out and "beam" in out
     result = RunDir(run_dir).load_eval(2)
     assert set(result["strategies"]) == {"greedy", "beam", "repetition-penalty"}
     for entry in result["strategies"].values():
@@ -136,14 +136,15 @@ def test_info_eval_and_caption_on_a_trained_run(tiny_runs_dir, tmp_path):
     assert "Traceback" not in bad.stderr and bad.stdout == ""
 
 
-def test_info_on_a_folder_that_is_not_a_run(tmp_path):
-    out = run_cli("info", "--run-dir", str(tmp_path))
-    assert out.returncode == 2 and "run.json" in out.stderr and "Traceback" not in out.stderr
+def test_info_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["info", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "run.json" in err and "Traceback" not in err
 
 
-def test_info_json(tiny_runs_dir):
-    out = run_cli("info", "--run-dir", str(tiny_runs_dir / "tiny"), "--json")
-    assert json.loads(out.stdout)["epochs"] == [1, 2]
+def test_info_json(tiny_runs_dir, capsys):
+    assert main(["info", "--run-dir", str(tiny_runs_dir / "tiny"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == [1, 2]
 
 
 def test_info_shows_the_best_value_of_each_headline_metric(tiny_runs_dir, capsys):

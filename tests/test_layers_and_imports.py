@@ -166,3 +166,38 @@ def test_the_checks_catch_an_upward_import_and_a_cycle():
     assert layer_of("blipcore.io") == "base" and layer_of("blipcore") == "model"
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# Sizes the code keeps so that a module does one job and a function reads on one screen (docs/code-map.md)
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+SIZED = [path for folder in ("blipcore", "train", "dashboard")
+         for path in sorted((PROJECT_ROOT / folder).rglob("*.py"))]
+
+
+def oversized(source: str) -> list[str]:
+    """What in `source` is over the limits: the module's line count, each function's (its decorators excluded)."""
+    lines = len(source.splitlines())
+    found = [f"module: {lines} lines"] if lines > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{node.name} (line {node.lineno}): {length} lines")
+    return found
+
+
+@pytest.mark.parametrize("path", SIZED, ids=lambda p: str(p.relative_to(PROJECT_ROOT)))
+def test_no_module_over_600_lines_and_no_function_over_80(path):
+    found = oversized(path.read_text(encoding="utf-8"))
+    assert not found, f"{path.relative_to(PROJECT_ROOT)}: {'; '.join(found)}"
+
+
+def function(name: str, body_lines: int) -> str:
+    return f"def {name}():\n" + "".join(f"    x{i} = {i}\n" for i in range(body_lines))
+
+
+def test_the_size_check_catches_a_long_function_and_a_long_module():
+    assert oversized(function("fits", 79)) == []
+    assert oversized(function("long", 80)) == ["long (line 1): 81 lines"]
+    assert oversized("x = 1\n" * 601) == ["module: 601 lines"]

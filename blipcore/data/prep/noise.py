@@ -83,7 +83,7 @@ def planted_captions(annotations: list[dict[str, Any]], fraction: float, seed: i
                      clean_images: int = 0) -> list[dict[str, Any]]:
     """The noise.jsonl lines for `annotations` (COCO caption entries): round(fraction x N) of them, chosen
     with `seed`, take the caption of a random annotation of another image. With `clean_images`, that many
-    images (clean_subset) are left out of both draws: their captions are neither replaced nor lent."""
+    images (clean_subset) are left out of both draws: their captions are neither replaced nor given to another image."""
     check_fraction(fraction)
     clean = clean_subset(annotations, clean_images, seed)
     pool = [i for i, annotation in enumerate(annotations) if annotation["image_id"] not in clean]
