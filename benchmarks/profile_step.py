@@ -49,18 +49,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from blipcore import BLIP, BlipConfig, speed
-from blipcore.data import build_datasets
 from blipcore.model import layers, losses
-from blipcore.model.config import VOCAB_SIZE
 from blipcore.model.flops import forward_flops, training_flops
-from blipcore.model.tokenizer import load_tokenizer, special_ids
-from blipcore.model.vocabulary import training_word_pieces
-from blipcore.training.step import build_optimizer, train_step
+from blipcore.training.step import build_optimizer, synthetic_batch, train_step, with_counted_vocabulary
 
 PREFIX = "blip::"  # every region this script opens is a record_function named blip::<region>
 
@@ -192,19 +188,6 @@ def instrumented(model: BLIP, regions: Regions) -> Iterator[list[str]]:
 
 
 # --- the step --------------------------------------------------------------------------------------
-def synthetic_batch(cfg: BlipConfig, size: int, device: torch.device, generator: torch.Generator) -> dict[str, Tensor]:
-    """A collated batch as the trainer's loader gives it: random pixels and random word pieces filling
-    max_text_len ([CLS] w ... w [SEP], no padding), every image its own (distinct image ids)."""
-    m, ids, tok = cfg.model, special_ids(), load_tokenizer()
-    low = max(i for i in tok.all_special_ids if i < min(ids["dec"], ids["enc"])) + 1  # after [PAD] .. [MASK]
-    high = min(ids["dec"], ids["enc"])  # bert-base-uncased's word pieces end where [DEC] and [ENC] were added
-    words = torch.randint(low, high, (size, m.max_text_len), generator=generator)
-    words[:, 0], words[:, -1] = ids["cls"], ids["sep"]
-    images = torch.randn(size, 3, m.image_size, m.image_size, generator=generator)
-    return {"images": images.to(device), "input_ids": words.to(device),
-            "attention_mask": torch.ones_like(words).to(device), "image_ids": torch.arange(size, device=device)}
-
-
 def attention_ab(step: Callable[[], Any], device: torch.device, rounds: int) -> dict[str, float]:
     """The step with blipcore.model.layers' attention rule (on a CPU in bf16 / fp16, torch's math backend over at most
     CPU_MATH_MAX_KEYS keys) against the fused kernel everywhere: median milliseconds of `rounds` alternating pairs
@@ -260,9 +243,7 @@ def profile_step(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         cfg = cfg.override_strings(args.set)
     if args.data_root:
         cfg = cfg.override({"data.root": args.data_root})
-    if cfg.model.vocabulary == "captions" and cfg.model.vocab_size == VOCAB_SIZE:  # counted as the trainer does
-        cfg = cfg.override({"model.vocab_size": len(training_word_pieces(
-            build_datasets(cfg, splits=("train",))["train"], cfg.model.prompt))})
+    cfg = with_counted_vocabulary(cfg)  # a "captions" vocabulary counted as the trainer does
     size = args.batch_size or cfg.train.batch_size
     dtype = speed.autocast_dtype(device, cfg.train.precision)  # the trainer's choice on this machine
     torch.manual_seed(cfg.train.seed)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.config import TrainConfig
-from ..model.tokenizer import special_ids
+from ..model.config import VOCAB_SIZE, BlipConfig, TrainConfig
+from ..model.tokenizer import load_tokenizer, special_ids
 
 
 class NonFiniteLossError(RuntimeError):
@@ -252,3 +252,29 @@ def train_step(
     if own:
         monitor.check()
     return samples
+
+
+# --- what benchmarks/ step on --------------------------------------------------------------------
+def synthetic_batch(cfg: BlipConfig, size: int, device: torch.device, generator: torch.Generator) -> dict[str, Tensor]:
+    """A collated batch as the trainer's loader gives it: random pixels and random word pieces filling
+    max_text_len ([CLS] w ... w [SEP], no padding), every image its own (distinct image ids)."""
+    m, ids, tok = cfg.model, special_ids(), load_tokenizer()
+    low = max(i for i in tok.all_special_ids if i < min(ids["dec"], ids["enc"])) + 1  # after [PAD] .. [MASK]
+    high = min(ids["dec"], ids["enc"])  # bert-base-uncased's word pieces end where [DEC] and [ENC] were added
+    words = torch.randint(low, high, (size, m.max_text_len), generator=generator)
+    words[:, 0], words[:, -1] = ids["cls"], ids["sep"]
+    images = torch.randn(size, 3, m.image_size, m.image_size, generator=generator)
+    return {"images": images.to(device), "input_ids": words.to(device),
+            "attention_mask": torch.ones_like(words).to(device), "image_ids": torch.arange(size, device=device)}
+
+
+def with_counted_vocabulary(cfg: BlipConfig) -> BlipConfig:
+    """`cfg` with model.vocab_size as the trainer counts it for model.vocabulary = "captions" (the word pieces of
+    the training captions under data.root, and the prompt's); `cfg` itself otherwise."""
+    if cfg.model.vocabulary != "captions" or cfg.model.vocab_size != VOCAB_SIZE:
+        return cfg
+    from ..data import build_datasets
+    from ..model.vocabulary import training_word_pieces
+
+    train_set = build_datasets(cfg, splits=("train",))["train"]
+    return cfg.override({"model.vocab_size": len(training_word_pieces(train_set, cfg.model.prompt))})

@@ -126,8 +126,10 @@ from .records import (
 )
 from .report import (
     COST_TEXT_LEN,
+    STEP_SPEED_FILE,
     code_revisions,
     history_steps,
+    read_step_speed,
     records_report,
     recovery_markdown,
     run_rows,
@@ -139,10 +141,10 @@ from .report import (
 from .running import StudyStopped, run_study, save_plan_copy, selection
 
 __all__ = [
-    "COST_TEXT_LEN", "HISTORY_TRAIN_LINES", "RECOVERY_ROLES", "TABLE_METRICS", "PlanError", "Recovery", "RunResult",
-    "StudyStopped", "Target", "code_revisions", "completed_result", "config_differences", "dev_choice",
-    "history_steps", "judge_against_variant", "judge_recovery", "judge_target", "load_plan", "numbers_only",
-    "parse_plan", "planned_config", "pooled_sd", "read_records", "records_report", "recovery_markdown",
-    "reported_evaluation", "reported_runs", "run_dir", "run_history", "run_rows", "run_study", "save_plan_copy",
-    "selection", "study_rows", "targets_markdown", "total_pflops", "write_table",
+    "COST_TEXT_LEN", "HISTORY_TRAIN_LINES", "STEP_SPEED_FILE", "RECOVERY_ROLES", "TABLE_METRICS", "PlanError",
+    "Recovery", "RunResult", "StudyStopped", "Target", "code_revisions", "completed_result", "config_differences",
+    "dev_choice", "history_steps", "judge_against_variant", "judge_recovery", "judge_target", "load_plan",
+    "numbers_only", "parse_plan", "planned_config", "pooled_sd", "read_records", "read_step_speed", "records_report",
+    "recovery_markdown", "reported_evaluation", "reported_runs", "run_dir", "run_history", "run_rows", "run_study",
+    "save_plan_copy", "selection", "study_rows", "targets_markdown", "total_pflops", "write_table"
 ]

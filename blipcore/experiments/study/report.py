@@ -18,7 +18,7 @@ from ...evaluation import metrics as M
 from ...io import atomic_write_bytes, atomic_write_json
 from ...model.config import BlipConfig
 from ...model.flops import training_step_flops
-from ...runs.rundir import STUDY_TABLE, read_json
+from ...runs.rundir import STUDY_TABLE, RunError, read_json
 from .folders import run_dir, stage_output
 from .judging import recovery_summaries, target_rows
 from .plan import RECOVERY_ROLES, RETRIEVAL_METRICS, TABLE_METRICS, Plan, Stage, capfilt_protocol, run_references
@@ -28,9 +28,11 @@ from .records import Reported, RunResult, record_path, reported_runs, save_recor
 NO_CAPTIONS = "-"
 
 
-def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
+def study_rows(plan: Plan, reported: Reported, speeds: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (stage, variant, strategy or reference row): mean and spread over the seeds' runs; a run that
-    writes no caption but has retrieval or matching numbers (a filter) has one row, decoding NO_CAPTIONS."""
+    writes no caption but has retrieval or matching numbers (a filter) has one row, decoding NO_CAPTIONS. `speeds`:
+    a step-speed measurement (read_step_speed), whose samples/s ratio each variant's rows show."""
+    measured = (speeds or {}).get("variants", {})
     rows = []
     ratios = _compute_ratios(plan, reported)
     for stage in (s for s in plan.stages if s.trains):
@@ -59,6 +61,7 @@ def study_rows(plan: Plan, reported: Reported) -> list[dict[str, Any]]:
                     numbers = [v[key] for v in values if M.is_number(v.get(key))]
                     row[key] = statistics.fmean(numbers) if numbers else None
                     row[f"{key}_sd"] = statistics.stdev(numbers) if len(numbers) > 1 else None
+                row["speed_ratio"] = measured.get(f"{stage.name}/{variant}", {}).get("samples_per_s_ratio")
                 rows.append(row)
     return rows
 
@@ -75,6 +78,34 @@ def _compute_ratios(plan: Plan, reported: Reported) -> dict[tuple[str, str, int]
     reference = statistics.fmean(references)
     return {(s, v, seed): total / reference for (s, v), seeds in reported.items() for seed in seeds
             if (total := total_pflops(plan, reported, s, v, seed)) is not None}
+
+
+# The step-speed measurement of a study's variants in its results folder (benchmarks/variant_speed.py --out): each
+# variant's samples/s as a ratio of the reference's, timed in turn in one run
+STEP_SPEED_FILE = "step-speed.json"
+
+
+def read_step_speed(results: Path | None) -> dict[str, Any] | None:
+    """The results folder's step-speed measurement (STEP_SPEED_FILE), None where it has none; RunError (one line)
+    for a file that is not one."""
+    path = None if results is None else Path(results) / STEP_SPEED_FILE
+    if path is None or not path.is_file():
+        return None
+    speeds = read_json(path, "step-speed measurement")
+    if not isinstance(speeds.get("variants"), dict) or not isinstance(speeds.get("machine"), dict):
+        raise RunError(f"{path}: not a step-speed measurement (benchmarks/variant_speed.py --out writes one)")
+    return speeds
+
+
+def speed_note(speeds: dict[str, Any] | None) -> str:
+    """The line under the variants table that says where its samples/s ratios come from (empty without them)."""
+    if not speeds:
+        return ""
+    machine = speeds["machine"]
+    rounds = speeds.get("settings", {}).get("steps", "?")
+    return (f"\nsamples/s × reference: each variant's training step (data loading left out) timed in turn with the "
+            f"reference's, median of {rounds} rounds, by `{speeds.get('command')}` on "
+            f"{machine.get('gpu') or machine.get('cpu')}, {speeds.get('date')}.\n")
 
 
 # Word pieces of a caption with [CLS] and [SEP] at which the table counts a step's FLOPs: Flickr8k's captions average
@@ -328,7 +359,9 @@ def study_table(plan: Plan, study: Path, reported: Reported, results: Path | Non
     """Everything the study's table says (study.json): variant rows, runs, filters, recovery and targets."""
     recoveries = recovery_summaries(plan, reported)
     # "recovery": the first question, as readers of one question (the dashboard's Study page) expect it
-    return {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": study_rows(plan, reported),
+    speeds = read_step_speed(results)
+    return {"name": plan.name, "preset": plan.preset, "seeds": plan.seeds, "rows": study_rows(plan, reported, speeds),
+            "step_speed": speeds,
             "runs": run_rows(plan, reported), "filters": filter_rows(plan, study, results),
             "recovery": recoveries[0] if recoveries else None, "recoveries": recoveries,
             "targets": target_rows(plan, reported)}
@@ -338,7 +371,8 @@ def table_markdown(table: dict[str, Any]) -> str:
     """study.md: the variants table, then the filters, recovery, targets and runs sections a study has."""
     if not table["rows"]:
         return "No run of this study is complete or recorded yet.\n"
-    return (markdown_table(table["rows"]) + filters_markdown(table["filters"]) + recovery_markdown(table["recoveries"])
+    return (markdown_table(table["rows"]) + speed_note(table.get("step_speed"))
+            + filters_markdown(table["filters"]) + recovery_markdown(table["recoveries"])
             + targets_markdown(table["targets"]) + runs_markdown(table["runs"]))
 
 
@@ -367,7 +401,8 @@ def _number(value: Any, digits: int) -> str:
 
 
 # Columns of the variants table beyond the metrics: (key, label, digits)
-COST_COLUMNS = (("minutes", "minutes", 1), ("gflops", "GFLOP a step", 1), ("compute_ratio", "compute × reference", 2))
+COST_COLUMNS = (("minutes", "minutes", 1), ("gflops", "GFLOP a step", 1), ("compute_ratio", "compute × reference", 2),
+                ("speed_ratio", "samples/s × reference", 2))
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
