@@ -6,7 +6,8 @@ Each variant's config is the one the study gives its run (the preset, the plan's
 train.init is not loaded: weights do not change a step's time). Its model and AdamW are built as the trainer builds
 them, and it steps on a synthetic batch at the preset's batch size (random pixels at its image size, random word
 pieces filling max_text_len: blipcore.training.step.synthetic_batch). The rounds alternate the variants, the order
-reversed every other round, after --warmup untimed rounds; a variant's time is the median of its rounds.
+reversed every other round, after --warmup untimed rounds; a variant's time is the median of its rounds, its ratio
+the median of its rounds' ratios to the reference's in the same round (a slow spell of the machine falls on both).
 
 What it leaves out: data loading and augmentation (data.augment: the loader's work, not the step's), evaluation,
 and checkpointing. A variant the study trains with no image-text step (an MAE run) is timed all the same: its step
@@ -84,8 +85,8 @@ def build_step(cfg: BlipConfig, device: torch.device):
 
 def measure(configs: dict[str, BlipConfig], steps: int, warmup: int, device: torch.device,
             progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Each variant's step seconds (median of `steps` alternating rounds), samples/s and its ratio to the first
-    variant's (the reference), and its GFLOP a step."""
+    """Each variant's step seconds (median of `steps` alternating rounds), samples/s, its ratio to the first
+    variant's (the reference: the median of the rounds' ratios, and their range) and its GFLOP a step."""
     built = {name: build_step(cfg, device) for name, cfg in tqdm(configs.items(), desc="build", disable=not progress)}
     times: dict[str, list[float]] = {name: [] for name in built}
     names = list(built)
@@ -97,15 +98,17 @@ def measure(configs: dict[str, BlipConfig], steps: int, warmup: int, device: tor
             if round_ >= warmup:
                 times[name].append(seconds)
     bar.close()
-    reference = None
     rows = {}
+    reference_name = names[0]
+    reference_rate = [built[reference_name][1] / t for t in times[reference_name]]
     for name, (_, samples, cfg) in built.items():
         median = statistics.median(times[name])
+        # the ratio in each round, to the reference's in that round: a slow spell of the machine falls on both
+        ratios = [samples / t / r for t, r in zip(times[name], reference_rate, strict=True)]
         rows[name] = {"step_s": median, "step_s_all": times[name], "samples_per_s": samples / median,
-                      "batch_size": samples,
-                      "gflops": training_step_flops(cfg, samples, COST_TEXT_LEN) / 1e9}
-        reference = reference or rows[name]["samples_per_s"]
-        rows[name]["samples_per_s_ratio"] = rows[name]["samples_per_s"] / reference
+                      "batch_size": samples, "gflops": training_step_flops(cfg, samples, COST_TEXT_LEN) / 1e9,
+                      "samples_per_s_ratio": statistics.median(ratios),
+                      "ratio_range": [min(ratios), max(ratios)]}
     return rows
 
 
@@ -130,10 +133,12 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"{result['command']}\n{machine['gpu'] or machine['cpu']}, {machine['torch_threads']} threads, fp32 matmul "
           f"{machine['matmul_fp32_gflops']} GFLOP/s, {result['date']}; median of {result['settings']['steps']} "
           "alternating rounds\n")
-    print(f"{'variant':34s} {'step s':>8s} {'samples/s':>10s} {'× reference':>12s} {'GFLOP a step':>13s}")
+    print(f"{'variant':34s} {'step s':>8s} {'samples/s':>10s} {'× reference':>12s} {'rounds':>11s} "
+          f"{'GFLOP a step':>13s}")
     for name, row in result["variants"].items():
+        low, high = row["ratio_range"]
         print(f"{name:34s} {row['step_s']:8.3f} {row['samples_per_s']:10.1f} {row['samples_per_s_ratio']:12.2f} "
-              f"{row['gflops']:13.1f}")
+              f"{low:5.2f}-{high:4.2f} {row['gflops']:13.1f}")
 
 
 def build_parser() -> argparse.ArgumentParser:

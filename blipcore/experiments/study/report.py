@@ -104,7 +104,7 @@ def speed_note(speeds: dict[str, Any] | None) -> str:
     machine = speeds["machine"]
     rounds = speeds.get("settings", {}).get("steps", "?")
     return (f"\nsamples/s × reference: each variant's training step (data loading left out) timed in turn with the "
-            f"reference's, median of {rounds} rounds, by `{speeds.get('command')}` on "
+            f"reference's, the median of {rounds} rounds' ratios, by `{speeds.get('command')}` on "
             f"{machine.get('gpu') or machine.get('cpu')}, {speeds.get('date')}.\n")
 
 
