@@ -1,9 +1,12 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv and install first.
-# PYTEST_ARGS passes options to pytest, e.g. make test PYTEST_ARGS='-m shared_data'.
+# PYTEST_ARGS passes options to pytest, e.g. make test PYTEST_ARGS='-m shared_data'. TEST_WORKERS: the test
+# processes (pytest-xdist; each test file in one of them). Every test runs one torch thread (tests/conftest.py), so
+# two processes keep a 2-core machine busy; TEST_WORKERS=0 runs the suite in this process alone.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 RUNS   ?= runs
+TEST_WORKERS ?= 2
 DEMO   := $(RUNS)/demo
 
 .PHONY: demo test lint install train-demo dashboard clean-demo
@@ -37,7 +40,7 @@ dashboard: install
 demo: train-demo dashboard
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
