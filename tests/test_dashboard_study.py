@@ -242,6 +242,22 @@ def test_study_page_shows_the_table_first_and_each_section_in_its_tab(monkeypatc
     assert len(at.get("image")) == 4 and "References" in texts(at)  # the thumbnails were found
 
 
+def test_a_study_with_two_recovery_questions_shows_each_with_its_figure(monkeypatch, study_runs_dir, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(study_runs_dir, runs)
+    table = json.loads((runs / "study-tiny" / STUDY_TABLE).read_text())
+    first = table["recovery"]
+    table["recoveries"] = [{**first, "protocol": "captioner and filter: noisy/tuned"},
+                           {**first, "protocol": "captioner: finetuned/captioner, filter: finetuned/filter"}]
+    (runs / "study-tiny" / STUDY_TABLE).write_text(json.dumps(table))
+    at = run_page(monkeypatch, runs)
+    shown = texts(at)
+    assert "Recovery: captioner and filter: noisy/tuned" in shown
+    assert "Recovery: captioner: finetuned/captioner, filter: finetuned/filter" in shown
+    assert "| captioner: finetuned/captioner, filter: finetuned/filter |" in shown  # one table, a row each
+    assert len(at.get("plotly_chart")) == 3  # a recovery figure each, and the chosen target's
+
+
 def test_study_page_without_a_finished_run_says_so(monkeypatch, study_runs_dir, tmp_path):
     study = tmp_path / "study-new"
     study.mkdir()

@@ -91,9 +91,14 @@ def table_section(folder: Path, table: dict) -> None:
                "over the seeds. Click a column header to sort (by the mean). `chosen_on_dev`: how many seeds' "
                "highest dev CIDEr was this strategy.")
     st.dataframe(sf.styled_table(numbers, texts), hide_index=True, width="stretch", key="study_table")
-    if table.get("recovery"):  # the plan's [recovery] question (CapFilt: how much of the noise's cost is won back)
-        st.markdown(recovery_markdown(table["recovery"]))
-        st.plotly_chart(sf.recovery_figure(table["recovery"]), key="study_recovery")
+    # the plan's recovery questions (CapFilt: how much of the noise's cost each protocol wins back), a figure each
+    recoveries = table.get("recoveries") or ([table["recovery"]] if table.get("recovery") else [])
+    if recoveries:
+        st.markdown(recovery_markdown(recoveries))
+        for index, summary in enumerate(recoveries):
+            if len(recoveries) > 1:
+                st.caption(f"Recovery: {summary.get('protocol') or summary.get('treated', {}).get('run', index + 1)}")
+            st.plotly_chart(sf.recovery_figure(summary), key=f"study_recovery_{index}")
     if table.get("targets"):  # the plan's targets, every variant judged against each
         st.markdown(targets_markdown(table["targets"]))
         names = list(dict.fromkeys(row["target"] for row in table["targets"]))
