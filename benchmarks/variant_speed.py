@@ -30,6 +30,7 @@ import json
 import shlex
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,18 @@ def variant_configs(plan_path: Path, only: list[str], data_root: str | None) -> 
             if only and not any(name == o or stage.name == o for o in only):
                 continue
             cfg = planned_config(plan, Path("study"), stage, variant, 0)
-            configs[name] = cfg.override({"train.init": ""})  # weights are not loaded: they cost no time
+            # weights are not loaded (they cost no time), and a stage that trains on a dataset an earlier stage makes
+            # reads the plan's own here: its vocabulary is counted there, its step takes as long
+            configs[name] = cfg.override({"train.init": "", "data.root": plan.base_config().data.root})
     if not configs:
         raise SystemExit(f"error: {plan_path}: no training variant matches --only {' '.join(only)}")
     reference = plan.reference if plan.reference in configs else next(iter(configs))
     return {reference: configs[reference], **{k: v for k, v in configs.items() if k != reference}}
 
 
-def build_step(cfg: BlipConfig, device: torch.device):
-    """A function that takes one trainer step of `cfg`'s model on a fixed synthetic batch; the batch size."""
+def build_step(cfg: BlipConfig, device: torch.device) -> tuple[Callable[[], None], int, BlipConfig]:
+    """A function that takes one trainer step of `cfg`'s model on a fixed synthetic batch, the samples a step
+    takes, and the config as built (its caption vocabulary counted)."""
     cfg = with_counted_vocabulary(cfg)
     torch.manual_seed(cfg.train.seed)
     model = BLIP(cfg).to(device)
@@ -163,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("error: --steps must be at least 1 and --warmup at least 0")
-    result = report(args, argv)
+    try:
+        result = report(args, argv)
+    except (ValueError, OSError) as err:  # a plan that does not parse (PlanError), a dataset that is not there
+        raise SystemExit(f"error: {err}") from None
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -92,3 +92,16 @@ def test_every_variant_of_a_plan_and_an_unknown_one(shapes_root, tmp_path):
     assert configs["image-pretraining/mae"].model.mae and configs["screening/deeper"].model.vision_depth == 2
     with pytest.raises(SystemExit, match="no training variant matches --only nothing"):
         script.variant_configs(tmp_path / "speed.toml", ["nothing"], None)
+    with pytest.raises(SystemExit, match="no such plan file"):  # one line, no traceback
+        script.main([str(tmp_path / "missing.toml")])
+
+
+def test_a_stage_on_an_earlier_stages_dataset_is_timed_on_the_plans(shapes_root, tmp_path):
+    script = load_script("variant_speed", SCRIPT)
+    plan = write_plan(tmp_path, shapes_root)
+    plan.write_text(plan.read_text() + "\n".join([
+        "[[stage]]", 'name = "noisy-data"', 'command = ["data", "noise", "--from", "{data_root}", "--out", '
+        '"{study}/data/noisy", "--fraction", "0.3"]', 'produces = "{study}/data/noisy"',
+        "[[stage]]", 'name = "noisy"', 'data = "noisy-data"', "[stage.variants]", "tuned = {}"]) + "\n")
+    configs = script.variant_configs(plan, ["noisy"], None)
+    assert configs["noisy/tuned"].data.root == str(shapes_root)  # not the study's data/noisy, which is not made
