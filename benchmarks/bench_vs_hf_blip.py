@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import platform
@@ -220,21 +219,6 @@ def caption_sets(cfg: BlipConfig, batch: int, count: int, path: Path) -> dict[st
 
 
 # --- timing --------------------------------------------------------------------------------------
-def alternate(
-    contenders: dict[str, Callable[[int], object]], steps: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds of each contender at each round, called with the round's index, in turn (the order reversed
-    every other round) after `warmup` untimed rounds."""
-    names = list(contenders)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(warmup + steps):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            seconds = speed.seconds_of(functools.partial(contenders[name], round_), device)
-            if round_ >= warmup:
-                times[name].append(seconds)
-    return times
-
-
 # n x n matmuls per call of the hardware reference: a call long enough to time. One GPU matmul at n = 8192 takes
 # milliseconds; one CPU matmul at n = 2048 takes a third of a second on 2 cores, and more only lengthens the run.
 MATMUL_REPS = {"cpu": 1, "cuda": 5}
@@ -256,7 +240,7 @@ def matmul_reference(device: torch.device, dtype: torch.dtype) -> tuple[Callable
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of the hardware reference on its own, median of 10 calls."""
     run, flops = matmul_reference(device, dtype)
-    return flops / statistics.median(alternate({"matmul": run}, 10, 2, device)["matmul"])
+    return flops / statistics.median(speed.alternate({"matmul": run}, 10, 2, device)["matmul"])
 
 
 # --- what is measured ----------------------------------------------------------------------------
@@ -344,7 +328,8 @@ def measure_training(
 
     for model in models.values():
         model.train()
-    times = alternate({name: contender(name) for name in models} | {"matmul": matmul}, args.steps, args.warmup, device)
+    contenders = {name: contender(name) for name in models} | {"matmul": matmul}
+    times = speed.alternate(contenders, args.steps, args.warmup, device)
     timed_batches = [batches[i % len(batches)] for i in range(args.warmup, args.warmup + args.steps)]
     size = len(batches[0].ids)
     report: dict[str, Any] = {
@@ -387,7 +372,7 @@ def measure_decoding(
         if (length := decode(0)) != n:
             raise RuntimeError(f"{name} generated {length} tokens, not {n}")
     contenders["image_encoding"] = lambda _round: ours_image_encoding(ours, images)
-    times = alternate(contenders, args.steps, args.warmup, images.device)
+    times = speed.alternate(contenders, args.steps, args.warmup, images.device)
     image_s = statistics.median(times["image_encoding"])
     report: dict[str, Any] = {"images": len(images), "new_tokens": n, "image_encoding_s": image_s}
     for label, beams in (("greedy", 1), (f"beam{BEAMS}", BEAMS)):

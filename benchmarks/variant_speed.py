@@ -92,15 +92,10 @@ def measure(configs: dict[str, BlipConfig], steps: int, warmup: int, device: tor
     """Each variant's step seconds (median of `steps` alternating rounds), samples/s, its ratio to the first
     variant's (the reference: the median of the rounds' ratios, and their range) and its GFLOP a step."""
     built = {name: build_step(cfg, device) for name, cfg in tqdm(configs.items(), desc="build", disable=not progress)}
-    times: dict[str, list[float]] = {name: [] for name in built}
     names = list(built)
     bar = tqdm(total=(warmup + steps) * len(names), desc="steps", unit="step", disable=not progress)
-    for round_ in range(warmup + steps):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            seconds = speed.seconds_of(built[name][0], device)
-            bar.update(1)
-            if round_ >= warmup:
-                times[name].append(seconds)
+    times = speed.alternate({name: lambda _round, step=built[name][0]: step() for name in names}, steps, warmup,
+                            device, after_each=lambda: bar.update(1))
     bar.close()
     rows = {}
     reference_name = names[0]

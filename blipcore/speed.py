@@ -61,6 +61,23 @@ def seconds_of(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def alternate(contenders: dict[str, Callable[[int], object]], steps: int, warmup: int, device: torch.device,
+              after_each: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each contender at each round, called with the round's index, in turn (the order reversed
+    every other round) after `warmup` untimed rounds: the benchmarks' way to compare contenders in one process, so
+    that a slow spell of the machine falls on all of them. `after_each` is called after every call (a progress bar)."""
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + steps):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            seconds = seconds_of(functools.partial(contenders[name], round_), device)
+            if after_each is not None:
+                after_each()
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return times
+
+
 def cpu_model() -> str:
     """The processor's name as /proc/cpuinfo gives it (e.g. "AMD EPYC 7B13"), or the platform's machine type."""
     import platform
