@@ -16,9 +16,14 @@ a runs folder holding at least one trained run (`make train-demo`).
 
     python benchmarks/page_render_times.py --runs-dir runs --repeat 5
     python benchmarks/page_render_times.py --runs-dir runs --repeat 1 --screenshots docs/screenshots
+    python benchmarks/page_render_times.py --runs-dir runs --run study-small-data/screening-augment-seed0 \
+        --pages Alignment,Embeddings --umap --repeat 1 --screenshots docs/screenshots/small-data
 
-With --screenshots DIR it also saves a full-page screenshot of every page (01_runs.png, 02_training.png,
-...), taken once the page is completely drawn: the README's screenshots come from here.
+With --screenshots DIR it also saves a full-page screenshot of every page timed (01_runs.png,
+02_training.png, ...), taken once the page is completely drawn: the docs' screenshots come from here.
+--run opens every page on that run (the page URL's `?run=`, as a bookmark would) instead of the
+first one; --umap presses the Embeddings page's UMAP button first (the layouts are cached in the run
+folder), so that its screenshot shows UMAP rather than PCA.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,11 +46,13 @@ from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from blipcore.paths import PROJECT_ROOT
+from blipcore.runs.rundir import list_runs
 
 # URL path of each page (st.Page derives it from the file name) -> (its link's label in the sidebar,
 # the start of its title: how a timing knows that the new page, not the previous one, is showing)
 PAGES = {
-    "": ("Runs", "BLIP Lab"), "Training": ("Training", "Training"), "Alignment": ("Alignment", "Alignment"),
+    "": ("Runs", "BLIP Lab"), "Diagnosis": ("Diagnosis", "Diagnosis"), "Training": ("Training", "Training"),
+    "Alignment": ("Alignment", "Alignment"),
     "Embeddings": ("Embeddings", "Embeddings"), "Attention": ("Attention", "Attention"),
     "Decoding_lab": ("Decoding lab", "Decoding lab"), "Caption": ("Caption", "Caption"),
     "Compare": ("Compare", "Compare"), "Study": ("Study", "Study"), "CapFilt": ("CapFilt", "CapFilt"),
@@ -130,6 +138,16 @@ def click_time(page: Page, label: str, title: str) -> float:
     return time.perf_counter() - start
 
 
+def compute_umap(page: Page) -> None:
+    """Press the Embeddings page's "Compute UMAP" button, if it shows one, and wait until the page has
+    redrawn with UMAP (every epoch's layout fitted and cached in the run folder)."""
+    button = page.get_by_role("button", name="Compute UMAP for all epochs")
+    if button.count():
+        button.first.click()
+        page.get_by_text("Compute UMAP for all epochs").wait_for(state="detached", timeout=600_000)
+        wait_drawn(page, PAGES["Embeddings"][1], timeout_s=600)
+
+
 def save_screenshot(page: Page, path: Path) -> None:
     """The whole page: Streamlit scrolls inside its main block, so the viewport is stretched to fit it
     (charts re-lay themselves out on resize, hence the short settle), then restored."""
@@ -163,10 +181,23 @@ def main() -> None:
     parser.add_argument("--pages", help="comma-separated URL paths to time (default: every page; '' is Runs)")
     parser.add_argument("--screenshots", type=Path, metavar="DIR",
                         help="also save a full-page screenshot of every page here (NN_page.png)")
+    parser.add_argument("--run", metavar="NAME",
+                        help="open every page on this run (as the Runs page names it: a study's run is "
+                             "STUDY/RUN) instead of the first one")
+    parser.add_argument("--umap", action="store_true",
+                        help="press the Embeddings page's UMAP button first, so that it shows UMAP, not PCA")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the browser Playwright drives")
     args = parser.parse_args()
     if not Path(args.chromium).exists():
         raise SystemExit(f"{args.chromium} not found: install Debian's chromium (apt-get install -y chromium)")
+    chosen = PAGES if args.pages is None else {p: PAGES[p] for p in args.pages.split(",") if p in PAGES}
+    if not chosen:
+        raise SystemExit(f"--pages {args.pages!r} names no page; the pages are: {', '.join(PAGES)} ('' is Runs)")
+    if args.run is not None:
+        names = [run.name for run in list_runs(args.runs_dir)]
+        if args.run not in names:
+            raise SystemExit(f"no run named {args.run!r} in {args.runs_dir}; its runs: {', '.join(names) or 'none'}")
+    query = f"?run={urllib.parse.quote(args.run)}" if args.run else ""
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
@@ -174,19 +205,22 @@ def main() -> None:
         floor_reload, floor_click = floor_times(page, args.repeat)
         with streamlit_server(PROJECT_ROOT / "dashboard" / "app.py", "--", "--runs-dir", args.runs_dir) as url:
             for number, (path, (label, title)) in enumerate(PAGES.items(), start=1):
-                reload_time(page, f"{url}/{path}", title)  # warms every cache (model loads, decoding, projections)
+                if path not in chosen:
+                    continue
+                reload_time(page, f"{url}/{path}{query}", title)  # warms every cache (models, decoding, projections)
+                if path == "Embeddings" and args.umap:
+                    compute_umap(page)
                 if args.screenshots:
                     args.screenshots.mkdir(parents=True, exist_ok=True)
                     save_screenshot(page, args.screenshots / f"{number:02d}_{label.lower().replace(' ', '_')}.png")
             print(f"{'page':14s} {'reload':>8s} {'× floor':>8s} {'click':>8s} {'× floor':>8s}")
             print(f"{'(floor)':14s} {floor_reload:7.2f}s {1:8.2f} {floor_click:7.2f}s {1:8.2f}")
-            chosen = PAGES if args.pages is None else {p: PAGES[p] for p in args.pages.split(",") if p in PAGES}
             for path, (label, title) in chosen.items():
-                reloads = [reload_time(page, f"{url}/{path}", title) for _ in range(args.repeat)]
+                reloads = [reload_time(page, f"{url}/{path}{query}", title) for _ in range(args.repeat)]
                 clicks = []
-                for _ in range(args.repeat):  # from another page, light to draw
+                for _ in range(args.repeat):  # from another page, light to draw; the sidebar link carries the run
                     other = "Compare" if path == "Caption" else "Caption"
-                    reload_time(page, f"{url}/{other}", PAGES[other][1])
+                    reload_time(page, f"{url}/{other}{query}", PAGES[other][1])
                     clicks.append(click_time(page, label, title))
                 reload, click = statistics.median(reloads), statistics.median(clicks)
                 print(f"{label:14s} {reload:7.2f}s {reload / floor_reload:8.2f} "

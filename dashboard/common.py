@@ -138,20 +138,14 @@ def study_folders(root: Path | None = None) -> list[Path]:
 
 
 def select_study(key: str = "study", label: str = "Study") -> Path:
-    """Sidebar study picker (the choice persists in session state as `selected_study`)."""
+    """Sidebar study picker (the choice persists as `selected_study` and shows in the URL as `?study=`)."""
     studies = study_folders()
     if not studies:
         stop_with(f"No study in `{runs_dir()}` yet.",
                   "Run a plan: `python -m train study PLAN.toml --out runs/study-NAME` (docs/studies.md); "
                   "its folder appears here as soon as the study starts.")
     names = [f.name for f in studies]
-    current = st.session_state.get("selected_study")
-    index = names.index(current) if current in names else 0
-    name = st.sidebar.selectbox(label, names, index=index, key=f"{key}_select")
-    if name not in names:
-        name = names[index]
-    st.session_state["selected_study"] = name
-    return studies[names.index(name)]
+    return studies[names.index(pick_one(label, names, key, "study"))]
 
 
 # --- selection widgets -------------------------------------------------------------------------
@@ -173,29 +167,49 @@ def readable_runs() -> list[RunSummary]:
     return [s for s in summaries if s.readable]
 
 
+def pick_one(label: str, names: list[str], key: str, url_key: str) -> str:
+    """A sidebar selectbox over `names` whose choice is kept in session state (`selected_<url_key>`, so the
+    next page opens on it) and in the page's URL (`?<url_key>=NAME`: a bookmark or a shared link opens on it).
+
+    The widget's own value wins while it lives (the user just chose); on a page's first run the URL's name
+    comes first, then the name carried from the last page, then the first name. A name that is not (or no
+    longer) in `names` is passed over."""
+    widget_key = f"{key}_select"
+    carried = st.session_state.get(f"selected_{url_key}")
+    requested = None if widget_key in st.session_state else st.query_params.get(url_key)
+    current = requested if requested in names else carried
+    index = names.index(current) if current in names else 0
+    name = st.sidebar.selectbox(label, names, index=index, key=widget_key)
+    if name not in names:  # a widget value left over from a run that has since disappeared
+        name = names[index]
+    st.session_state[f"selected_{url_key}"] = name
+    st.query_params[url_key] = name
+    return name
+
+
 def select_run(key: str = "run", label: str = "Run", require_epochs: bool = True) -> RunDir:
-    """Sidebar run picker shared across pages (the choice persists in session state)."""
+    """Sidebar run picker shared across pages (the choice persists as `selected_run` and shows in the URL as
+    `?run=`, so a page's address names its run)."""
     runs = [s for s in readable_runs() if s.epochs or not require_epochs]
     if not runs:
         stop_with("No run has a checkpoint yet.", "Checkpoints are written at the end of each epoch; wait for the "
                   "first epoch to finish (the Training page shows progress).")
     names = [s.name for s in runs]
-    current = st.session_state.get("selected_run")
-    index = names.index(current) if current in names else 0
-    name = st.sidebar.selectbox(label, names, index=index, key=f"{key}_select")
-    if name not in names:  # a widget value left over from a run that has since disappeared
-        name = names[index]
-    st.session_state["selected_run"] = name
-    return RunDir(runs[names.index(name)].path)
+    return RunDir(runs[names.index(pick_one(label, names, key, "run"))].path)
 
 
 def select_runs(key: str = "runs", label: str = "Runs") -> list[RunDir]:
-    """Sidebar multi-run picker (several runs overlaid or compared)."""
+    """Sidebar multi-run picker (several runs overlaid or compared). It opens on the runs carried from the last
+    page, else on the page URL's `?run=` (a link to this page), else on the first run; the first chosen is the
+    run the single-run pages open next, as on the Runs page."""
     runs = readable_runs()
     names = [s.name for s in runs]
-    default = [n for n in st.session_state.get("selected_runs", []) if n in names] or names[:1]
+    linked = [n for n in [st.query_params.get("run")] if n in names]
+    default = [n for n in st.session_state.get("selected_runs", []) if n in names] or linked or names[:1]
     chosen = st.sidebar.multiselect(label, names, default=default, key=f"{key}_multiselect")
     st.session_state["selected_runs"] = chosen
+    if chosen:
+        st.session_state["selected_run"] = chosen[0]
     return [RunDir(runs[names.index(n)].path) for n in chosen]
 
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,6 +223,56 @@ def test_embeddings_hover_shows_the_image_and_a_click_picks_the_pair(server: str
     page.get_by_text(f"image {pair}", exact=True).wait_for(timeout=PAGE_TIMEOUT_MS)  # the inspector follows
     settle(page)
     assert_no_error(page, "/Embeddings after a click")
+
+
+def sidebar_choice(page: Page, label: str) -> str:
+    """The value a sidebar selectbox shows (its combobox input holds it)."""
+    return page.locator(f'[data-testid="stSidebar"] input[role="combobox"][aria-label="{label}"]').input_value()
+
+
+def test_a_page_url_opens_its_run_and_the_next_page_keeps_it(server: str, page: Page, runs_with_study: Path):
+    """`?run=NAME` (a bookmark, a shared link, the screenshot command) opens that run rather than the first one;
+    the sidebar's link to another page carries the choice."""
+    from blipcore.runs.rundir import list_runs
+
+    name = list_runs(runs_with_study)[-1].name  # a study's run: "tiny-study/<stage>-<variant>-seed0", not the first
+    page.goto(f"{server}/Alignment?run={urllib.parse.quote(name)}")
+    page.wait_for_selector(PAGES["Alignment"], timeout=PAGE_TIMEOUT_MS)
+    settle(page)
+    assert sidebar_choice(page, "Run") == name
+    page.locator('[data-testid="stSidebarNav"] a').filter(has_text="Embeddings").first.click()
+    page.wait_for_selector(PAGES["Embeddings"], timeout=PAGE_TIMEOUT_MS)
+    settle(page)
+    assert sidebar_choice(page, "Run") == name
+    assert urllib.parse.unquote(page.url).endswith(f"Embeddings?run={name}")
+    assert_no_error(page, "/Embeddings opened from a bookmarked /Alignment")
+
+
+def test_the_screenshot_command_opens_the_run_it_is_given(chromium: Path, runs_with_study: Path, tmp_path: Path):
+    """benchmarks/page_render_times.py, which takes the docs' screenshots: --run opens the pages on that run (the
+    Embeddings page caches its PCA layout in the run it shows), and a name it does not know, or --pages naming no
+    page, is one line listing what there is."""
+    from PIL import Image
+
+    from blipcore.runs.rundir import list_runs
+
+    script = [sys.executable, str(REPO / "benchmarks" / "page_render_times.py"), "--runs-dir", str(runs_with_study),
+              "--chromium", str(chromium), "--repeat", "1"]
+    wrong = subprocess.run([*script, "--run", "no-such-run"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and f"no run named 'no-such-run' in {runs_with_study}; its runs: tiny" in wrong.stderr
+    no_page = subprocess.run([*script, "--pages", "Nowhere"], capture_output=True, text=True, timeout=60)
+    assert no_page.returncode == 1 and "names no page; the pages are: , Diagnosis, Training" in no_page.stderr
+
+    run = list_runs(runs_with_study)[1]  # a study's run, neither the first (which pages open by default) nor the
+    assert not (run.path / "projections").exists()  # one the other tests open by URL
+    done = subprocess.run([*script, "--run", run.name, "--pages", "Embeddings", "--screenshots", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^Embeddings\s+\d+\.\d\ds", done.stdout, re.MULTILINE), done.stdout
+    assert [p.name for p in (run.path / "projections").glob("pca_epoch_*.npz")]  # the page showed this run
+    assert [p.name for p in tmp_path.iterdir()] == ["05_embeddings.png"]
+    with Image.open(tmp_path / "05_embeddings.png") as shot:
+        assert shot.width == 1400 and shot.height > 600
 
 
 def test_the_runs_page_shows_each_runs_health(server: str, page: Page) -> None:

@@ -141,6 +141,32 @@ def test_run_without_checkpoints_renders_with_a_clear_message(monkeypatch, tiny_
         assert "No run has a checkpoint yet" in texts(run_page(monkeypatch, tmp_path, page))
 
 
+def test_a_page_url_names_its_run(monkeypatch, tiny_runs_dir, tmp_path):
+    for name in ("first", "second"):
+        copy_run(tiny_runs_dir, tmp_path, name)
+    monkeypatch.setenv("BLIPLAB_RUNS_DIR", str(tmp_path))
+    bookmarked = AppTest.from_file(str(DASHBOARD / "views/2_Alignment.py"), default_timeout=TIMEOUT)
+    bookmarked.query_params["run"] = "second"
+    bookmarked.session_state["selected_run"] = "first"  # the URL's run comes before the one carried over
+    bookmarked.run()
+    assert bookmarked.sidebar.selectbox[0].value == "second" and bookmarked.session_state["selected_run"] == "second"
+    bookmarked.sidebar.selectbox[0].set_value("first").run()  # a choice in the sidebar wins over the URL...
+    assert bookmarked.session_state["selected_run"] == "first"
+    assert bookmarked.query_params["run"] == "first"  # ...and the URL follows it
+    carried = run_page(monkeypatch, tmp_path, "views/3_Embeddings.py", {"selected_run": "second"})
+    assert carried.sidebar.selectbox[0].value == "second" and carried.query_params["run"] == "second"
+    unknown = AppTest.from_file(str(DASHBOARD / "views/3_Embeddings.py"), default_timeout=TIMEOUT)
+    unknown.query_params["run"] = "deleted"
+    unknown.run()
+    assert not unknown.exception and unknown.sidebar.selectbox[0].value == "first"
+    overlaid = AppTest.from_file(str(DASHBOARD / "views/1_Training.py"), default_timeout=TIMEOUT)
+    overlaid.query_params["run"] = "second"  # the multi-run picker opens on a link's run too...
+    overlaid.run()
+    assert overlaid.sidebar.multiselect[0].value == ["second"] and overlaid.session_state["selected_run"] == "second"
+    carried_many = run_page(monkeypatch, tmp_path, "views/1_Training.py", {"selected_runs": ["second", "first"]})
+    assert carried_many.sidebar.multiselect[0].value == ["second", "first"]  # ...unless runs are carried over
+
+
 # --- Alignment ---------------------------------------------------------------------------------
 def test_alignment_page_shows_the_similarity_matrix(monkeypatch, tiny_runs_dir):
     at = run_page(monkeypatch, tiny_runs_dir, "views/2_Alignment.py")

@@ -74,9 +74,10 @@ class Target:
             return f"{declared.label} not below {self.not_below} (by > 2 sd)"
         if self.above is None:
             return f"{declared.label} {'≥' if declared.better == 'higher' else '≤'} {declared.format(self.value)}"
+        margin = f"{declared.label} {declared.format(self.by)} above" if self.by else f"{declared.label} above"
         if self.other_variant is not None:
-            return f"{declared.label} {declared.format(self.by)} better than {self.above}, by > 2 sd, every seed"
-        return f"{declared.label} {declared.format(self.by)} better than {self.above}, by > 2 sd"
+            return f"{margin} {self.above}, by > 2 sd, its worst seed above their best"
+        return f"{margin} {self.above}, by > 2 sd"
 
 
 @dataclass
