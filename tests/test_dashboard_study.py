@@ -13,8 +13,8 @@ from streamlit.testing.v1 import AppTest
 
 from blipcore.runs.rundir import STUDY_TABLE
 from dashboard import study_figures as sf
+from tests.test_dashboard_pages import DASHBOARD, TIMEOUT, texts
 from tests.test_dashboard_pages import run_page as run_any_page
-from tests.test_dashboard_pages import texts
 
 
 def build_tiny_study(shapes_root: Path, folder: Path, seeds: tuple[int, ...] = (0,)) -> Path:
@@ -283,6 +283,22 @@ def test_study_page_shows_a_table_of_recorded_runs_whose_folders_are_elsewhere(m
     assert "No run folder of this study is here" in texts(at) and not at.tabs
     assert set(at.dataframe[0].value["variant"]) == {"fast", "slow"}
     assert set(at.dataframe[1].value["from"]) == {"record"}
+
+
+def test_a_study_page_url_names_its_study(monkeypatch, study_runs_dir, tmp_path):
+    shutil.copytree(study_runs_dir / "study-tiny", tmp_path / "study-tiny")
+    (tmp_path / "study-new").mkdir()  # sorted first, so the page would open it without the URL
+    (tmp_path / "study-new" / STUDY_TABLE).write_text(json.dumps({"name": "new", "preset": "demo", "seeds": [0],
+                                                                   "rows": []}))
+    monkeypatch.setenv("BLIPLAB_RUNS_DIR", str(tmp_path))
+    at = AppTest.from_file(str(DASHBOARD / "views/8_Study.py"), default_timeout=TIMEOUT)
+    at.query_params["study"] = "study-tiny"
+    at.run()
+    assert not at.exception and at.sidebar.selectbox[0].value == "study-tiny"
+    assert at.session_state["selected_study"] == "study-tiny"
+    assert set(at.dataframe[0].value["variant"]) == {"fast", "slow"}
+    at.sidebar.selectbox[0].set_value("study-new").run()
+    assert at.query_params["study"] == "study-new" and "has no run yet" in texts(at)
 
 
 def test_study_page_with_no_study_says_how_to_make_one(monkeypatch, tmp_path):
