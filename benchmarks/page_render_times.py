@@ -88,30 +88,37 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_server(script: Path, *extra: str, timeout_s: float = 90) -> Iterator[str]:
-    """`streamlit run script` on a free port; yields its URL once it answers its health check."""
+def local_server(what: str, command: list[str], health_path: str, timeout_s: float = 90) -> Iterator[str]:
+    """Start `command` (which reads its port from "{port}") on a free port of 127.0.0.1; yield its URL once
+    `health_path` answers there, and stop the server afterwards. `what` names the server in an error."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
-         "--server.headless", "true", "--browser.gatherUsageStats", "false", *extra],
-        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [part.replace("{port}", str(port)) for part in command], cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                with urllib.request.urlopen(f"{url}{health_path}", timeout=2):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"streamlit run {script} did not answer at {url}") from None
+                    raise SystemExit(f"{what} did not answer at {url}") from None
                 time.sleep(0.3)
         yield url
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def streamlit_server(script: Path, *extra: str) -> contextlib.AbstractContextManager[str]:
+    """`streamlit run script` on a free port; yields its URL once it answers its health check."""
+    return local_server(f"streamlit run {script}",
+                        [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", "{port}",
+                         "--server.headless", "true", "--browser.gatherUsageStats", "false", *extra],
+                        "/_stcore/health")
 
 
 def wait_drawn(page: Page, title: str, timeout_s: float = 120) -> None:

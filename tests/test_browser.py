@@ -275,6 +275,29 @@ def test_the_screenshot_command_opens_the_run_it_is_given(chromium: Path, runs_w
         assert shot.width == 1400 and shot.height > 600
 
 
+def test_the_tensorboard_screenshot_command_draws_both_tabs(chromium: Path, tiny_runs_dir: Path, tmp_path: Path):
+    """benchmarks/tensorboard_screenshots.py exports the run, serves it with TensorBoard and saves the Time Series
+    tab once its charts have drawn their series, and the projector once its PCA is drawn, coloured by modality."""
+    from PIL import Image
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "tensorboard_screenshots.py"), "--run-dir",
+         str(tiny_runs_dir / "tiny"), "--out", str(tmp_path), "--chromium", str(chromium), "--timeout", "120"],
+        capture_output=True, text=True, timeout=400, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tensorboard-projector.png", "tensorboard-scalars.png"]
+    with Image.open(tmp_path / "tensorboard-projector.png") as shot:
+        assert shot.size == (1400, 900)
+        colours = shot.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50  # the projector's canvas drew something: a blank plot is a few flat colours
+    missing = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "tensorboard_screenshots.py"), "--run-dir", str(tmp_path / "none"),
+         "--out", str(tmp_path), "--chromium", str(chromium)], capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert missing.returncode == 1 and missing.stderr.startswith("train export failed:")
+
+
 def test_the_runs_page_shows_each_runs_health(server: str, page: Page) -> None:
     """The health column (the worst finding of the run's diagnosis, or "healthy") and the findings in one line,
     as the browser draws them: the runs table is a canvas, so its cells are read from the grid's accessible text."""
