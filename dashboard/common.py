@@ -200,16 +200,16 @@ def select_run(key: str = "run", label: str = "Run", require_epochs: bool = True
 
 def select_runs(key: str = "runs", label: str = "Runs") -> list[RunDir]:
     """Sidebar multi-run picker (several runs overlaid or compared). It opens on the runs carried from the last
-    page, else on the page URL's `?run=` (a link to this page), else on the first run; the first chosen is the
-    run the single-run pages open next, as on the Runs page."""
+    page, else on the page URL's `?run=` (a link to this page; the single-run pages then open on it too), else on
+    the first run."""
     runs = readable_runs()
     names = [s.name for s in runs]
-    linked = [n for n in [st.query_params.get("run")] if n in names]
-    default = [n for n in st.session_state.get("selected_runs", []) if n in names] or linked or names[:1]
-    chosen = st.sidebar.multiselect(label, names, default=default, key=f"{key}_multiselect")
+    default = [n for n in st.session_state.get("selected_runs", []) if n in names]
+    if not default and (linked := st.query_params.get("run")) in names:
+        default = [linked]
+        st.session_state.setdefault("selected_run", linked)
+    chosen = st.sidebar.multiselect(label, names, default=default or names[:1], key=f"{key}_multiselect")
     st.session_state["selected_runs"] = chosen
-    if chosen:
-        st.session_state["selected_run"] = chosen[0]
     return [RunDir(runs[names.index(n)].path) for n in chosen]
 
 

@@ -163,8 +163,10 @@ def test_a_page_url_names_its_run(monkeypatch, tiny_runs_dir, tmp_path):
     overlaid.query_params["run"] = "second"  # the multi-run picker opens on a link's run too...
     overlaid.run()
     assert overlaid.sidebar.multiselect[0].value == ["second"] and overlaid.session_state["selected_run"] == "second"
-    carried_many = run_page(monkeypatch, tmp_path, "views/1_Training.py", {"selected_runs": ["second", "first"]})
-    assert carried_many.sidebar.multiselect[0].value == ["second", "first"]  # ...unless runs are carried over
+    carried_many = run_page(monkeypatch, tmp_path, "views/1_Training.py",
+                            {"selected_runs": ["second", "first"], "selected_run": "first"})
+    assert carried_many.sidebar.multiselect[0].value == ["second", "first"]  # ...unless runs are carried over,
+    assert carried_many.session_state["selected_run"] == "first"  # and it leaves the single-run pages' choice alone
 
 
 # --- Alignment ---------------------------------------------------------------------------------
