@@ -185,9 +185,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default="runs", help="runs folder the dashboard reads (default: runs)")
     parser.add_argument("--repeat", type=int, default=5, help="timed visits per page and way (median printed)")
-    parser.add_argument("--pages", help="comma-separated URL paths to time (default: every page; '' is Runs)")
+    parser.add_argument("--pages", help="comma-separated URL paths to time and screenshot (default: every page; "
+                                        "'' is Runs)")
     parser.add_argument("--screenshots", type=Path, metavar="DIR",
-                        help="also save a full-page screenshot of every page here (NN_page.png)")
+                        help="also save a full-page screenshot of every page timed here (NN_page.png)")
     parser.add_argument("--run", metavar="NAME",
                         help="open every page on this run (as the Runs page names it: a study's run is "
                              "STUDY/RUN) instead of the first one")

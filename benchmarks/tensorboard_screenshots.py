@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from page_render_times import CHROMIUM_ARGS as DASHBOARD_CHROMIUM_ARGS
 from page_render_times import local_server
 from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -31,8 +32,8 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from blipcore.paths import PROJECT_ROOT
 
 # The projector draws with WebGL: headless Chromium has it only through SwiftShader, the software renderer
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+CHROMIUM_ARGS = [*(arg for arg in DASHBOARD_CHROMIUM_ARGS if arg != "--disable-gpu"),
+                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 # Per scalar card of the Time Series tab, how many series its line chart has drawn (SVG paths with data: the charts
 # are drawn in SVG, `?forceSVG=true`, so that the page can tell when they are done)
 SERIES_DRAWN = """() => [...document.querySelectorAll('scalar-card')].map(card =>
